@@ -24,6 +24,8 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ensemble.text import Codec
+
 log = logging.getLogger(__name__)
 
 
@@ -93,6 +95,13 @@ class Member:
             vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
             self._fingerprint = hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def codec(self) -> Codec:
+        """Bytes of each token and continuation encoding, for broadcast (see ensemble/text.py)."""
+        if not hasattr(self, "_codec"):
+            self._codec = Codec(self.tokenizer)
+        return self._codec
 
     def input_embeddings(self) -> torch.Tensor:
         """The input-embedding matrix ``(V, d)``."""

@@ -1,0 +1,91 @@
+"""Canonicalisation and incremental re-tokenisation on tiny tokenizers of both families."""
+import random
+
+import pytest
+
+from ensemble.text import (
+    Codec,
+    TokenTrack,
+    canonical_strings,
+    complete_utf8_prefix,
+    is_byte_level,
+    token_bytes_table,
+)
+from tests import tiny
+
+TEXTS = [
+    "The capital of France is Paris.\nThe capital of Italy is Rome.",
+    "Café naïve 東京 🙂 done.\n\n  indented\tcode: def add(a, b): return a + b",
+    "yes no yes no, maybe. Once upon a time!",
+]
+
+
+@pytest.fixture(scope="module", params=["bpe", "sp"])
+def tokenizer(request):
+    return tiny.bpe_tokenizer() if request.param == "bpe" else tiny.sp_tokenizer()
+
+
+def test_byte_level_detection():
+    assert is_byte_level(tiny.bpe_tokenizer())
+    assert not is_byte_level(tiny.sp_tokenizer())
+
+
+def test_token_bytes_spell_the_text(tokenizer):
+    table = token_bytes_table(tokenizer)
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert b"".join(table[i] for i in ids).decode("utf-8") == text
+
+
+def test_specials_excluded_and_byte_pieces_mapped():
+    sp = tiny.sp_tokenizer()
+    table = token_bytes_table(sp)
+    assert table[sp.bos_token_id] is None and table[sp.eos_token_id] is None
+    assert table[sp.convert_tokens_to_ids("<0x0A>")] == b"\n"
+    canon = canonical_strings(sp)
+    assert "<0x0A>" not in canon and "\n" in canon
+    bpe = tiny.bpe_tokenizer()
+    canon_bpe = canonical_strings(bpe)
+    assert "<|im_end|>" not in canon_bpe
+    assert all("Ġ" not in s for s in canon_bpe)
+    assert " " + "the"[:0] in canon_bpe or any(s.startswith(" ") for s in canon_bpe)
+
+
+def test_complete_utf8_prefix():
+    s = "a東🙂".encode()
+    assert complete_utf8_prefix(s) == s
+    assert complete_utf8_prefix(s[:-1]) == "a東".encode()
+    assert complete_utf8_prefix(s[:2]) == b"a"
+    assert complete_utf8_prefix(b"") == b""
+
+
+def test_incremental_sync_equals_full_encoding(tokenizer):
+    """Growing the text piece by piece (random cut points, splitting multi-byte characters) gives the
+    same ids as encoding the whole text at once, and the rollbacks replay to those ids."""
+    codec = Codec(tokenizer)
+    rng = random.Random(0)
+    for text in TEXTS:
+        data = text.encode()
+        track = TokenTrack(codec)
+        replay: list[int] = []
+        pos = 0
+        while pos < len(data):
+            pos = min(len(data), pos + rng.randint(1, 6))
+            rollback, new = track.sync(data[:pos])
+            if rollback:
+                del replay[-rollback:]
+            replay.extend(new)
+            assert replay == track.ids
+            assert track.data == complete_utf8_prefix(data[:pos])
+        assert track.ids == tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_push_tokens_then_sync(tokenizer):
+    codec = Codec(tokenizer)
+    track = TokenTrack(codec)
+    ids = tokenizer.encode("The capital of", add_special_tokens=False)
+    track.push_tokens(ids)
+    assert track.data == b"The capital of"
+    rollback, new = track.sync(b"The capital of France")
+    assert track.ids == tokenizer.encode("The capital of France", add_special_tokens=False)
+    assert rollback <= 2 and new
