@@ -1,0 +1,243 @@
+"""The batch job: read prompts, run one local ensemble per executor, commit Parquet, summarise.
+
+    python -m jobs.fuse --input data/sample.jsonl --output output/sample --method deepen \
+        --members smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+
+The same module runs under ``spark-submit jobs/fuse.py ...`` (local, standalone, YARN, Kubernetes:
+the master and resources come from configuration). Layout of ``--output``:
+``data/part-*.parquet`` (OUTPUT_SCHEMA), ``summary.parquet``, ``report.md`` (+ PNG plots),
+``_run.json`` (the config), ``_SUCCESS`` (written last).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+if __package__ in (None, ""):  # run as a file by spark-submit: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pyarrow as pa
+
+from jobs.config import DEFAULT_MEMBERS, JobConfig, load_config_file
+from jobs.rows import POS_COLUMN
+from jobs.sink import commit_partition, filesystem
+from schemas import INPUT_COLUMNS, spark_schema
+from schemas.tables import COMMIT_SCHEMA
+
+log = logging.getLogger("jobs.fuse")
+KEY_COLUMN = "_key"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.fuse", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    S = argparse.SUPPRESS  # flags left out keep the config file's value, then the default
+    p.add_argument("--config", help="YAML or JSON file of job settings; flags override it")
+    p.add_argument("--input", default=S, help="input Parquet or JSONL (.jsonl/.json)")
+    p.add_argument("--output", default=S, help="output directory of this run")
+    p.add_argument("--method", default=S, choices=["single", "deepen", "specfuse"])
+    p.add_argument("--members", nargs="+", default=S,
+                   help=f"member specs (packaged alias, HF dir, .gguf); default {DEFAULT_MEMBERS[0]}")
+    p.add_argument("--mode", default=S, choices=["auto", "generate", "label"],
+                   help="auto: rows with choices are labeled, the others generated")
+    p.add_argument("--run-id", dest="run_id", default=S, help="run name (default: from the config hash)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=S)
+    p.add_argument("--temperature", type=float, default=S, help="0 = greedy (default)")
+    p.add_argument("--top-p", dest="top_p", type=float, default=S)
+    p.add_argument("--top-k", dest="top_k", type=int, default=S)
+    p.add_argument("--seed", type=int, default=S, help="run seed; rows without a seed derive theirs from it")
+    p.add_argument("--n-samples", dest="n_samples", type=int, default=S, help="samples per prompt")
+    p.add_argument("--stop", nargs="*", default=S, help="stop strings")
+    g = p.add_argument_group("ensemble")
+    g.add_argument("--main", type=int, default=S, help="index of the main member (output vocabulary)")
+    g.add_argument("--weights", type=float, nargs="+", default=S, help="member weights summing to 1")
+    g.add_argument("--deepen-lr", dest="deepen_lr", type=float, default=S, help="DeePEn search lr (0.15)")
+    g.add_argument("--deepen-steps", dest="deepen_steps", type=int, default=S, help="DeePEn search steps (5)")
+    g.add_argument("--topk", type=int, default=S, help="DeePEn: tokens per distribution in relative space")
+    g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
+    g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
+                   help="SpecFuse model exit (default on)")
+    g.add_argument("--exit-delta", dest="exit_delta", type=float, default=S)
+    g.add_argument("--exit-min-rounds", dest="exit_min_rounds", type=int, default=S)
+    r = p.add_argument_group("execution")
+    r.add_argument("--partitions", type=int, default=S)
+    r.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="rows per fuser call")
+    r.add_argument("--commit-rows", dest="commit_rows", type=int, default=S, help="rows per output file")
+    r.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=int, default=S)
+    r.add_argument("--long-prompt", dest="long_prompt", choices=["error", "truncate"], default=S)
+    r.add_argument("--master", default=S, help="Spark master URL (default local[*] unless spark-submit set one)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
+    r.add_argument("--dtype", default=S, help="torch dtype (default float32 on CPU, bfloat16 on GPU)")
+    r.add_argument("--fail-after-rows", dest="fail_after_rows", type=int, default=S,
+                   help="fault injection for tests: a task dies after committing this many rows")
+    r.add_argument("--report", action=argparse.BooleanOptionalAction, default=S)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> JobConfig:
+    ns = vars(build_parser().parse_args(argv))
+    settings: dict[str, Any] = load_config_file(ns.pop("config")) if ns.get("config") else {}
+    ns.pop("config", None)
+    settings.update(ns)
+    missing = [k for k in ("input", "output") if k not in settings]
+    if missing:
+        raise ValueError(f"missing required settings {missing} (flags --input/--output or the config file)")
+    return JobConfig(**settings)
+
+
+# ---- executor side --------------------------------------------------------------------------------
+def _task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir: str) -> Iterator[pa.RecordBatch]:
+    """What each Spark task runs (through mapInArrow): fuse its rows and commit them."""
+    from pyspark import TaskContext
+
+    from jobs.partition import process_partition
+    from jobs.runtime import build_fuser, task_device
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx = TaskContext.get()
+    partition = ctx.partitionId() if ctx else 0
+    inputs = list(batches)  # prompts are small; knowing the total lets us log progress
+    total = sum(b.num_rows for b in inputs)
+    device = task_device(config.device)
+    make = functools.partial(build_fuser, config.fuser_settings(), device)
+    out = process_partition(inputs, make_fuser=make, config=config)
+    yield from commit_partition(out, data_dir=data_dir, partition=partition, total_rows=total,
+                                commit_rows=config.commit_rows, fail_after_rows=config.fail_after_rows)
+
+
+# ---- driver side ----------------------------------------------------------------------------------
+def read_input(spark, cfg: JobConfig):
+    from pyspark.sql import functions as F
+
+    path = cfg.input
+    if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        df = spark.read.text(path)  # parse rows on the executors: a bad line becomes an error row
+        df = df.withColumn(KEY_COLUMN, F.get_json_object("value", "$.id"))
+    else:
+        df = spark.read.parquet(path)
+        df = df.select(*[c for c in df.columns if c in INPUT_COLUMNS])
+        key = F.col("id").cast("string") if "id" in df.columns else F.lit(None).cast("string")
+        df = df.withColumn(KEY_COLUMN, key)
+    return df.withColumn(POS_COLUMN, F.monotonically_increasing_id())
+
+
+def check_run_manifest(cfg: JobConfig) -> None:
+    """Refuse to mix two different configurations in one output directory."""
+    fs, root = filesystem(cfg.output)
+    manifest = f"{root}/_run.json"
+    info = fs.get_file_info(manifest)
+    if info.type != pa.fs.FileType.NotFound:
+        with fs.open_input_stream(manifest) as f:
+            old = json.loads(f.read().decode())
+        if old.get("config_hash") != cfg.config_hash:
+            raise ValueError(
+                f"output {cfg.output!r} holds run {old.get('run_id')!r} with config_hash {old.get('config_hash')}, "
+                f"this run has {cfg.config_hash}: use a new output directory"
+            )
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(manifest) as f:
+        f.write(json.dumps({"run_id": cfg.effective_run_id, "config_hash": cfg.config_hash,
+                            "config": json.loads(cfg.to_json())}, indent=1).encode())
+    success = f"{root}/_SUCCESS"
+    if fs.get_file_info(success).type != pa.fs.FileType.NotFound:
+        fs.delete_file(success)
+
+
+def committed_ids(spark, data_dir: str):
+    fs, root = filesystem(data_dir)
+    info = fs.get_file_info(pa.fs.FileSelector(root, allow_not_found=True))
+    if not any(i.path.endswith(".parquet") for i in info):
+        return None
+    return spark.read.parquet(data_dir).select("id").distinct()
+
+
+@dataclasses.dataclass
+class RunResult:
+    output: str
+    data_dir: str
+    commits: list[dict[str, Any]]
+    skipped_committed: bool
+    seconds: float
+
+
+def run(spark, cfg: JobConfig) -> RunResult:
+    """Run the job on an existing SparkSession."""
+    t0 = time.perf_counter()
+    check_run_manifest(cfg)
+    data_dir = cfg.output.rstrip("/") + "/data"
+    df = read_input(spark, cfg)
+    done = committed_ids(spark, data_dir)
+    if done is not None:
+        df = df.join(done, df[KEY_COLUMN].eqNullSafe(done["id"]), "left_anti")
+    df = df.repartition(cfg.partitions, KEY_COLUMN).sortWithinPartitions(POS_COLUMN).drop(KEY_COLUMN)
+    task = functools.partial(_task, config=cfg, data_dir=data_dir)
+    commits = [r.asDict() for r in df.mapInArrow(task, spark_schema(COMMIT_SCHEMA)).collect()]
+    seconds = time.perf_counter() - t0
+    result = RunResult(cfg.output, data_dir, commits, done is not None, seconds)
+    if cfg.report:
+        from jobs.report import write_summary
+
+        write_summary(spark, cfg, result)
+    fs, root = filesystem(cfg.output)
+    with fs.open_output_stream(f"{root}/_SUCCESS") as f:
+        f.write(b"")
+    rows = sum(c["rows"] for c in commits)
+    log.info("run %s: %d rows computed in %.1fs; output in %s", cfg.effective_run_id, rows, seconds, cfg.output)
+    return result
+
+
+def spark_session(cfg: JobConfig):
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(f"ensemble-fuse:{cfg.method}")
+    if cfg.master:
+        builder = builder.master(cfg.master)
+    elif not _submitted():
+        builder = builder.master("local[*]")
+    builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", str(max(cfg.batch_size, 64)))
+    builder = builder.config("spark.ui.showConsoleProgress", "false")
+    return builder.getOrCreate()
+
+
+def _submitted() -> bool:
+    """True when spark-submit launched us (it sets the master in the conf)."""
+    import os
+
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = parse_config(argv)
+    except (ValueError, TypeError) as exc:
+        log.error("bad configuration: %s", exc)
+        return 2
+    spark = spark_session(cfg)
+    try:
+        result = run(spark, cfg)
+    finally:
+        spark.stop()
+    print_where(result)
+    return 0
+
+
+def print_where(result: RunResult) -> None:
+    rows = sum(c["rows"] for c in result.commits)
+    sys.stdout.write(
+        f"\nWrote {rows} rows in {result.seconds:.0f}s to {result.data_dir}/ (Parquet)\n"
+        f"Report: {result.output}/report.md   Summary: {result.output}/summary.parquet\n"
+        f"Read it: python -c \"import pyarrow.parquet as pq; "
+        f"print(pq.read_table('{result.data_dir}').to_pandas()[['id','status','text','label']])\"\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

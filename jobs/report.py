@@ -1,0 +1,137 @@
+"""Run summary (Parquet, SUMMARY_SCHEMA) and a human-readable report (Markdown + PNG plots).
+
+Per member: rows, calls, calls per row, tokens in/out, mean agreement and KL (DeePEn), win rate
+(share of accepted segments, SpecFuse), exit rate and mean exit round (SpecFuse), tokens/s.
+Plots: exit rounds, win rates, throughput per partition.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.sink import filesystem
+from schemas import SUMMARY_SCHEMA
+
+if TYPE_CHECKING:
+    from jobs.config import JobConfig
+    from jobs.fuse import RunResult
+
+log = logging.getLogger(__name__)
+
+
+def member_summary(spark, cfg: "JobConfig", data_dir: str, fuser_seconds: float) -> list[dict]:
+    from pyspark.sql import functions as F
+
+    df = spark.read.parquet(data_dir).where(F.col("status") == "ok")
+    stats = df.select(F.explode("member_stats").alias("m")).select("m.*")
+    agg = stats.groupBy("name").agg(
+        F.count("*").alias("rows"), F.sum("calls").alias("calls"), F.sum("tokens_in").alias("tokens_in"),
+        F.sum("tokens_out").alias("tokens_out"), F.avg("agreement").alias("agreement"),
+        F.avg("mean_kl").alias("mean_kl"), F.sum("accepted").alias("accepted"),
+        F.avg(F.col("exit_round").isNotNull().cast("double")).alias("exit_rate"),
+        F.avg("exit_round").alias("mean_exit_round"),
+        F.max(F.col("proposed").isNotNull().cast("int")).alias("has_rounds"),
+    ).collect()
+    total_accepted = sum(r["accepted"] or 0 for r in agg)
+    order = {name: i for i, name in enumerate(cfg.members)}
+    out = []
+    for r in sorted(agg, key=lambda r: order.get(r["name"], 99)):
+        rounds = bool(r["has_rounds"])
+        out.append({
+            "run_id": cfg.effective_run_id, "member": r["name"], "rows": r["rows"], "calls": r["calls"],
+            "calls_per_row": (r["calls"] or 0) / max(r["rows"], 1), "tokens_in": r["tokens_in"],
+            "tokens_out": r["tokens_out"], "agreement": r["agreement"], "mean_kl": r["mean_kl"],
+            "win_rate": (r["accepted"] or 0) / total_accepted if rounds and total_accepted else None,
+            "exit_rate": r["exit_rate"] if rounds else None, "mean_exit_round": r["mean_exit_round"],
+            "tokens_per_s": ((r["tokens_in"] or 0) + (r["tokens_out"] or 0)) / fuser_seconds if fuser_seconds else None,
+        })
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def write_summary(spark, cfg: "JobConfig", result: "RunResult") -> None:
+    from pyspark.sql import functions as F
+
+    fs, root = filesystem(cfg.output)
+    commits = result.commits
+    fuser_s = sum(c["fuser_s"] for c in commits)
+    rows = member_summary(spark, cfg, result.data_dir, fuser_s)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA), f"{root}/summary.parquet", filesystem=fs)
+    data = spark.read.parquet(result.data_dir)
+    by_status = {r["status"]: r["count"] for r in data.groupBy("status").count().collect()}
+    errors = data.where(F.col("status") == "error").groupBy("error").count().orderBy(F.desc("count")).limit(10).collect()
+    examples = data.where((F.col("status") == "ok")).orderBy("id", "sample").limit(5).collect()
+    exit_rounds = [r["m"]["exit_round"] for r in data.select(F.explode("member_stats").alias("m"))
+                   .where(F.col("m.exit_round").isNotNull()).select("m").limit(100000).collect()]
+
+    lines = [f"# Run `{cfg.effective_run_id}`", "",
+             f"method **{cfg.method}**, members {', '.join(f'`{m}`' for m in cfg.members)}, "
+             f"config_hash `{cfg.config_hash[:12]}`", "",
+             f"rows by status: {dict(sorted(by_status.items()))}; computed this run: "
+             f"{sum(c['rows'] for c in commits)} rows in {result.seconds:.1f}s "
+             f"(fuser time {fuser_s:.1f}s){' — resumed, committed rows skipped' if result.skipped_committed else ''}",
+             "", "## Members", ""]
+    cols = [f.name for f in SUMMARY_SCHEMA if f.name != "run_id"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["", "## Partitions", "", "| partition | files | rows | tokens | tokens/s |", "|---|---|---|---|---|"]
+    parts: dict[int, list] = {}
+    for c in commits:
+        parts.setdefault(c["partition"], []).append(c)
+    tput = {}
+    for p, cs in sorted(parts.items()):
+        wall = sum(c["wall_s"] for c in cs)
+        tput[p] = sum(c["tokens"] for c in cs) / wall if wall else 0.0
+        lines.append(f"| {p} | {len(cs)} | {sum(c['rows'] for c in cs)} | {sum(c['tokens'] for c in cs)} | {tput[p]:.1f} |")
+    if errors:
+        lines += ["", "## Errors", "", "| reason | rows |", "|---|---|"]
+        lines += [f"| {e['error']} | {e['count']} |" for e in errors]
+    if examples:
+        lines += ["", "## Examples", ""]
+        for e in examples:
+            out = e["text"] if e["text"] is not None else f"label: {e['label']} {[round(p, 3) for p in e['label_probs']]}"
+            lines.append(f"- `{e['id']}`: {out!r}"[:400])
+    lines += _plots(cfg, rows, exit_rounds, tput, fs, root)
+    with fs.open_output_stream(f"{root}/report.md") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+
+
+def _plots(cfg, rows, exit_rounds, tput, fs, root) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: report without plots (pip install '.[report]')")
+        return []
+    import io
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    names = [r["member"] for r in rows]
+    axes[0].bar(names, [r["win_rate"] or 0 for r in rows] if any(r["win_rate"] for r in rows)
+                else [r["agreement"] or 0 for r in rows], color="#4a7")
+    axes[0].set_title("win rate" if any(r["win_rate"] for r in rows) else "agreement with fused token")
+    axes[1].hist(exit_rounds, bins=range(0, max(exit_rounds, default=1) + 2), color="#a74")
+    axes[1].set_title(f"exit rounds ({len(exit_rounds)} exits)")
+    axes[2].bar([str(p) for p in tput], list(tput.values()), color="#47a")
+    axes[2].set_title("tokens/s per partition")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    with fs.open_output_stream(f"{root}/report.png") as f:
+        f.write(buf.getvalue())
+    return ["", "## Plots", "", "![win rates, exit rounds, throughput](report.png)"]
