@@ -11,6 +11,8 @@ Contract:
 - ``score(state, conts)`` returns the per-token log-probabilities of candidate continuations of each
   row's live prefix, in one batched forward over a copy of the cached prefix; ``state`` is unchanged.
 - ``select(state, rows)`` keeps a subset of rows (to drop finished ones).
+- ``rewind(state, counts, logits)`` drops the last ``counts[b]`` live tokens of row b without a forward
+  pass, given the next-token logits the caller saved for the kept prefix (SpecFuse discards drafts).
 
 Per-row counters on the state (``calls``, ``tokens_in``) feed the per-member statistics.
 """
@@ -230,6 +232,29 @@ class Member:
         if all_logits:
             return [out.logits[b, T - n:].float() for b, n in enumerate(lens)]
         return None
+
+    @torch.inference_mode()
+    def rewind(self, state: RowBatch, counts: list[int], logits: torch.Tensor) -> None:
+        """Drop the last ``counts[b]`` live tokens of row b without a forward pass (added for SpecFuse:
+        a draft is discarded before verification without re-feeding the last kept token).
+
+        ``logits (B, V)`` must hold the next-token logits after each row's kept prefix, saved by the
+        caller before the dropped tokens were fed; rows with ``counts[b] == 0`` keep their logits.
+        """
+        if len(counts) != state.size:
+            raise ValueError(f"rewind needs one count per row ({state.size}), got {len(counts)}")
+        for b, r in enumerate(counts):
+            if r <= 0:
+                continue
+            n_resp = len(state.ids[b]) - state.n_prompt[b]
+            if r > n_resp:
+                raise ValueError(f"row {b}: cannot rewind {r} tokens, only {n_resp} response tokens")
+            live = torch.nonzero(state.mask[b]).squeeze(-1)  # (live,)
+            state.mask[b, live[-r:]] = 0
+            state.next_pos[b] -= r
+            del state.ids[b][-r:]
+        dropped = torch.tensor([r > 0 for r in counts], device=self.device)  # (B,)
+        state.logits = torch.where(dropped[:, None], logits.to(state.logits.dtype), state.logits)  # (B, V)
 
     def select(self, state: RowBatch, rows: list[int]) -> RowBatch:
         """A state holding only ``rows`` (in that order); the cache tensors are gathered."""

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the repo im
 import pyarrow as pa
 
 from jobs.config import DEFAULT_MEMBERS, JobConfig, load_config_file
-from jobs.rows import POS_COLUMN
+from jobs.rows import NOID, POS_COLUMN, RANK_COLUMN, line_key
 from jobs.sink import commit_partition, filesystem
 from schemas import INPUT_COLUMNS, spark_schema
 from schemas.tables import COMMIT_SCHEMA
@@ -116,16 +116,25 @@ def _task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir: str
 def read_input(spark, cfg: JobConfig):
     from pyspark.sql import functions as F
 
+    from pyspark.sql import Window
+
     path = cfg.input
     if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         df = spark.read.text(path)  # parse rows on the executors: a bad line becomes an error row
-        df = df.withColumn(KEY_COLUMN, F.get_json_object("value", "$.id"))
+        df = df.withColumn(POS_COLUMN, F.monotonically_increasing_id())
+        df = df.withColumn(KEY_COLUMN, F.udf(line_key, "string")("value", POS_COLUMN))
     else:
         df = spark.read.parquet(path)
         df = df.select(*[c for c in df.columns if c in INPUT_COLUMNS])
-        key = F.col("id").cast("string") if "id" in df.columns else F.lit(None).cast("string")
+        df = df.withColumn(POS_COLUMN, F.monotonically_increasing_id())
+        noid = F.concat(F.lit(NOID), F.col(POS_COLUMN).cast("string"))
+        if "id" in df.columns and dict(df.dtypes)["id"] == "string":
+            key = F.when(F.trim(F.col("id")) != "", F.col("id")).otherwise(noid)
+        else:
+            key = noid
         df = df.withColumn(KEY_COLUMN, key)
-    return df.withColumn(POS_COLUMN, F.monotonically_increasing_id())
+    # duplicates are ranked by input position, so the same row wins in every run
+    return df.withColumn(RANK_COLUMN, F.row_number().over(Window.partitionBy(KEY_COLUMN).orderBy(POS_COLUMN)))
 
 
 def check_run_manifest(cfg: JobConfig) -> None:
@@ -150,12 +159,16 @@ def check_run_manifest(cfg: JobConfig) -> None:
         fs.delete_file(success)
 
 
-def committed_ids(spark, data_dir: str):
+def committed_counts(spark, data_dir: str):
+    """(id, n) of rows already committed in this run's output (sample 0 only), or None."""
     fs, root = filesystem(data_dir)
     info = fs.get_file_info(pa.fs.FileSelector(root, allow_not_found=True))
     if not any(i.path.endswith(".parquet") for i in info):
         return None
-    return spark.read.parquet(data_dir).select("id").distinct()
+    from pyspark.sql import functions as F
+
+    done = spark.read.parquet(data_dir).where(F.col("sample") == 0)
+    return done.groupBy(F.col("id").alias("_done_id")).agg(F.count("*").alias("_done_n"))
 
 
 @dataclasses.dataclass
@@ -173,9 +186,13 @@ def run(spark, cfg: JobConfig) -> RunResult:
     check_run_manifest(cfg)
     data_dir = cfg.output.rstrip("/") + "/data"
     df = read_input(spark, cfg)
-    done = committed_ids(spark, data_dir)
-    if done is not None:
-        df = df.join(done, df[KEY_COLUMN].eqNullSafe(done["id"]), "left_anti")
+    done = committed_counts(spark, data_dir)
+    if done is not None:  # resume: the k-th occurrence of an id is done when k rows of it are committed
+        from pyspark.sql import functions as F
+
+        df = df.join(done, df[KEY_COLUMN] == done["_done_id"], "left")
+        df = df.where(F.col("_done_n").isNull() | (F.col(RANK_COLUMN) > F.col("_done_n")))
+        df = df.drop("_done_id", "_done_n")
     df = df.repartition(cfg.partitions, KEY_COLUMN).sortWithinPartitions(POS_COLUMN).drop(KEY_COLUMN)
     task = functools.partial(_task, config=cfg, data_dir=data_dir)
     commits = [r.asDict() for r in df.mapInArrow(task, spark_schema(COMMIT_SCHEMA)).collect()]

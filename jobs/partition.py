@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 
 from jobs.config import JobConfig
-from jobs.rows import Rejected, Request, derive_seed, iter_raw, validate
+from jobs.rows import Rejected, Request, derive_seed, iter_raw, row_key, validate
 from schemas import OUTPUT_SCHEMA, SCHEMA_VERSION
 from schemas.tables import MEMBER_STATS_FIELDS
 
@@ -155,12 +155,12 @@ def process_partition(
     pending: list[Request] = []
     ready: list[dict[str, Any]] = []
     for batch in batches:
-        for pos, raw in iter_raw(batch):
+        for pos, rank, raw in iter_raw(batch):
             if "__error__" in raw:
-                ready.append(runner.error_row(f"__noid__:{pos}", raw["__error__"]))
+                ready.append(runner.error_row(row_key(None, pos), raw["__error__"]))
                 continue
             res = validate(raw, pos=pos, seen=seen, run_seed=config.seed, job_max_new=config.max_new_tokens,
-                           mode=config.mode)
+                           mode=config.mode, rank=rank)
             if isinstance(res, Rejected):
                 ready.append(runner.error_row(res.id, res.reason, res.seed))
             else:

@@ -19,6 +19,22 @@ MAX_SEED = 2**63 - 1
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 RAW_COLUMN = "value"  # JSON-lines input arrives as one text column
 POS_COLUMN = "_pos"  # deterministic input position, added by the job
+RANK_COLUMN = "_rank"  # 1 for the first occurrence of an id (by position), 2, 3... for duplicates
+NOID = "__noid__:"
+
+
+def row_key(row_id: Any, pos: int) -> str:
+    """The output key of a row: its id when it is a usable string, else ``__noid__:<position>``."""
+    return row_id if isinstance(row_id, str) and row_id.strip() else f"{NOID}{pos}"
+
+
+def line_key(line: str | None, pos: int) -> str:
+    """``row_key`` of a JSON line (what the Spark job partitions and resumes by)."""
+    try:
+        row = json.loads(line) if line is not None else None
+    except json.JSONDecodeError:
+        row = None
+    return row_key(row.get("id") if isinstance(row, dict) else None, pos)
 
 
 @dataclass(frozen=True)
@@ -64,11 +80,12 @@ def _clean_text(name: str, v: Any, *, required: bool) -> tuple[str | None, str |
 
 
 def validate(raw: dict[str, Any], *, pos: int, seen: set[str], run_seed: int, job_max_new: int,
-             mode: str) -> Request | Rejected:
+             mode: str, rank: int | None = None) -> Request | Rejected:
+    """``rank`` (from the job) marks duplicates globally; without it, ``seen`` does within this call."""
     rid = raw.get("id")
     if not isinstance(rid, str) or not rid.strip():
-        return Rejected(f"__noid__:{pos}", f"id must be a non-empty string, got {_short(rid)}")
-    if rid in seen:
+        return Rejected(row_key(rid, pos), f"id must be a non-empty string, got {_short(rid)}")
+    if (rank is not None and rank > 1) or (rank is None and rid in seen):
         return Rejected(rid, f"duplicate id {rid!r}: only its first occurrence is processed")
     seen.add(rid)
     prompt, err = _clean_text("prompt", raw.get("prompt"), required=True)
@@ -107,23 +124,24 @@ def validate(raw: dict[str, Any], *, pos: int, seen: set[str], run_seed: int, jo
     return Request(rid, prompt, system, list(choices) if choices is not None else None, seed, mnt)
 
 
-def iter_raw(batch: pa.RecordBatch) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(input position, row dict) for each row; JSON-lines text is parsed here, so a bad line
-    becomes a row dict with an ``__error__`` entry instead of failing the task."""
-    positions = batch.column(POS_COLUMN).to_pylist() if POS_COLUMN in batch.schema.names else None
-    if RAW_COLUMN in batch.schema.names:
-        for i, line in enumerate(batch.column(RAW_COLUMN).to_pylist()):
-            pos = positions[i] if positions else i
+def iter_raw(batch: pa.RecordBatch) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
+    """(input position, duplicate rank or None, row dict) for each row; JSON-lines text is parsed
+    here, so a bad line becomes a row dict with an ``__error__`` entry instead of failing the task."""
+    names = batch.schema.names
+    positions = batch.column(POS_COLUMN).to_pylist() if POS_COLUMN in names else list(range(batch.num_rows))
+    ranks = batch.column(RANK_COLUMN).to_pylist() if RANK_COLUMN in names else [None] * batch.num_rows
+    if RAW_COLUMN in names:
+        for line, pos, rank in zip(batch.column(RAW_COLUMN).to_pylist(), positions, ranks):
             try:
                 row = json.loads(line) if line is not None else None
             except json.JSONDecodeError as exc:
-                yield pos, {"__error__": f"line is not valid JSON: {exc.msg} at char {exc.pos}"}
+                yield pos, rank, {"__error__": f"line is not valid JSON: {exc.msg} at char {exc.pos}"}
                 continue
             if not isinstance(row, dict):
-                yield pos, {"__error__": f"line must hold a JSON object, got {_short(row)}"}
+                yield pos, rank, {"__error__": f"line must hold a JSON object, got {_short(row)}"}
                 continue
-            yield pos, row
+            yield pos, rank, row
         return
-    cols = {n: batch.column(n).to_pylist() for n in batch.schema.names if n != POS_COLUMN}
+    cols = {n: batch.column(n).to_pylist() for n in names if n not in (POS_COLUMN, RANK_COLUMN)}
     for i in range(batch.num_rows):
-        yield (positions[i] if positions else i), {n: v[i] for n, v in cols.items()}
+        yield positions[i], ranks[i], {n: v[i] for n, v in cols.items()}

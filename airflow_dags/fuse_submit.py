@@ -1,0 +1,245 @@
+"""What the ensemble DAGs share: their Params, the tasks around the Spark submission, and the pure
+functions that turn validated Params into the ``spark-submit jobs/fuse.py ...`` call.
+
+Contract:
+- Imports only the standard library and ``airflow.sdk``: no torch, transformers, ``ensemble``,
+  ``jobs`` or Spark, and nothing here reads a Variable, a connection or a file at import time.
+- Per-field rules live in the Params' JSON schemas, so a trigger with a bad value is refused when
+  the run is created (API 400, ``ParamValidationError``). The one rule a per-field schema cannot
+  state (method ``single`` takes exactly one member, DeePEn and SpecFuse at least two) is checked
+  by ``plan``, the first task, before anything is submitted.
+- The output of a run is the partition ``{output_root}/ds={YYYY-MM-DD}`` of the run's logical date
+  with ``--run-id {dag_id}__{YYYYMMDD}``: a retry or a rerun of the same date writes the same
+  directory with the same config, which the job resumes (it skips ids already committed and
+  rewrites its own deterministic files). ``overwrite=true`` deletes the partition first.
+- ``publish`` runs only after the Spark task succeeded, checks the job's ``_SUCCESS`` marker and
+  only then emits the Asset event (extra: the partition's path, date, run id, config hash).
+
+Deployment settings (never in code):
+- connection ``spark_default``: the master and deploy mode, e.g.
+  ``AIRFLOW_CONN_SPARK_DEFAULT='spark://local?deploy-mode=client'``; ``spark-submit`` must be on
+  the worker's PATH (``$SPARK_HOME/bin``).
+- Variable ``ensemble_spark_conf`` (JSON object): Spark conf for every DAG, e.g. the GPU settings
+  ``spark.executor.resource.gpu.amount``; ``{dag_id}_spark_conf`` overlays it for one DAG.
+- Variable ``ensemble_spark_env`` (JSON object): environment of ``spark-submit``, e.g.
+  ``PYSPARK_PYTHON`` and ``PYSPARK_DRIVER_PYTHON`` (the interpreter that has the project).
+- Variable ``ensemble_job_application``: path of ``jobs/fuse.py`` (default: the one next to this
+  folder in the repository).
+- Variables ``{dag_id}_input`` and ``ensemble_output_root``: used when the Params ``input`` /
+  ``output_root`` are null (their defaults, so that scheduled runs read the deployment's data).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Param, task
+
+log = logging.getLogger(__name__)
+
+METHODS = ("single", "deepen", "specfuse")
+PACKAGED_MEMBERS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m")
+MAX_SEED = 2**63 - 1
+# A value that becomes one argv element: never empty, never starting with '-' (no flag injection).
+ARG_PATTERN = r"^[^-\s].*$"
+
+CONF_VARIABLE = "ensemble_spark_conf"
+ENV_VARIABLE = "ensemble_spark_env"
+APPLICATION_VARIABLE = "ensemble_job_application"
+OUTPUT_ROOT_VARIABLE = "ensemble_output_root"
+SUCCESS_MARKER = "_SUCCESS"
+RUN_MANIFEST = "_run.json"
+
+
+# ---- Params ---------------------------------------------------------------------------------------
+def common_params(*, max_new_tokens: int) -> dict[str, Param]:
+    """Params both DAGs take. Defaults must be valid: scheduled runs use them."""
+    return {
+        "input": Param(
+            None, type=["null", "string"], minLength=1, pattern=ARG_PATTERN,
+            title="Input", description="Input Parquet or JSONL path; '{ds}' and '{ds_nodash}' are replaced by "
+            "the run's date. Null: the Variable '<dag_id>_input'."),
+        "output_root": Param(
+            None, type=["null", "string"], minLength=1, pattern=ARG_PATTERN,
+            title="Output root", description="Partitions are written to <output_root>/ds=<logical date>. "
+            "Null: the Variable 'ensemble_output_root' + '/<dag_id>'."),
+        "method": Param("single", type="string", enum=list(METHODS), title="Method",
+                        description="single needs exactly one member; deepen and specfuse at least two."),
+        "members": Param(
+            [PACKAGED_MEMBERS[0]], type="array", minItems=1, maxItems=8, uniqueItems=True,
+            items={"type": "string", "minLength": 1, "pattern": ARG_PATTERN},
+            examples=[list(PACKAGED_MEMBERS)], title="Members",
+            description="Member specs: packaged aliases (" + ", ".join(PACKAGED_MEMBERS) + "), HF model "
+            "directories or .gguf files. The first is the main member."),
+        "max_new_tokens": Param(max_new_tokens, type="integer", minimum=1, maximum=8192,
+                                title="Budget: new tokens per row"),
+        "max_prompt_tokens": Param(2048, type="integer", minimum=1, maximum=131072,
+                                   title="Budget: prompt tokens per row (longer prompts become error rows)"),
+        "seed": Param(None, type=["null", "integer"], minimum=0, maximum=MAX_SEED, title="Run seed",
+                      description="Null: derived from the logical date (YYYYMMDD), so retries reproduce the run."),
+        "partitions": Param(2, type="integer", minimum=1, maximum=100000, title="Spark partitions"),
+        "batch_size": Param(8, type="integer", minimum=1, maximum=4096, title="Rows per fuser call"),
+        "config_file": Param(None, type=["null", "string"], minLength=1, pattern=ARG_PATTERN,
+                             title="Job config file (YAML/JSON) for ensemble settings; Params override it"),
+        "report": Param(True, type="boolean", title="Write summary.parquet and report.md"),
+        "overwrite": Param(False, type="boolean", title="Delete this date's partition before the run",
+                           description="Needed when a date is rerun with different settings (the job refuses "
+                           "to mix two configurations in one directory)."),
+    }
+
+
+def sampling_params() -> dict[str, Param]:
+    """Sampling settings of synthetic generation: sampling is required (temperature > 0)."""
+    return {
+        "temperature": Param(0.8, type="number", exclusiveMinimum=0, maximum=5, title="Temperature"),
+        "top_p": Param(0.95, type="number", exclusiveMinimum=0, maximum=1, title="Top-p"),
+        "top_k": Param(None, type=["null", "integer"], minimum=1, title="Top-k (null: off)"),
+        "n_samples": Param(1, type="integer", minimum=1, maximum=256, title="Samples per prompt"),
+    }
+
+
+# ---- pure functions (tested without a scheduler) --------------------------------------------------
+def check_params(params: Mapping[str, Any]) -> None:
+    """Cross-field rules a per-field JSON schema cannot state. Raises ValueError naming the Param."""
+    method, members = params["method"], list(params["members"])
+    if method == "single" and len(members) != 1:
+        raise ValueError(f"members must be exactly one member for method single, got {members!r}")
+    if method != "single" and len(members) < 2:
+        raise ValueError(f"members must be at least two members for method {method}, got {members!r}")
+
+
+def date_key(logical_date: datetime) -> tuple[str, str]:
+    """(ds, ds_nodash) of a run."""
+    return logical_date.strftime("%Y-%m-%d"), logical_date.strftime("%Y%m%d")
+
+
+def partition_dir(output_root: str, ds: str) -> str:
+    return f"{output_root.rstrip('/')}/ds={ds}"
+
+
+def job_args(params: Mapping[str, Any], *, mode: str, input_path: str, output: str, run_id: str,
+             seed: int) -> list[str]:
+    """The job's command line (after the application) for validated ``params``."""
+    args = ["--input", input_path, "--output", output, "--run-id", run_id, "--mode", mode,
+            "--method", params["method"], "--members", *params["members"],
+            "--max-new-tokens", str(params["max_new_tokens"]),
+            "--max-prompt-tokens", str(params["max_prompt_tokens"]),
+            "--seed", str(seed), "--partitions", str(params["partitions"]),
+            "--batch-size", str(params["batch_size"]),
+            "--report" if params["report"] else "--no-report"]
+    if params.get("config_file"):
+        args = ["--config", params["config_file"], *args]
+    if mode == "generate":
+        args += ["--temperature", repr(float(params["temperature"])), "--top-p", repr(float(params["top_p"])),
+                 "--n-samples", str(params["n_samples"])]
+        if params.get("top_k") is not None:
+            args += ["--top-k", str(params["top_k"])]
+    return args
+
+
+def default_application() -> str:
+    """jobs/fuse.py of the repository this DAG folder sits in."""
+    return str(Path(__file__).resolve().parent.parent / "jobs" / "fuse.py")
+
+
+def _json_object(value: Any, name: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"Variable {name} must be a JSON object, got {type(value).__name__}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _local(path: str) -> Path:
+    return Path(path[len("file://"):] if path.startswith("file://") else path)
+
+
+def read_commit(output: str) -> dict[str, Any]:
+    """The committed run in ``output``: its manifest, or RuntimeError when ``_SUCCESS`` is missing."""
+    if _is_remote(output):
+        from airflow.sdk import ObjectStoragePath
+
+        root = ObjectStoragePath(output)
+        if not (root / SUCCESS_MARKER).exists():
+            raise RuntimeError(f"{output} has no {SUCCESS_MARKER}: the job did not commit; not publishing")
+        return json.loads((root / RUN_MANIFEST).read_text())
+    root = _local(output)
+    if not (root / SUCCESS_MARKER).is_file():
+        raise RuntimeError(f"{output} has no {SUCCESS_MARKER}: the job did not commit; not publishing")
+    return json.loads((root / RUN_MANIFEST).read_text())
+
+
+def delete_partition(output: str) -> None:
+    if _is_remote(output):
+        from airflow.sdk import ObjectStoragePath
+
+        root = ObjectStoragePath(output)
+        if root.exists():
+            root.rmdir(recursive=True)
+        return
+    shutil.rmtree(_local(output), ignore_errors=True)
+
+
+# ---- tasks ----------------------------------------------------------------------------------------
+def _logical_date(context: Mapping[str, Any]) -> datetime:
+    """The run's logical date; a manual run created without one is keyed by its run_after."""
+    logical = context.get("logical_date")
+    return logical if logical is not None else context["dag_run"].run_after
+
+
+@task(multiple_outputs=True, retries=0)
+def plan(mode: str, **context: Any) -> dict[str, Any]:
+    """Check the Params across fields, resolve the deployment settings and build the submission."""
+    from airflow.sdk import Variable
+
+    params, dag_id = context["params"], context["dag"].dag_id
+    check_params(params)
+    ds, ds_nodash = date_key(_logical_date(context))
+    input_path = params["input"] or Variable.get(f"{dag_id}_input", default=None)
+    if not input_path:
+        raise ValueError(f"input is null and the Variable {dag_id}_input is not set")
+    input_path = input_path.replace("{ds}", ds).replace("{ds_nodash}", ds_nodash)
+    root = params["output_root"]
+    if not root:
+        base = Variable.get(OUTPUT_ROOT_VARIABLE, default=None)
+        if not base:
+            raise ValueError(f"output_root is null and the Variable {OUTPUT_ROOT_VARIABLE} is not set")
+        root = f"{base.rstrip('/')}/{dag_id}"
+    output = partition_dir(root, ds)
+    if params["overwrite"]:
+        log.info("overwrite: deleting partition %s", output)
+        delete_partition(output)
+    seed = params["seed"] if params["seed"] is not None else int(ds_nodash)
+    run_id = f"{dag_id}__{ds_nodash}"
+    conf = _json_object(Variable.get(CONF_VARIABLE, default=None), CONF_VARIABLE)
+    conf.update(_json_object(Variable.get(f"{dag_id}_spark_conf", default=None), f"{dag_id}_spark_conf"))
+    env = _json_object(Variable.get(ENV_VARIABLE, default=None), ENV_VARIABLE)
+    application = Variable.get(APPLICATION_VARIABLE, default=None) or default_application()
+    args = job_args(params, mode=mode, input_path=input_path, output=output, run_id=run_id, seed=seed)
+    log.info("partition %s, run id %s: spark-submit %s %s", output, run_id, application, " ".join(args))
+    return {"application": application, "args": args, "conf": conf, "env": env or None,
+            "output": output, "run_id": run_id, "ds": ds, "name": f"{dag_id}-{ds_nodash}"}
+
+
+@task(retries=0)
+def publish(output: str, date: str, **context: Any) -> dict[str, Any]:
+    """Emit the Asset event for the committed partition (the task's outlets), never before."""
+    manifest = read_commit(output)
+    extra = {"path": output, "data": f"{output.rstrip('/')}/data", "ds": date,
+             "run_id": manifest.get("run_id"), "config_hash": manifest.get("config_hash")}
+    for outlet in context["task"].outlets:
+        context["outlet_events"][outlet].extra = extra
+    log.info("published %s", extra)
+    return extra

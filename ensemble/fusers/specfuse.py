@@ -1,0 +1,369 @@
+"""SpecFuse: segment-level propose, verify, rank and broadcast, with model exit
+(Lv et al., arXiv 2412.07380; specification in shared/design/algorithms.md).
+
+generate(prompts, params) runs rounds over each row's shared response until the row stops:
+
+1. Propose: every member active on a row drafts up to ``segment_tokens`` tokens (capped by the row's
+   remaining budget) from its own KV-cached state, greedy or sampled with a per-(row, member)
+   generator seeded from the row's seed only. Drafts are fed one token at a time, batched over rows;
+   the draft is then rewound (``Member.rewind``, no forward pass) and cut back to whole words
+   (:func:`ensemble.segments.trim_to_word`). Self-score: mean probability of the kept tokens (and of
+   the EOS token when the draft ended with one) under the member's own unfiltered distribution.
+2. Verify: each active member scores the other active members' candidates of all its rows in ONE
+   batched forward over its cached prefix (``Member.score``). A candidate is scored in the verifier's
+   tokenisation of the candidate text (exactly the proposer's ids when the vocabularies are equal),
+   followed by the verifier's EOS id when the candidate ended with EOS.
+3. Rank: :func:`ensemble.segments.rank` (per-verifier normalisation, weighted mean, ties to the
+   lower member index); the member weights are renormalised over the row's active members.
+4. Broadcast: the winner's text extends the response. The proposer, and members with the same
+   vocabulary and the same accepted tokens, append the winner's token ids exactly; the others
+   re-tokenise only the unstable tail (``TokenTrack.sync``) and roll their cache back
+   (``Member.feed(rollback=...)``). Nothing is re-encoded from the start.
+5. Model exit: :func:`ensemble.segments.exit_mask` after every round t >= max(1, exit_min_rounds):
+   cumulative quality Q = sum of a member's final scores; T = max(exit_min_temperature, entropy in
+   nats of Q / sum(Q)); p = softmax(Q / T); a member exits the row when p_i < exit_delta / n_active;
+   the last active member never exits. An exited member's row is dropped from its state: it neither
+   proposes nor verifies again. Rows are independent: each has its own active set, rounds and stop.
+6. Stop (per row): the winner ended with EOS (``stop``), the response contains a stop string (cut
+   before it, ``stop``), the main (first) member's tokenisation of the response reaches
+   ``max_new_tokens`` (truncated to it, ``length``), or ``max_rounds`` rounds (``length``).
+
+label(prompts, choices): the choices are the candidates of one verification round scored by every
+member (mean token probability after the prompt); per-member normalisation and the weighted mean
+give the label probabilities.
+
+Statistics per row and member (``MemberStats``): ``calls`` counts *member calls*, i.e. invocations of
+the member for this row: one to propose and one to verify in each round it is active (a lone active
+member has nothing to verify and is invoked once), so with exit disabled a round costs 2N member calls.
+A propose call runs up to ``segment_tokens`` forward passes; forward passes are not counted here.
+``tokens_in`` counts tokens fed (prompt, drafts, verification and re-tokenisation), ``tokens_out``
+tokens drafted, ``proposed``/``accepted`` candidates, ``mean_score`` the mean final score of its
+candidates, ``rounds_active`` rounds it took part in and ``exit_round`` the round after which it exited
+(None if it never did; when set it equals ``rounds_active``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ensemble.config import DecodeParams, normalise_weights, per_row
+from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices
+from ensemble.fusers.single import find_stop
+from ensemble.members import Member, RowBatch
+from ensemble.sampling import choose_batch, make_generator
+from ensemble.segments import exit_mask, rank, segment_score, trim_to_word, valid_utf8
+from ensemble.text import TokenTrack, complete_utf8_prefix
+
+log = logging.getLogger(__name__)
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # decorrelates the generators of one row's members
+
+
+@dataclass(frozen=True)
+class SpecFuseConfig:
+    """Knobs of SpecFuse (validated; errors name the field and the value)."""
+
+    segment_tokens: int = 10
+    """L: the most tokens a member drafts per round (5-15 is the useful range)."""
+    exit: bool = True
+    """Model exit on or off."""
+    exit_delta: float = 0.5
+    """A member exits when its exit probability is below exit_delta / n_active; in [0, 1] (0: never)."""
+    exit_min_rounds: int = 2
+    """R_min: exits are first considered after this many rounds (and never before round 1)."""
+    weights: tuple[float, ...] | None = None
+    """Member weights for ranking and labeling; None: uniform. Non-negative, summing to 1."""
+    exit_min_temperature: float = 0.05
+    """Floor of the entropy-set exit temperature."""
+    max_rounds: int | None = None
+    """Most rounds per row; None: 2 * max_new_tokens of the row (a guard against rounds that add no
+    main-member tokens)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.segment_tokens, int) or isinstance(self.segment_tokens, bool) or self.segment_tokens < 1:
+            raise ValueError(f"segment_tokens must be >= 1, got {self.segment_tokens!r}")
+        if not isinstance(self.exit, bool):
+            raise ValueError(f"exit must be a bool, got {self.exit!r}")
+        if not (isinstance(self.exit_delta, (int, float)) and 0.0 <= self.exit_delta <= 1.0):
+            raise ValueError(f"exit_delta must be in [0, 1], got {self.exit_delta!r}")
+        if not isinstance(self.exit_min_rounds, int) or isinstance(self.exit_min_rounds, bool) or self.exit_min_rounds < 0:
+            raise ValueError(f"exit_min_rounds must be an integer >= 0, got {self.exit_min_rounds!r}")
+        if self.weights is not None:
+            w = tuple(self.weights)
+            if any(not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 for x in w):
+                raise ValueError(f"weights must be non-negative finite numbers, got {list(w)!r}")
+            object.__setattr__(self, "weights", tuple(float(x) for x in w))
+        if not (isinstance(self.exit_min_temperature, (int, float)) and self.exit_min_temperature > 0):
+            raise ValueError(f"exit_min_temperature must be > 0, got {self.exit_min_temperature!r}")
+        if self.max_rounds is not None and (not isinstance(self.max_rounds, int) or self.max_rounds < 1):
+            raise ValueError(f"max_rounds must be None or an integer >= 1, got {self.max_rounds!r}")
+
+
+@dataclass
+class _Candidate:
+    member: int
+    ids: list[int]  # kept draft tokens, EOS excluded
+    data: bytes  # their bytes
+    eos: bool
+    self_score: float
+    base: bytes  # the response bytes the proposer drafted after (its track's data)
+
+
+@dataclass
+class _Row:
+    params: DecodeParams
+    tracks: list[TokenTrack]
+    gens: list[torch.Generator | None]
+    active: list[bool]
+    max_rounds: int
+    response: bytes = b""
+    rounds: int = 0
+    finish: FinishReason | None = None
+    text: str = ""
+    token_count: int = 0
+    pending: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # member -> (rollback, new)
+    stats: list[MemberStats] = field(default_factory=list)
+    quality: list[float] = field(default_factory=list)
+    score_sum: list[float] = field(default_factory=list)
+
+
+class SpecFuse:
+    """Segment-level ensemble of heterogeneous members with model exit (see the module docstring)."""
+
+    name = "specfuse"
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        segment_tokens: int = 10,
+        exit: bool = True,
+        exit_delta: float = 0.5,
+        exit_min_rounds: int = 2,
+        weights: Sequence[float] | None = None,
+        *,
+        exit_min_temperature: float = 0.05,
+        max_rounds: int | None = None,
+    ):
+        members = list(members)
+        if not members:
+            raise ValueError(f"members must be a non-empty list of Member, got {members!r}")
+        self.config = SpecFuseConfig(
+            segment_tokens=segment_tokens, exit=exit, exit_delta=exit_delta, exit_min_rounds=exit_min_rounds,
+            weights=None if weights is None else tuple(weights), exit_min_temperature=exit_min_temperature,
+            max_rounds=max_rounds,
+        )
+        self.weights = normalise_weights(self.config.weights, len(members))
+        self._members = members
+
+    @property
+    def members(self) -> list[Member]:
+        return list(self._members)
+
+    # ---- generate ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], params: DecodeParams | Sequence[DecodeParams]) -> list[FusedOutput]:
+        n = len(self._members)
+        rows = [self._new_row(p) for p in per_row(params, len(prompts))]
+        systems = [r.params.system for r in rows]
+        states: list[RowBatch | None] = [m.start(list(prompts), systems) for m in self._members]
+        where: list[list[int]] = [list(range(len(rows))) for _ in range(n)]  # state row -> prompt row
+        outputs: list[FusedOutput | None] = [None] * len(rows)
+        while any(o is None for o in outputs):
+            cands = [self._propose(i, states[i], [rows[r] for r in where[i]]) if states[i] is not None else [] for i in range(n)]
+            by_row: list[dict[int, _Candidate]] = [{} for _ in rows]
+            for i in range(n):
+                for r, cand in zip(where[i], cands[i]):
+                    by_row[r][i] = cand
+            verdicts: list[dict[tuple[int, int], float]] = [{} for _ in rows]  # (verifier, proposer) -> score
+            for i in range(n):
+                if states[i] is not None:
+                    self._verify(i, states[i], [rows[r] for r in where[i]], [by_row[r] for r in where[i]],
+                                 [verdicts[r] for r in where[i]])
+            for r, row in enumerate(rows):
+                if outputs[r] is None:
+                    self._settle(row, by_row[r], verdicts[r])
+            for i in range(n):  # drop finished rows and exited members, then broadcast
+                if states[i] is not None:
+                    states[i], where[i] = self._compact(i, states[i], where[i], rows)
+                if states[i] is not None:
+                    fed = [rows[r].pending.pop(i) for r in where[i]]
+                    self._members[i].feed(states[i], [f[1] for f in fed], rollback=[f[0] for f in fed])
+            for r, row in enumerate(rows):
+                if outputs[r] is None and row.finish is not None:
+                    outputs[r] = FusedOutput(row.text, row.token_count, row.finish, row.stats)
+        return outputs  # type: ignore[return-value]
+
+    def _new_row(self, p: DecodeParams) -> _Row:
+        n = len(self._members)
+        return _Row(
+            params=p,
+            tracks=[TokenTrack(m.codec) for m in self._members],
+            gens=[None if p.greedy else make_generator((p.seed + i * _SEED_STRIDE) % 2**64, m.device)
+                  for i, m in enumerate(self._members)],
+            active=[True] * n,
+            max_rounds=self.config.max_rounds or 2 * p.max_new_tokens,
+            stats=[MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i],
+                               proposed=0, accepted=0, rounds_active=0) for i, m in enumerate(self._members)],
+            quality=[0.0] * n,
+            score_sum=[0.0] * n,
+        )
+
+    def _propose(self, i: int, state: RowBatch, rows: list[_Row]) -> list[_Candidate]:
+        """Draft one candidate per state row from member i's cache, then rewind the draft."""
+        m, L = self._members[i], self.config.segment_tokens
+        remaining = [max(1, r.params.max_new_tokens - len(r.tracks[0].ids)) for r in rows]
+        caps = [min(L, rem) for rem in remaining]
+        prefix_logits = state.logits  # (B, V): feed() replaces the tensor, this one stays as it is
+        drafts: list[list[int]] = [[] for _ in rows]
+        logps: list[list[torch.Tensor]] = [[] for _ in rows]
+        eos = [False] * len(rows)
+        going = list(range(len(rows)))
+        while going:
+            logits = state.logits.index_select(0, torch.tensor(going, device=m.device))  # (G, V)
+            picks = choose_batch(logits, [rows[b].params for b in going], [rows[b].gens[i] for b in going])
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(
+                1, torch.tensor(picks, device=m.device)[:, None]).squeeze(1)  # (G,)
+            feed: list[list[int]] = [[] for _ in rows]
+            for k, b in enumerate(going):
+                drafts[b].append(picks[k])
+                logps[b].append(lp[k])
+                if picks[k] in m.eos_ids:
+                    eos[b] = True
+                elif len(drafts[b]) < caps[b]:
+                    feed[b] = [picks[k]]
+            going = [b for b in going if feed[b]]
+            if going:
+                m.feed(state, feed)
+        m.rewind(state, [len(d) - 1 for d in drafts], prefix_logits)
+        out = []
+        for b, row in enumerate(rows):
+            ids = drafts[b][:-1] if eos[b] else drafts[b]
+            pieces = [m.codec.token_bytes(t) for t in ids]
+            k = trim_to_word(pieces, ended=eos[b] or len(drafts[b]) >= remaining[b])
+            kept = logps[b][:k] + (logps[b][-1:] if eos[b] else [])
+            row.stats[i].tokens_out += len(drafts[b])
+            out.append(_Candidate(i, ids[:k], b"".join(pieces[:k]), eos[b],
+                                  segment_score(torch.stack(kept)), row.tracks[i].data))
+        return out
+
+    def _tokens_for(self, j: int, row: _Row, cand: _Candidate) -> list[int]:
+        """Candidate ``cand`` in member j's tokenisation, after j's accepted prefix."""
+        m, track = self._members[j], row.tracks[j]
+        if m.vocab_fingerprint == self._members[cand.member].vocab_fingerprint and track.data == cand.base:
+            toks = list(cand.ids)
+        else:
+            new = valid_utf8(cand.base + cand.data)
+            extra = new[len(track.data):] if new.startswith(track.data) else valid_utf8(cand.data)
+            text = complete_utf8_prefix(extra).decode("utf-8", errors="replace")
+            toks = m.encode_text(text) if text else []
+        if cand.eos and m.eos_ids:
+            eos = m.tokenizer.eos_token_id
+            toks.append(eos if eos in m.eos_ids else min(m.eos_ids))
+        return toks
+
+    def _verify(self, j: int, state: RowBatch, rows: list[_Row], cands: list[dict[int, _Candidate]],
+                verdicts: list[dict[tuple[int, int], float]]) -> None:
+        """Member j scores every other active candidate of all its rows in one batched forward."""
+        others = [[c for c in sorted(cs) if c != j] for cs in cands]
+        conts = [[self._tokens_for(j, row, cs[c]) for c in oth] for row, cs, oth in zip(rows, cands, others)]
+        if not any(conts):
+            return
+        logps = self._members[j].score(state, conts)
+        for b, oth in enumerate(others):
+            if oth:
+                rows[b].stats[j].calls += 1
+            for c, lp in zip(oth, logps[b]):
+                verdicts[b][(j, c)] = segment_score(lp)
+
+    def _settle(self, row: _Row, cands: dict[int, _Candidate], verdicts: dict[tuple[int, int], float]) -> None:
+        """Rank one row's candidates, update statistics and exits, extend the response, decide the stop."""
+        cfg, act = self.config, sorted(cands)
+        matrix = [[cands[c].self_score if j == c else verdicts[(j, c)] for c in act] for j in act]
+        final, w = rank(matrix, [self.weights[j] for j in act])
+        winner = cands[act[w]]
+        row.rounds += 1
+        for k, i in enumerate(act):
+            st = row.stats[i]
+            st.calls += 1  # the propose call; the verify call was counted in _verify
+            st.rounds_active += 1
+            st.proposed += 1
+            row.score_sum[i] += final[k]
+            row.quality[i] += final[k]
+            st.mean_score = row.score_sum[i] / st.proposed
+        row.stats[winner.member].accepted += 1
+        if cfg.exit and cfg.exit_delta > 0 and row.rounds >= max(1, cfg.exit_min_rounds):
+            for i, out in zip(act, exit_mask([row.quality[i] for i in act], cfg.exit_delta, cfg.exit_min_temperature)):
+                if out:
+                    row.active[i] = False
+                    row.stats[i].exit_round = row.rounds
+                    log.debug("member %s exits after round %d", self._members[i].name, row.rounds)
+        row.response = winner.base + winner.data
+        main = self._extend(0, row, winner)
+        self._finish_check(row, winner)
+        if row.finish is None:
+            for i in range(len(self._members)):
+                if row.active[i]:
+                    row.pending[i] = main if i == 0 else self._extend(i, row, winner)
+
+    def _extend(self, i: int, row: _Row, winner: _Candidate) -> tuple[int, list[int]]:
+        """Bring member i's token track to the new response; return (rollback, new ids) to feed."""
+        track = row.tracks[i]
+        same = self._members[i].vocab_fingerprint == self._members[winner.member].vocab_fingerprint
+        if i == winner.member or (same and track.data == winner.base):
+            track.push_tokens(winner.ids)
+            return 0, list(winner.ids)
+        return track.sync(valid_utf8(row.response))
+
+    def _finish_check(self, row: _Row, winner: _Candidate) -> None:
+        p, main = row.params, row.tracks[0]
+        data, count = row.response, len(main.ids)
+        if count > p.max_new_tokens:  # a long winner from another vocabulary: cut to the budget
+            codec = self._members[0].codec
+            data, count = b"".join(codec.token_bytes(t) for t in main.ids[: p.max_new_tokens]), p.max_new_tokens
+        text = data.decode("utf-8", errors="replace")
+        cut = find_stop(text, p.stop) if p.stop else None
+        if cut is not None:
+            text, row.finish = text[:cut], FinishReason.STOP
+        elif winner.eos and data is row.response:
+            row.finish = FinishReason.STOP
+        elif count >= p.max_new_tokens or row.rounds >= row.max_rounds:
+            row.finish = FinishReason.LENGTH
+        row.text, row.token_count = text, count
+
+    def _compact(self, i: int, state: RowBatch, where: list[int], rows: list[_Row]) -> tuple[RowBatch | None, list[int]]:
+        """Drop member i's rows that finished or that it exited, saving their counters."""
+        keep = [b for b, r in enumerate(where) if rows[r].finish is None and rows[r].active[i]]
+        for b, r in enumerate(where):
+            rows[r].stats[i].tokens_in = state.tokens_in[b]
+        if len(keep) == len(where):
+            return state, where
+        if not keep:
+            return None, []
+        return self._members[i].select(state, keep), [where[b] for b in keep]
+
+    # ---- label -----------------------------------------------------------------------------------
+    def label(
+        self,
+        prompts: Sequence[str],
+        choices: Sequence[Sequence[str]],
+        systems: Sequence[str | None] | None = None,
+    ) -> list[LabelOutput]:
+        check_choices(choices, len(prompts))
+        per_member: list[list[list[float]]] = []  # [member][row][choice] mean token probability
+        stats: list[list[MemberStats]] = [[] for _ in prompts]
+        for i, m in enumerate(self._members):
+            state = m.start(list(prompts), list(systems) if systems else None)
+            logps = m.score(state, [[m.encode_text(c) for c in cs] for cs in choices])
+            per_member.append([[segment_score(lp) for lp in row] for row in logps])
+            for b in range(len(prompts)):
+                stats[b].append(MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i],
+                                            calls=1, tokens_in=state.tokens_in[b], rounds_active=1))
+        results = []
+        for b, cs in enumerate(choices):
+            probs, best = rank([per_member[i][b] for i in range(len(self._members))], list(self.weights))
+            results.append(LabelOutput(label=cs[best], probs=probs, member_stats=stats[b]))
+        return results

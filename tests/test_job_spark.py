@@ -1,0 +1,122 @@
+"""The Spark job in local mode on a tiny saved model: schema, one row per input, determinism across
+partitionings, fault injection and resume without duplicates or recomputation."""
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.config import JobConfig
+from jobs.sink import InjectedFailure
+from schemas import OUTPUT_SCHEMA, spark_schema
+from tests import tiny
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from pyspark.sql import SparkSession
+
+    s = (SparkSession.builder.master("local[2]").appName("test-job")
+         .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4").getOrCreate())
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    m = tiny.member_bpe()
+    m.model.save_pretrained(d, safe_serialization=True)
+    m.tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    rows = [json.loads(line) for line in open("data/sample.jsonl")]
+    rows.append({"id": "bad-1", "prompt": ""})
+    rows.append({"id": "gen-00", "prompt": "duplicate id"})
+    path = tmp_path_factory.mktemp("in") / "sample.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken json\n")
+    return str(path), len(rows) + 1
+
+
+def _cfg(tiny_dir, inp, out, **kw):
+    kw.setdefault("report", False)
+    return JobConfig(input=inp, output=str(out), members=(tiny_dir,), max_new_tokens=8, **kw)
+
+
+def test_job_writes_one_row_per_input(spark, tiny_dir, sample, tmp_path):
+    from pyspark.testing import assertSchemaEqual
+
+    from jobs.fuse import run
+
+    inp, n = sample
+    result = run(spark, _cfg(tiny_dir, inp, tmp_path / "o", partitions=2, report=True))
+    df = spark.read.parquet(result.data_dir)
+    assertSchemaEqual(df.schema, spark_schema(OUTPUT_SCHEMA))
+    rows = df.collect()
+    assert len(rows) == n
+    errors = {r["id"]: r["error"] for r in rows if r["status"] == "error"}
+    assert "empty or blank" in errors.pop("bad-1")
+    assert "not valid JSON" in errors.pop(next(k for k in errors if k.startswith("__noid__")))
+    # the duplicate "gen-00" row and the long BoolQ passages (the tiny model's context is 512 tokens)
+    assert all("duplicate id" in e or "context window 512" in e for e in errors.values()), errors
+    assert sum(r["id"] == "gen-00" and r["status"] == "ok" for r in rows) == 1
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all((r["text"] is not None) != (r["label"] is not None) for r in ok)
+    assert (tmp_path / "o" / "_SUCCESS").exists() and (tmp_path / "o" / "report.md").exists()
+    summary = pq.read_table(tmp_path / "o" / "summary.parquet").to_pylist()
+    assert summary[0]["rows"] == len(ok) and summary[0]["calls"] > 0
+    names = sorted(p.name for p in (tmp_path / "o" / "data").iterdir())
+    assert all(nm.startswith("part-0000") for nm in names)
+
+
+def test_greedy_output_independent_of_partitioning(spark, tiny_dir, sample, tmp_path):
+    from pyspark.testing import assertDataFrameEqual
+
+    from jobs.fuse import run
+
+    inp, _ = sample
+    a = run(spark, _cfg(tiny_dir, inp, tmp_path / "a", partitions=1, batch_size=8))
+    b = run(spark, _cfg(tiny_dir, inp, tmp_path / "b", partitions=3, batch_size=3))
+    cols = ["id", "status", "text", "label", "token_count"]
+    assertDataFrameEqual(spark.read.parquet(a.data_dir).select(cols), spark.read.parquet(b.data_dir).select(cols))
+
+
+def test_fault_injection_then_resume(spark, tiny_dir, sample, tmp_path):
+    from jobs.fuse import run
+
+    inp, n = sample
+    out = tmp_path / "r"
+    with pytest.raises(Exception) as info:
+        # one partition: no sibling task keeps committing after the failure while we count
+        run(spark, _cfg(tiny_dir, inp, out, partitions=1, commit_rows=4, batch_size=2, fail_after_rows=8))
+    assert "InjectedFailure" in str(info.value) or isinstance(info.value, InjectedFailure)
+    committed = pq.read_table(out / "data").num_rows
+    assert 0 < committed < n
+    assert not (out / "_SUCCESS").exists()
+    result = run(spark, _cfg(tiny_dir, inp, out, partitions=2, commit_rows=4, batch_size=2))
+    computed = sum(c["rows"] for c in result.commits)
+    assert computed == n - committed, "the rerun must compute only the rows not yet committed"
+    rows = spark.read.parquet(result.data_dir).collect()
+    assert len(rows) == n
+    from collections import Counter
+
+    ids = Counter(r["id"] for r in rows)
+    assert ids.pop("gen-00") == 2  # the id that is duplicated in the input: one ok row, one error row
+    assert set(ids.values()) == {1}  # nothing duplicated, nothing missing
+    # a third run has nothing left to do
+    again = run(spark, _cfg(tiny_dir, inp, out, partitions=2, commit_rows=4, batch_size=2))
+    assert sum(c["rows"] for c in again.commits) == 0
+
+
+def test_rerun_with_other_config_is_refused(spark, tiny_dir, sample, tmp_path):
+    from jobs.fuse import run
+
+    inp, _ = sample
+    run(spark, _cfg(tiny_dir, inp, tmp_path / "x", partitions=1))
+    with pytest.raises(ValueError, match="use a new output directory"):
+        run(spark, _cfg(tiny_dir, inp, tmp_path / "x", partitions=1, seed=3))

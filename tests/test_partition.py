@@ -1,0 +1,114 @@
+"""The pure partition function on tiny models: bad rows become error rows, one output per input."""
+import json
+
+import pyarrow as pa
+import pytest
+
+from ensemble import Single
+from jobs.config import JobConfig
+from jobs.partition import process_partition
+from jobs.rows import derive_seed
+from schemas import OUTPUT_SCHEMA
+
+GOOD = [
+    {"id": "a", "prompt": "What is the capital of France?"},
+    {"id": "b", "prompt": "Is fire hot?", "choices": ["yes", "no"]},
+    {"id": "c", "prompt": "Hi\x07 there\x00", "seed": 5, "max_new_tokens": 3},
+    {"id": "d", "prompt": "Tell me a story.", "system": "Be brief.", "max_new_tokens": 9999},
+]
+BAD = [
+    ({"id": "e", "prompt": None}, "prompt is null"),
+    ({"id": "f", "prompt": "   "}, "prompt is empty or blank"),
+    ({"id": "g", "prompt": "x", "choices": []}, "choices is an empty list"),
+    ({"id": "h", "prompt": "x", "choices": ["ok", 3]}, "choices must be non-empty UTF-8 strings"),
+    ({"id": "a", "prompt": "dup"}, "duplicate id 'a'"),
+    ({"prompt": "no id"}, "id must be a non-empty string"),
+    ({"id": "i", "prompt": "x", "seed": -1}, "seed must be an integer in [0, 2**63-1], got -1"),
+    ({"id": "j", "prompt": "x", "max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    ({"id": "k", "prompt": "bad \ufffd bytes"}, "not valid UTF-8"),
+    ({"id": "l", "prompt": "x", "choices": "yes"}, "choices must be a list of strings"),
+    ({"id": "m", "prompt": "word " * 400}, "over the limit"),
+    ({"id": 7, "prompt": "numeric id"}, "id must be a non-empty string, got 7"),
+]
+
+
+def _lines(rows, extra=()):
+    lines = [json.dumps(r) for r in rows] + list(extra)
+    return pa.RecordBatch.from_pydict({"value": lines, "_pos": list(range(len(lines)))})
+
+
+@pytest.fixture()
+def cfg():
+    return JobConfig(input="in.jsonl", output="out", members=("tiny",), max_new_tokens=6, batch_size=3,
+                     max_prompt_tokens=200)
+
+
+def test_every_input_row_has_one_output_row(cfg, bpe_member):
+    batch = _lines(GOOD + [r for r, _ in BAD], extra=["{not json", "[1, 2]"])
+    out = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg)))
+    assert out.schema == OUTPUT_SCHEMA
+    rows = out.to_pylist()
+    assert len(rows) == len(GOOD) + len(BAD) + 2
+    ok = {r["id"]: r for r in rows if r["status"] == "ok"}
+    assert set(ok) == {"a", "b", "c", "d"}
+    assert ok["b"]["label"] in ("yes", "no") and sum(ok["b"]["label_probs"]) == pytest.approx(1)
+    assert ok["a"]["text"] and 0 < ok["a"]["token_count"] <= 6
+    assert ok["c"]["token_count"] <= 3 and ok["c"]["seed"] == 5
+    assert ok["d"]["token_count"] <= 6  # capped by the job's budget
+    assert ok["a"]["seed"] == derive_seed(cfg.seed, "a")
+    errors = [r for r in rows if r["status"] == "error"]
+    assert all(r["error"] and r["finish_reason"] == "error" and r["config_hash"] == cfg.config_hash for r in errors)
+    for _, reason in BAD:
+        assert sum(reason in r["error"] for r in errors) >= 1, reason
+    assert sum("not valid JSON" in r["error"] for r in errors) == 1
+    assert sum("must hold a JSON object" in r["error"] for r in errors) == 1
+    assert all(r["id"] is not None for r in rows)
+
+
+def test_long_prompt_truncate(cfg, bpe_member):
+    cfg = JobConfig(**{**cfg.__dict__, "long_prompt": "truncate", "extra": {}})
+    batch = _lines([{"id": "m", "prompt": "word " * 400}])
+    rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
+    assert rows[0]["status"] == "ok" and rows[0]["text"] is not None
+
+
+def test_fuser_failure_is_isolated_to_its_row(cfg, bpe_member):
+    class Flaky(Single):
+        def generate(self, prompts, params):
+            if any("boom" in p for p in prompts):
+                raise RuntimeError("boom in the fuser")
+            return super().generate(prompts, params)
+
+    batch = _lines([{"id": "x", "prompt": "fine"}, {"id": "y", "prompt": "boom"}, {"id": "z", "prompt": "also fine"}])
+    rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Flaky(bpe_member), config=cfg))).to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["x"]["status"] == by_id["z"]["status"] == "ok"
+    assert by_id["y"]["status"] == "error" and "boom in the fuser" in by_id["y"]["error"]
+
+
+def test_n_samples_rows_and_seeds(cfg, bpe_member):
+    cfg = JobConfig(**{**cfg.__dict__, "n_samples": 3, "temperature": 1.0, "extra": {}})
+    batch = _lines([{"id": "s", "prompt": "Once upon a time"}, {"id": "t", "prompt": "x", "choices": ["a", "b"]}])
+    rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
+    samples = [r for r in rows if r["id"] == "s"]
+    assert sorted(r["sample"] for r in samples) == [0, 1, 2]
+    assert len({r["seed"] for r in samples}) == 3
+    assert len([r for r in rows if r["id"] == "t"]) == 1  # labeling: one row
+
+
+def test_config_validation_names_the_value():
+    with pytest.raises(ValueError, match="method must be one of"):
+        JobConfig(input="i", output="o", method="nope")
+    with pytest.raises(ValueError, match=r"weights must be non-negative and summing to 1, got \(0.7, 0.7\)"):
+        JobConfig(input="i", output="o", method="deepen", members=("a", "b"), weights=(0.7, 0.7))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        JobConfig(input="i", output="o", top_p=2.0)
+    with pytest.raises(ValueError, match="exactly one member"):
+        JobConfig(input="i", output="o", members=("a", "b"))
+
+
+def test_config_hash_covers_outputs_only():
+    a = JobConfig(input="i", output="o")
+    assert a.config_hash == JobConfig(input="i2", output="o2", partitions=7, batch_size=2).config_hash
+    assert a.config_hash != JobConfig(input="i", output="o", max_new_tokens=5).config_hash
+    assert a.config_hash != JobConfig(input="i", output="o", seed=1).config_hash
