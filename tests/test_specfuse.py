@@ -287,21 +287,25 @@ def test_two_copies_reproduce_one(bpe_member, sp_member):
         assert all(s.exit_round is None for o in got for s in o.member_stats)
 
 
-def _forwards(member) -> list[int]:
-    count = [0]
-    member.model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-    return count
+@pytest.fixture
+def forwards(mixed):
+    """Forward passes per member (model pre-hooks, removed after the test)."""
+    counts = [[0] for _ in mixed]
+    hooks = [m.model.register_forward_pre_hook(lambda *_, c=c: c.__setitem__(0, c[0] + 1)) for m, c in zip(mixed, counts)]
+    yield counts
+    for h in hooks:
+        h.remove()
 
 
-def test_batched_verification_equals_scoring_each_candidate_separately(mixed, monkeypatch):
+def test_batched_verification_equals_scoring_each_candidate_separately(mixed, forwards, monkeypatch):
     checked = [0]
-    for m in mixed:
-        forwards, orig = _forwards(m), m.score
+    for m, count in zip(mixed, forwards):
+        orig = m.score
 
-        def score(state, conts, m=m, orig=orig, forwards=forwards):
-            before = forwards[0]
+        def score(state, conts, m=m, orig=orig, count=count):
+            before = count[0]
             out = orig(state, conts)
-            assert forwards[0] == before + 1, "one batched forward per verifier and round"
+            assert count[0] == before + 1, "one batched forward per verifier and round"
             for b, cs in enumerate(conts):
                 for c, toks in enumerate(cs):
                     ref = logprobs_uncached(m, state.ids[b], toks)
