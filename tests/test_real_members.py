@@ -1,0 +1,53 @@
+"""Integration: the packaged real members (different vocabularies) through Member and Single."""
+import pytest
+
+from ensemble import DecodeParams, Single, load_member
+from ensemble.reference import greedy_uncached
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_member("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_member("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_member("gemma3-270m")
+
+
+def test_chat_members_answer_france(smol, qwen):
+    for m in (smol, qwen):
+        out = Single(m).generate(["What is the capital of France?"], DecodeParams(max_new_tokens=16))[0]
+        assert "Paris" in out.text, (m.name, out.text)
+        assert out.member_stats[0].calls == out.token_count + (out.finish_reason.value == "stop")
+
+
+def test_real_cached_equals_uncached_and_batch_independent(smol, gemma):
+    prompts = ["What is the capital of France?", "Name three primary colors, please, and explain why."]
+    for m in (smol, gemma):
+        single = Single(m)
+        batched = single.generate(prompts, DecodeParams(max_new_tokens=8))
+        for p, out in zip(prompts, batched):
+            assert out.text == m.decode(greedy_uncached(m, p, 8))
+
+
+def test_gemma_base_completes_plain_prompt(gemma):
+    assert not gemma.has_chat_template
+    ids = gemma.encode_prompt("The capital of France is")
+    assert ids[0] == gemma.tokenizer.bos_token_id  # base model needs its BOS
+    out = Single(gemma).generate(["The capital of France is"], DecodeParams(max_new_tokens=8))[0]
+    words = out.text.split()
+    assert len(words) >= 4 and len(set(words)) >= len(words) / 2, out.text  # not "and and and ..."
+    assert "France" in out.text or "Paris" in out.text, out.text
+
+
+def test_label_with_real_member(smol):
+    out = Single(smol).label(["Is fire hot? Answer yes or no."], [["yes", "no"]])[0]
+    assert out.label == "yes" and out.probs[0] > out.probs[1]
