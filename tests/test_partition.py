@@ -112,3 +112,46 @@ def test_config_hash_covers_outputs_only():
     assert a.config_hash == JobConfig(input="i2", output="o2", partitions=7, batch_size=2).config_hash
     assert a.config_hash != JobConfig(input="i", output="o", max_new_tokens=5).config_hash
     assert a.config_hash != JobConfig(input="i", output="o", seed=1).config_hash
+
+
+def test_config_file_and_flags(tmp_path):
+    from jobs.fuse import parse_config
+
+    f = tmp_path / "job.yaml"
+    f.write_text("input: in.jsonl\noutput: out\nmethod: specfuse\nmembers: [a, b]\nsegment_tokens: 6\nexit: false\n")
+    cfg = parse_config(["--config", str(f), "--segment-tokens", "8"])
+    assert (cfg.method, cfg.members, cfg.segment_tokens, cfg.exit) == ("specfuse", ("a", "b"), 8, False)
+    f2 = tmp_path / "bad.json"
+    f2.write_text('{"input": "i", "output": "o", "segmnt_tokens": 3}')
+    with pytest.raises(ValueError, match=r"unknown keys \['segmnt_tokens'\]"):
+        parse_config(["--config", str(f2)])
+    with pytest.raises(ValueError, match="exit_delta must be in"):
+        parse_config(["--input", "i", "--output", "o", "--method", "specfuse", "--members", "a", "b",
+                      "--exit-delta", "2"])
+
+
+def test_sampled_rows_depend_only_on_seed_and_id(cfg, bpe_member):
+    cfg = JobConfig(**{**cfg.__dict__, "temperature": 1.0, "extra": {}})
+    rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(["Once upon", "The capital", "Hi", "Tell me"])]
+
+    def texts(batch_size, order):
+        c = JobConfig(**{**cfg.__dict__, "batch_size": batch_size, "extra": {}})
+        out = process_partition([_lines([rows[i] for i in order])], make_fuser=lambda: Single(bpe_member), config=c)
+        return {r["id"]: r["text"] for b in out for r in b.to_pylist()}
+
+    a = texts(4, [0, 1, 2, 3])
+    b = texts(1, [3, 1, 0, 2])
+    assert a == b and len(set(a.values())) > 1
+
+
+def test_fuser_is_built_once_per_worker(monkeypatch):
+    from ensemble.fusers import registry
+    from jobs import runtime
+
+    built = []
+    monkeypatch.setattr(registry, "make_fuser", lambda settings, device=None: built.append(1) or object())
+    settings = {"method": "single", "members": ("x",)}
+    first = runtime.build_fuser(settings, "cpu")
+    assert runtime.build_fuser(dict(settings), "cpu") is first
+    assert len(built) == 1
+    runtime._FUSERS.clear()
