@@ -52,6 +52,20 @@ def dagbag():
     return DagBag(dag_folder=str(DAG_FOLDER))
 
 
+@pytest.fixture
+def load_dag():
+    """A freshly parsed DAG for each ``dag.test()``: an in-process ``dag.test()`` writes the run's
+    conf into its tasks' params, so a DAG object must not serve two runs."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    def load(dag_id: str):
+        bag = DagBag(dag_folder=str(DAG_FOLDER))
+        assert bag.import_errors == {}
+        return bag.dags[dag_id]
+
+    return load
+
+
 def main_python() -> Path:
     """The main environment's interpreter (has pyspark and the project)."""
     return Path(os.environ.get("ENSEMBLE_MAIN_PYTHON", REPO / ".venv" / "bin" / "python"))

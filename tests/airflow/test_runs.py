@@ -1,0 +1,135 @@
+"""DAG runs through ``dag.test()`` (a scheduler-free run of the real tasks against the test DB):
+the cross-field check stops a run before Spark, the Asset is published only for a committed
+partition, and one real end to end run submits jobs/fuse.py to local Spark with a packaged member
+and writes the date-keyed Parquet partition; a rerun of the same date leaves it as it was."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+LOGICAL = datetime(2025, 3, 4, tzinfo=timezone.utc)
+MEMBER = "smollm2-135m-instruct"
+
+
+def states(dr) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
+
+
+def asset_events(asset_name: str, run_id: str) -> list[dict]:
+    from sqlalchemy import select
+
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                               .where(AssetModel.name == asset_name, AssetEvent.source_run_id == run_id)).all()
+        return [dict(e.extra or {}) for e in rows]
+
+
+def xcom(dr, task_id: str, key: str):
+    from sqlalchemy import select
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.scalars(XComModel.get_many(run_id=dr.run_id, dag_ids=dr.dag_id, task_ids=task_id,
+                                                 key=key)).first()
+        assert row is not None, (task_id, key)
+        return XComModel.deserialize_value(row)
+
+
+def test_members_that_do_not_fit_the_method_stop_the_run_before_spark(load_dag, airflow_db, tmp_path):
+    dag = load_dag("ensemble_labeling")
+    dr = dag.test(logical_date=LOGICAL, run_conf={"input": str(tmp_path / "in.jsonl"), "output_root": str(tmp_path),
+                                                  "method": "deepen", "members": [MEMBER]})
+    assert str(dr.state) == "failed"
+    assert states(dr) == {"plan": "failed", "fuse": "upstream_failed", "publish": "upstream_failed"}
+    assert list(tmp_path.iterdir()) == []
+    assert asset_events("ensemble_fuse.labels", dr.run_id) == []
+
+
+def test_no_asset_without_a_committed_partition(load_dag, airflow_db, tmp_path, monkeypatch):
+    """The Spark task is marked successful without running (so nothing was committed): publish
+    refuses and no Asset event is emitted. Null input/output_root come from Variables."""
+    monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_LABELING_INPUT", str(tmp_path / "prompts/{ds}.jsonl"))
+    monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_OUTPUT_ROOT", str(tmp_path / "out"))
+    monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_SPARK_CONF", json.dumps({"spark.task.resource.gpu.amount": "1"}))
+    monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_LABELING_SPARK_CONF",
+                       json.dumps({"spark.executor.resource.gpu.amount": "1"}))
+    dag = load_dag("ensemble_labeling")
+    dr = dag.test(logical_date=LOGICAL, mark_success_pattern="fuse")
+    assert states(dr) == {"plan": "success", "fuse": "success", "publish": "failed"}
+    assert asset_events("ensemble_fuse.labels", dr.run_id) == []
+    args = xcom(dr, "plan", "args")
+    partition = str(tmp_path / "out" / "ensemble_labeling" / "ds=2025-03-04")
+    assert args[args.index("--input") + 1] == str(tmp_path / "prompts/2025-03-04.jsonl")
+    assert args[args.index("--output") + 1] == partition
+    assert args[args.index("--run-id") + 1] == "ensemble_labeling__20250304"
+    assert args[args.index("--seed") + 1] == "20250304"  # null seed: derived from the date
+    assert args[args.index("--mode") + 1] == "label"
+    assert xcom(dr, "plan", "conf") == {"spark.task.resource.gpu.amount": "1",
+                                        "spark.executor.resource.gpu.amount": "1"}
+
+
+def _input(tmp_path: Path) -> tuple[Path, list[str]]:
+    rows = [json.loads(line) for line in (REPO / "data" / "sample.jsonl").read_text().splitlines() if line.strip()]
+    prompts = [r for r in rows if not r.get("choices")][:3]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    return path, [r["id"] for r in prompts]
+
+
+@pytest.mark.slow
+def test_end_to_end_synthetic_generation_on_local_spark(load_dag, spark_deployment, tmp_path):
+    import pyarrow.parquet as pq
+
+    src, ids = _input(tmp_path)
+    root = tmp_path / "out"
+    conf = {"input": str(src), "output_root": str(root), "method": "single", "members": [MEMBER],
+            "max_new_tokens": 4, "temperature": 0.8, "top_p": 0.95, "n_samples": 2, "seed": 11,
+            "partitions": 1, "batch_size": 4, "report": False}
+    dag = load_dag("synthetic_generation")
+    t0 = time.perf_counter()
+    dr = dag.test(logical_date=LOGICAL, run_conf=conf)
+    first_s = time.perf_counter() - t0
+    assert states(dr) == {"plan": "success", "fuse": "success", "publish": "success"}, states(dr)
+    assert str(dr.state) == "success"
+
+    partition = root / "ds=2025-03-04"
+    assert sorted(p.name for p in root.iterdir()) == ["ds=2025-03-04"]
+    assert (partition / "_SUCCESS").is_file()
+    table = pq.read_table(partition / "data")
+    rows = table.to_pylist()
+    assert sorted((r["id"], r["sample"]) for r in rows) == sorted((i, s) for i in ids for s in range(2))
+    assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
+    assert {r["run_id"] for r in rows} == {"synthetic_generation__20250304"}
+    assert {r["method"] for r in rows} == {"single"} and all(r["members"] == [MEMBER] for r in rows)
+    assert all(isinstance(r["text"], str) and 1 <= r["token_count"] <= 4 for r in rows)
+    assert len({(r["id"], r["seed"]) for r in rows}) == len(rows)  # per-row, per-sample seeds
+    manifest = json.loads((partition / "_run.json").read_text())
+    assert manifest["config"]["seed"] == 11 and manifest["config"]["temperature"] == 0.8
+    assert manifest["config"]["mode"] == "generate" and manifest["config"]["n_samples"] == 2
+
+    events = asset_events("ensemble_fuse.synthetic", dr.run_id)
+    assert len(events) == 1
+    assert events[0]["path"] == str(partition) and events[0]["ds"] == "2025-03-04"
+    assert events[0]["config_hash"] == manifest["config_hash"]
+
+    # A rerun of the same date writes the same partition: the job resumes, finds every row
+    # committed, and leaves the data as it was; the Asset is published again for that partition.
+    files = {p.name: p.stat().st_mtime_ns for p in (partition / "data").glob("*.parquet")}
+    t0 = time.perf_counter()
+    dr2 = load_dag("synthetic_generation").test(logical_date=LOGICAL, run_conf=conf)
+    second_s = time.perf_counter() - t0
+    assert states(dr2) == {"plan": "success", "fuse": "success", "publish": "success"}, states(dr2)
+    assert {p.name: p.stat().st_mtime_ns for p in (partition / "data").glob("*.parquet")} == files
+    assert pq.read_table(partition / "data").to_pylist() == rows
+    assert len(asset_events("ensemble_fuse.synthetic", dr2.run_id)) == 1
+    print(f"end to end: first run {first_s:.0f}s, rerun {second_s:.0f}s")
