@@ -88,14 +88,27 @@ print(json.dumps({"errors": {k: v[-400:] for k, v in bag.import_errors.items()},
 """
 
 
+def _probe(folder) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(folder), json.dumps(FORBIDDEN)],
+                          capture_output=True, text=True, cwd=folder, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_import_does_no_work_and_loads_nothing_heavy():
     """In a fresh interpreter, with Variables, connections and subprocesses forbidden, the DAG
     folder still imports, and neither torch nor Spark nor the project's packages were loaded."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(DAG_FOLDER), json.dumps(FORBIDDEN)],
-                          capture_output=True, text=True, cwd=REPO / "airflow_dags", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _probe(DAG_FOLDER)
     assert result["errors"] == {}
     assert result["dags"] == sorted(DAG_IDS)
     assert result["heavy"] == []
     assert result["seconds"] < 20, result
+
+
+def test_the_import_probe_catches_work_at_import_time(tmp_path):
+    """The probe above can fail: a DAG file that reads a Variable at import is reported."""
+    (tmp_path / "bad_dag.py").write_text(
+        "from airflow.sdk import DAG, Variable\n"
+        "with DAG(dag_id='bad', schedule=None, params={'x': Variable.get('x')}):\n    pass\n")
+    result = _probe(tmp_path)
+    assert "work at import time" in "".join(result["errors"].values())

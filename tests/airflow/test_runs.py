@@ -57,20 +57,26 @@ def test_members_that_do_not_fit_the_method_stop_the_run_before_spark(load_dag, 
 
 def test_no_asset_without_a_committed_partition(load_dag, airflow_db, tmp_path, monkeypatch):
     """The Spark task is marked successful without running (so nothing was committed): publish
-    refuses and no Asset event is emitted. Null input/output_root come from Variables."""
+    refuses and no Asset event is emitted. Null input/output_root come from Variables, the Spark
+    conf from the shared and the per-DAG Variable, and overwrite deletes only the run's partition."""
     monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_LABELING_INPUT", str(tmp_path / "prompts/{ds}.jsonl"))
     monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_OUTPUT_ROOT", str(tmp_path / "out"))
     monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_SPARK_CONF", json.dumps({"spark.task.resource.gpu.amount": "1"}))
     monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_LABELING_SPARK_CONF",
                        json.dumps({"spark.executor.resource.gpu.amount": "1"}))
+    partition = tmp_path / "out" / "ensemble_labeling" / "ds=2025-03-04"
+    (partition / "data").mkdir(parents=True)
+    (partition / "_SUCCESS").write_text("")  # a stale commit of other settings: overwrite deletes it
+    other = tmp_path / "out" / "ensemble_labeling" / "ds=2025-03-03"
+    other.mkdir()
     dag = load_dag("ensemble_labeling")
-    dr = dag.test(logical_date=LOGICAL, mark_success_pattern="fuse")
+    dr = dag.test(logical_date=LOGICAL, run_conf={"overwrite": True}, mark_success_pattern="fuse")
     assert states(dr) == {"plan": "success", "fuse": "success", "publish": "failed"}
     assert asset_events("ensemble_fuse.labels", dr.run_id) == []
+    assert not partition.exists() and other.is_dir()  # its own date only
     args = xcom(dr, "plan", "args")
-    partition = str(tmp_path / "out" / "ensemble_labeling" / "ds=2025-03-04")
     assert args[args.index("--input") + 1] == str(tmp_path / "prompts/2025-03-04.jsonl")
-    assert args[args.index("--output") + 1] == partition
+    assert args[args.index("--output") + 1] == str(partition)
     assert args[args.index("--run-id") + 1] == "ensemble_labeling__20250304"
     assert args[args.index("--seed") + 1] == "20250304"  # null seed: derived from the date
     assert args[args.index("--mode") + 1] == "label"
