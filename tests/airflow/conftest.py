@@ -34,6 +34,9 @@ else:
     for _name in [n for n in os.environ if n.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))]:
         del os.environ[_name]  # only what the tests set
 
+    def pytest_sessionfinish(session, exitstatus):
+        shutil.rmtree(_HOME, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
@@ -41,8 +44,7 @@ def airflow_db() -> Path:
     home = Path(os.environ["AIRFLOW_HOME"])
     proc = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    yield home
-    shutil.rmtree(home, ignore_errors=True)
+    return home
 
 
 @pytest.fixture(scope="session")
