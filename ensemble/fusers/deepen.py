@@ -1,0 +1,385 @@
+"""DeePEn: token-level fusion of heterogeneous members in a relative space (Huang et al., NeurIPS 2024).
+
+generate: every step, one batched forward per member gives next-token logits ``(B, V_i)``;
+:class:`~ensemble.relative.RelativeEnsemble` maps them to the anchor space, aggregates them with the
+member weights and searches the main member's logits (AdamW, 5 steps, lr 0.15 by default); the token
+is the argmax (greedy) or a per-row seeded sample of ``softmax(z / temperature)`` with top-k/top-p, and
+always comes from the main vocabulary. A row stops on the main member's EOS (``eos_policy='any'``: also
+when any member's own top token is its EOS), a stop string, or its own ``max_new_tokens``; finished
+rows leave the batch. Broadcast: the token's bytes extend the row's response; the main member and
+members with the same vocabulary fingerprint take the token id as is; every other member re-tokenises
+only the unstable tail (:class:`~ensemble.text.TokenTrack`) and feeds what changed, rolling its KV
+cache back over the rest (incomplete UTF-8 is held back until it completes).
+
+label: each choice is teacher-forced in the main member's tokenisation (the other members follow its
+text); at each position the forced token's log-probability under the fused ``softmax(z)`` (its
+candidates include the forced token) is summed; the sums are softmax-normalised over the choices.
+
+Per-member statistics per row: calls, tokens in (prompt and re-tokenisation included), tokens out (the
+member's tokenisation of the final response), agreement (fraction of steps where the member's own top
+token and the fused token are, in bytes, one a prefix of the other; for an EOS step: the member's top
+is its own EOS), mean ``KL(q_i || q)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+import torch
+
+from ensemble.config import DecodeParams, normalise_weights, per_row
+from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, normalise_log_scores
+from ensemble.fusers.single import find_stop
+from ensemble.members import Member, RowBatch
+from ensemble.reference import next_logits_uncached
+from ensemble.relative import FuseResult, RelativeEnsemble, RowSource, SearchParams, find_anchors
+from ensemble.sampling import choose, make_generator
+from ensemble.text import TokenTrack, complete_utf8_prefix
+
+log = logging.getLogger(__name__)
+
+
+class EosPolicy(str, Enum):
+    MAIN = "main"  # stop when the fused token is an EOS of the main member
+    ANY = "any"  # ... or when any member's own top token is one of its EOS ids
+
+
+@dataclass(frozen=True)
+class DeePEnConfig:
+    """DeePEn settings; defaults follow the reference code except where algorithms.md improves on it."""
+
+    main: int = 0
+    """Index of the main member: output tokens come from its vocabulary."""
+    weights: tuple[float, ...] | None = None
+    """Member weights (non-negative, summing to 1); None is uniform (DeePEn-Avg)."""
+    lr: float = 0.15
+    """Search learning rate eta; 0 reproduces the main member."""
+    steps: int = 5
+    """Search steps T."""
+    topk: int = 64
+    """Tokens of each member's distribution that enter the relative space (and the search)."""
+    top_mass: float | None = None
+    """Optional cumulative-probability cut inside the top-k (e.g. 0.95); None keeps all k."""
+    tau: float = 100.0
+    """Softmax temperature of the relative rows."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of the search."""
+    min_anchors: int = 100
+    """Fewer shared anchor tokens than this is an error."""
+    anchor_subset: int | None = None
+    """Use only this many anchors (those with the smallest ids, i.e. most frequent pieces); None: all."""
+    row_cache_size: int = 1024
+    """Relative rows kept per member (LRU); each row holds |A| floats."""
+    eos_policy: EosPolicy = EosPolicy.MAIN
+    """Which EOS stops a row: 'main' or 'any'."""
+    dense: bool = False
+    """Reference path: dense (V, A) matrices and a search over the whole main vocabulary (small vocabs)."""
+    tail_window: int = 2
+    """Tokens re-encoded at least, back from the end, when another member follows the response."""
+
+    def __post_init__(self) -> None:
+        def bad(name, want):
+            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.main, int) or self.main < 0:
+            bad("main", "an integer >= 0")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(self.weights))
+        if not (self.lr >= 0):
+            bad("lr", ">= 0")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            bad("steps", "an integer >= 0")
+        if not isinstance(self.topk, int) or self.topk < 1:
+            bad("topk", "an integer >= 1")
+        if self.top_mass is not None and not (0.0 < self.top_mass <= 1.0):
+            bad("top_mass", "None or in (0, 1]")
+        if not (self.tau > 0):
+            bad("tau", "> 0")
+        if not (self.weight_decay >= 0):
+            bad("weight_decay", ">= 0")
+        if not isinstance(self.min_anchors, int) or self.min_anchors < 1:
+            bad("min_anchors", "an integer >= 1")
+        if self.anchor_subset is not None and (not isinstance(self.anchor_subset, int) or self.anchor_subset < 1):
+            bad("anchor_subset", "None or an integer >= 1")
+        if not isinstance(self.row_cache_size, int) or self.row_cache_size < 0:
+            bad("row_cache_size", "an integer >= 0")
+        if self.eos_policy not in {p.value for p in EosPolicy}:
+            bad("eos_policy", "'main' or 'any'")
+        object.__setattr__(self, "eos_policy", EosPolicy(self.eos_policy))
+        if not isinstance(self.tail_window, int) or self.tail_window < 1:
+            bad("tail_window", "an integer >= 1")
+
+    def search_params(self) -> SearchParams:
+        return SearchParams(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay)
+
+
+def follow_bytes(resp: bytes) -> bytes:
+    """The response as the other members follow it: complete UTF-8, with invalid byte sequences (a main
+    member may emit stray byte tokens) replaced by U+FFFD; an incomplete tail is kept for TokenTrack to
+    hold back. Append-only as the response grows."""
+    done = complete_utf8_prefix(resp)
+    return done.decode("utf-8", errors="replace").encode("utf-8") + resp[len(done):]
+
+
+class _Rows:
+    """Per original row: response bytes, each member's track, output ids and statistics sums."""
+
+    def __init__(self, fuser: "DeePEn", n: int):
+        k = len(fuser.members)
+        self.tracks = [[TokenTrack(m.codec, fuser.config.tail_window) for _ in range(n)] for m in fuser.members]
+        self.resp = [b""] * n
+        self.out: list[list[int]] = [[] for _ in range(n)]
+        self.agree = [[0] * n for _ in range(k)]
+        self.kl = [[0.0] * n for _ in range(k)]
+        self.steps = [0] * n
+
+
+class DeePEn:
+    """DeePEn over heterogeneous members behind the fuser interface (see module docstring)."""
+
+    name = "deepen"
+
+    def __init__(self, members: Sequence[Member], main: int = 0, weights: Sequence[float] | None = None,
+                 lr: float = 0.15, steps: int = 5, topk: int = 64, **options):
+        cfg = DeePEnConfig(main=main, weights=None if weights is None else tuple(weights), lr=lr,
+                           steps=steps, topk=topk, **options)
+        self._setup(list(members), cfg)
+
+    @classmethod
+    def from_config(cls, members: Sequence[Member], config: DeePEnConfig) -> "DeePEn":
+        self = cls.__new__(cls)
+        self._setup(list(members), config)
+        return self
+
+    def _setup(self, members: list[Member], cfg: DeePEnConfig) -> None:
+        if not members:
+            raise ValueError("DeePEn needs at least one member")
+        if cfg.main >= len(members):
+            raise ValueError(f"main must be in [0, {len(members)}), got {cfg.main}")
+        self._members, self.config = members, cfg
+        self.weights = normalise_weights(cfg.weights, len(members))
+        self.main = members[cfg.main]
+        self.anchor_strings, anchor_ids = find_anchors(
+            [m.tokenizer for m in members], [m.name for m in members],
+            min_anchors=cfg.min_anchors, subset=cfg.anchor_subset)
+        shared: dict[tuple, RowSource] = {}  # one source per distinct (embedding, vocabulary)
+        sources = []
+        for m, ids in zip(members, anchor_ids):
+            key = (m.input_embeddings().data_ptr(), m.vocab_fingerprint)
+            if key not in shared:
+                shared[key] = RowSource(m.input_embeddings(), ids, tau=cfg.tau, cache_rows=cfg.row_cache_size)
+            sources.append(shared[key])
+        self.engine = RelativeEnsemble(sources, self.weights, cfg.main, topk=cfg.topk, top_mass=cfg.top_mass,
+                                       search=cfg.search_params(), dense=cfg.dense)
+        self.same_ids = [m.vocab_fingerprint == self.main.vocab_fingerprint for m in members]
+
+    @property
+    def members(self) -> list[Member]:
+        return self._members
+
+    # ---- one step, shared by generate / label / the uncached oracle --------------------------------
+    def _pick(self, res: FuseResult, params: list[DecodeParams], gens: list) -> list[int]:
+        picks = res.greedy().tolist()
+        if all(p.greedy for p in params):
+            return picks
+        z = res.token_logits()  # (B, k)
+        for j, p in enumerate(params):
+            if not p.greedy:
+                picks[j] = int(res.cand[j, choose(z[j], p, gens[j])])
+        return picks
+
+    def _is_stop_token(self, tok: int, tops: list[list[int]], j: int) -> bool:
+        if tok in self.main.eos_ids:
+            return True
+        return self.config.eos_policy is EosPolicy.ANY and any(
+            tops[i][j] in m.eos_ids for i, m in enumerate(self.members) if i != self.config.main)
+
+    def _agrees(self, i: int, top: int, tok: int) -> bool:
+        m = self.members[i]
+        if tok in self.main.eos_ids:
+            return top in m.eos_ids
+        a, f = m.codec.token_bytes(top), self.main.codec.token_bytes(tok)
+        return bool(a) and bool(f) and (f.startswith(a) or a.startswith(f))
+
+    def _record(self, st: _Rows, res: FuseResult, live: list[int], picks: list[int], states: list[RowBatch]):
+        tops = [s.logits.argmax(dim=-1).tolist() for s in states]
+        kls = [k.tolist() for k in res.member_kl()]
+        for j, r in enumerate(live):
+            st.steps[r] += 1
+            for i in range(len(self.members)):
+                st.agree[i][r] += self._agrees(i, tops[i][j], picks[j])
+                st.kl[i][r] += kls[i][j]
+        return tops
+
+    def _broadcast(self, st: _Rows, r: int, tok: int, feeds: list[list], rbs: list[list]) -> None:
+        st.resp[r] += self.main.codec.token_bytes(tok)
+        for i in range(len(self.members)):
+            tr = st.tracks[i][r]
+            if self.same_ids[i]:
+                tr.push_tokens([tok])
+                feeds[i].append([tok])
+                rbs[i].append(0)
+            else:
+                rb, new = tr.sync(follow_bytes(st.resp[r]))
+                feeds[i].append(new)
+                rbs[i].append(rb)
+
+    def _advance(self, states, live, keep, feeds, rbs):
+        """Drop finished rows from every member's state, then one batched feed per member."""
+        if len(keep) < len(live):
+            states = [m.select(s, keep) for m, s in zip(self.members, states)]
+            live = [live[j] for j in keep]
+        for m, s, f, rb in zip(self.members, states, feeds, rbs):
+            m.feed(s, f, rollback=rb)
+        return states, live
+
+    def _stats(self, st: _Rows, rs: list[int], counts: list[tuple[int, int]],
+               tokens_out: list[int]) -> list[MemberStats]:
+        """Statistics of original rows ``rs`` (one row, or all pairs of a labelled row)."""
+        n = sum(st.steps[r] for r in rs)
+        return [MemberStats(
+            name=m.name, role="main" if i == self.config.main else "member", weight=self.weights[i],
+            calls=counts[i][0], tokens_in=counts[i][1], tokens_out=tokens_out[i],
+            agreement=sum(st.agree[i][r] for r in rs) / n if n else None,
+            mean_kl=sum(st.kl[i][r] for r in rs) / n if n else None) for i, m in enumerate(self.members)]
+
+    def _tokens_out(self, st: _Rows, r: int) -> list[int]:
+        """Each member's token count for the whole response (the others re-tokenise its tail)."""
+        out = []
+        for i, tracks in enumerate(st.tracks):
+            if self.same_ids[i]:
+                out.append(len(st.out[r]))
+            else:
+                tracks[r].sync(follow_bytes(st.resp[r]))
+                out.append(len(tracks[r].ids))
+        return out
+
+    # ---- generate ---------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], params: DecodeParams | Sequence[DecodeParams]) -> list[FusedOutput]:
+        rows = per_row(params, len(prompts))
+        if not prompts:
+            return []
+        states = [m.start(list(prompts), [p.system for p in rows]) for m in self.members]
+        gens = [None if p.greedy else make_generator(p.seed, self.main.device) for p in rows]
+        st = _Rows(self, len(prompts))
+        outputs: list[FusedOutput | None] = [None] * len(prompts)
+        live = list(range(len(prompts)))
+        while live:
+            res = self.engine.fuse([s.logits for s in states])
+            picks = self._pick(res, [rows[r] for r in live], [gens[r] for r in live])
+            tops = self._record(st, res, live, picks, states)
+            feeds: list[list] = [[] for _ in self.members]
+            rbs: list[list] = [[] for _ in self.members]
+            keep: list[int] = []
+            for j, (r, tok) in enumerate(zip(live, picks)):
+                p, finish = rows[r], None
+                if self._is_stop_token(tok, tops, j):
+                    finish = FinishReason.STOP
+                else:
+                    st.out[r].append(tok)
+                    if p.stop and find_stop(self.main.decode(st.out[r]), p.stop) is not None:
+                        finish = FinishReason.STOP
+                    elif len(st.out[r]) >= p.max_new_tokens:
+                        finish = FinishReason.LENGTH
+                    if finish is not None:
+                        st.resp[r] += self.main.codec.token_bytes(tok)
+                if finish is None:
+                    keep.append(j)
+                    self._broadcast(st, r, tok, feeds, rbs)
+                    continue
+                text = self.main.decode(st.out[r])
+                cut = find_stop(text, p.stop) if p.stop else None
+                counts = [(s.calls[j], s.tokens_in[j]) for s in states]
+                outputs[r] = FusedOutput(
+                    text=text if cut is None else text[:cut], token_count=len(st.out[r]), finish_reason=finish,
+                    member_stats=self._stats(st, [r], counts, self._tokens_out(st, r)))
+            if not keep:
+                break
+            states, live = self._advance(states, live, keep, feeds, rbs)
+        return outputs  # type: ignore[return-value]
+
+    # ---- label ------------------------------------------------------------------------------------
+    def label(self, prompts: Sequence[str], choices: Sequence[Sequence[str]],
+              systems: Sequence[str | None] | None = None) -> list[LabelOutput]:
+        check_choices(choices, len(prompts))
+        pairs = [(b, c) for b in range(len(prompts)) for c in range(len(choices[b]))]
+        forced = [self.main.encode_text(choices[b][c]) for b, c in pairs]
+        for (b, c), toks in zip(pairs, forced):
+            if not toks:
+                raise ValueError(f"choice {c} of row {b} encodes to no tokens: {choices[b][c]!r}")
+        states = [m.start(list(prompts), list(systems) if systems else None) for m in self.members]
+        n_prompt = [list(s.n_prompt) for s in states]
+        states = [m.select(s, [b for b, _ in pairs]) for m, s in zip(self.members, states)]
+        st = _Rows(self, len(pairs))
+        score = [0.0] * len(pairs)
+        counters = [[(0, 0)] * len(self.members) for _ in pairs]
+        live, pos = list(range(len(pairs))), 0
+        while live:
+            extra = torch.tensor([forced[p][pos] for p in live], device=self.main.device)
+            res = self.engine.fuse([s.logits for s in states], extra=extra)
+            hit = (res.cand == extra[:, None]) & res.valid[:, : res.cand.shape[1]]  # (B, k)
+            at = hit.to(torch.int8).argmax(dim=-1, keepdim=True)  # (B, 1)
+            lp = res.logprobs().gather(1, at)[:, 0].tolist()
+            self._record(st, res, live, extra.tolist(), states)
+            pos += 1
+            feeds: list[list] = [[] for _ in self.members]
+            rbs: list[list] = [[] for _ in self.members]
+            keep = []
+            for j, p in enumerate(live):
+                score[p] += lp[j]
+                if pos < len(forced[p]):
+                    keep.append(j)
+                    self._broadcast(st, p, forced[p][pos - 1], feeds, rbs)
+                else:
+                    counters[p] = [(s.calls[j], s.tokens_in[j]) for s in states]
+            if not keep:
+                break
+            states, live = self._advance(states, live, keep, feeds, rbs)
+        return [self._label_row(b, choices[b], pairs, score, counters, st, n_prompt) for b in range(len(prompts))]
+
+    def _label_row(self, b, cs, pairs, score, counters, st, n_prompt) -> LabelOutput:
+        mine = [p for p, (pb, _) in enumerate(pairs) if pb == b]
+        probs = normalise_log_scores([score[p] for p in mine])
+        best = max(range(len(cs)), key=lambda i: (probs[i], -i))
+        counts = []
+        for i in range(len(self.members)):  # every forward covers all of a row's live choices at once
+            calls = max(counters[p][i][0] for p in mine)
+            tin = n_prompt[i][b] + sum(counters[p][i][1] - n_prompt[i][b] for p in mine)
+            counts.append((calls, tin))
+        stats = self._stats(st, mine, counts, [0] * len(self.members))
+        return LabelOutput(label=cs[best], probs=probs, member_stats=stats)
+
+    # ---- slow oracle ------------------------------------------------------------------------------
+    def greedy_uncached(self, prompt: str, max_new_tokens: int, system: str | None = None, *,
+                        cache_main: bool = False) -> list[int]:
+        """Greedy DeePEn for one prompt, re-encoding every member's whole sequence each step (the
+        reference code's structure). With ``cache_main`` the main member keeps a KV cache (as the
+        reference's ``generate`` does) and only the other members are re-encoded."""
+        ms, main_i = self.members, self.config.main
+        prompt_ids = [m.encode_prompt(prompt, system) for m in ms]
+        state = self.main.start_ids([prompt_ids[main_i]]) if cache_main else None
+        out: list[int] = []
+        resp = b""
+        for _ in range(max_new_tokens):
+            logits = []
+            for i, m in enumerate(ms):
+                if i == main_i and state is not None:
+                    logits.append(state.logits)
+                    continue
+                if self.same_ids[i]:
+                    ids = prompt_ids[i] + out
+                else:
+                    ids = prompt_ids[i] + m.encode_text(complete_utf8_prefix(follow_bytes(resp)).decode("utf-8"))
+                logits.append(next_logits_uncached(m, ids)[None])
+            res = self.engine.fuse(logits)
+            tok = int(res.greedy()[0])
+            tops = [[int(lg[0].argmax())] for lg in logits]
+            if self._is_stop_token(tok, tops, 0):
+                break
+            out.append(tok)
+            resp += self.main.codec.token_bytes(tok)
+            if state is not None:
+                self.main.feed(state, [[tok]])
+        return out
