@@ -220,7 +220,18 @@ def spark_session(cfg: JobConfig):
         builder = builder.master("local[*]")
     builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", str(max(cfg.batch_size, 64)))
     builder = builder.config("spark.ui.showConsoleProgress", "false")
+    use_driver_python(cfg.master)
     return builder.getOrCreate()
+
+
+def use_driver_python(master: str | None) -> None:
+    """Local mode runs Python workers on this machine: unless the user chose an interpreter
+    (PYSPARK_PYTHON), use the one running the driver, so workers see the same packages (the bare
+    `python3` on PATH usually lacks pyarrow and torch). PySpark reads only the environment here."""
+    import os
+
+    if not os.environ.get("PYSPARK_PYTHON") and (master or ("" if _submitted() else "local")).startswith("local"):
+        os.environ["PYSPARK_PYTHON"] = sys.executable
 
 
 def _submitted() -> bool:

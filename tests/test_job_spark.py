@@ -18,6 +18,9 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow]
 def spark():
     from pyspark.sql import SparkSession
 
+    from jobs.fuse import use_driver_python
+
+    use_driver_python("local[2]")
     s = (SparkSession.builder.master("local[2]").appName("test-job")
          .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4").getOrCreate())
     yield s
