@@ -123,11 +123,14 @@ class RowSource:
             fresh = self.compute(ids[miss_pos])  # (m, A)
             out[miss_pos] = fresh
             room = self.capacity - len(hit_pos)  # never evict a row this call uses
-            for j in range(max(0, len(miss_pos) - room), len(miss_pos)):
-                self._store(toks[miss_pos[j]], fresh[j])
+            keep = list(range(max(0, len(miss_pos) - room), len(miss_pos)))
+            if keep:
+                slots = [self._claim(toks[miss_pos[j]]) for j in keep]
+                self._cache[slots] = fresh[keep]  # one copy for all new rows
         return out
 
-    def _store(self, tok: int, row: torch.Tensor) -> None:
+    def _claim(self, tok: int) -> int:
+        """A cache slot for ``tok``: a free one (growing the slab up to the capacity) or the LRU one."""
         if len(self._slot) < self.capacity:
             slot = len(self._slot)
             if slot >= self._cache.shape[0]:  # grow the slab geometrically up to the capacity
@@ -137,8 +140,8 @@ class RowSource:
                 self._cache = slab
         else:
             _, slot = self._slot.popitem(last=False)
-        self._cache[slot] = row
         self._slot[tok] = slot
+        return slot
 
     def dense(self, max_bytes: int = 1 << 30) -> torch.Tensor:
         """The whole ``(V, A)`` matrix (the reference path; small vocabularies only)."""

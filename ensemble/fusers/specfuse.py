@@ -168,6 +168,8 @@ class SpecFuse:
     def generate(self, prompts: Sequence[str], params: DecodeParams | Sequence[DecodeParams]) -> list[FusedOutput]:
         n = len(self._members)
         rows = [self._new_row(p) for p in per_row(params, len(prompts))]
+        if not rows:
+            return []
         systems = [r.params.system for r in rows]
         states: list[RowBatch | None] = [m.start(list(prompts), systems) for m in self._members]
         where: list[list[int]] = [list(range(len(rows))) for _ in range(n)]  # state row -> prompt row
@@ -353,6 +355,8 @@ class SpecFuse:
         systems: Sequence[str | None] | None = None,
     ) -> list[LabelOutput]:
         check_choices(choices, len(prompts))
+        if not prompts:
+            return []
         per_member: list[list[list[float]]] = []  # [member][row][choice] mean token probability
         stats: list[list[MemberStats]] = [[] for _ in prompts]
         for i, m in enumerate(self._members):
