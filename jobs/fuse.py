@@ -98,7 +98,7 @@ def _task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir: str
     from pyspark import TaskContext
 
     from jobs.partition import process_partition
-    from jobs.runtime import build_fuser, task_device
+    from jobs.runtime import build_fuser, pin_threads, task_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = TaskContext.get()
@@ -106,6 +106,8 @@ def _task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir: str
     inputs = list(batches)  # prompts are small; knowing the total lets us log progress
     total = sum(b.num_rows for b in inputs)
     device = task_device(config.device)
+    if device == "cpu":
+        pin_threads()
     make = functools.partial(build_fuser, config.fuser_settings(), device)
     out = process_partition(inputs, make_fuser=make, config=config)
     yield from commit_partition(out, data_dir=data_dir, partition=partition, total_rows=total,

@@ -29,6 +29,30 @@ def task_device(requested: str = "auto") -> str:
     return "cuda" if requested == "cuda" else "cpu"
 
 
+def task_threads() -> int | None:
+    """Torch CPU threads for the current task: ``spark.task.cpus`` (1 by default), so that the tasks
+    Spark runs side by side on an executor share its cores instead of oversubscribing them (two local
+    tasks with torch's default of one thread per core each ran slower than one). None outside Spark."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        return max(1, int(ctx.cpus())) if ctx is not None else None
+    except ImportError:
+        return None
+
+
+def pin_threads() -> None:
+    """Apply :func:`task_threads` to torch (once per worker; changing it later is harmless)."""
+    n = task_threads()
+    if n is not None:
+        import torch
+
+        if torch.get_num_threads() != n:
+            log.info("torch threads: %d -> %d (spark.task.cpus)", torch.get_num_threads(), n)
+            torch.set_num_threads(n)
+
+
 def build_fuser(settings: dict[str, Any], device: str):
     """Build (or reuse) the fuser described by ``settings`` on ``device``."""
     key = (tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())), device)

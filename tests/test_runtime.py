@@ -28,3 +28,24 @@ def test_gpu_discovery_script_prints_spark_json():
     out = subprocess.run(["bash", "scripts/getGpusResources.sh"], capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     assert data["name"] == "gpu" and isinstance(data["addresses"], list)
+
+
+def test_torch_threads_follow_task_cpus(monkeypatch):
+    import pyspark
+    import torch
+
+    from jobs.runtime import pin_threads, task_threads
+
+    assert task_threads() is None  # outside a Spark task nothing is changed
+
+    class Ctx:
+        def cpus(self):
+            return 1
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(pyspark.TaskContext, "get", staticmethod(lambda: Ctx()))
+    try:
+        pin_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
