@@ -61,7 +61,7 @@ class RowSource:
     """Relative rows of one member on demand, with an LRU cache of ``cache_rows`` rows."""
 
     def __init__(self, embeddings: torch.Tensor, anchor_ids: torch.Tensor, *, tau: float,
-                 cache_rows: int, chunk: int = 16):
+                 cache_rows: int, chunk: int = 64):
         emb = embeddings.detach()
         self.emb = emb  # (V, d): the model's own weight, not copied
         self.device = emb.device

@@ -48,6 +48,10 @@ class JobConfig:
     deepen_lr: float = 0.15
     deepen_steps: int = 5
     topk: int = 64
+    top_mass: float | None = 0.95
+    """DeePEn: cumulative-probability cut inside the top-k (None: keep all k)."""
+    anchor_subset: int | None = 8192
+    """DeePEn: use only this many anchors, the most frequent pieces (None: all shared tokens)."""
     segment_tokens: int = 10
     exit: bool = True
     exit_delta: float = 0.5
@@ -108,6 +112,10 @@ class JobConfig:
             raise bad("seed", "an integer in [0, 2**63-1]")
         if not (isinstance(self.deepen_lr, (int, float)) and self.deepen_lr >= 0):
             raise bad("deepen_lr", ">= 0")
+        if self.top_mass is not None and not (isinstance(self.top_mass, (int, float)) and 0 < self.top_mass <= 1):
+            raise bad("top_mass", "None or in (0, 1]")
+        if self.anchor_subset is not None and (not isinstance(self.anchor_subset, int) or self.anchor_subset < 1):
+            raise bad("anchor_subset", "None or an integer >= 1")
         if not (isinstance(self.exit_delta, (int, float)) and 0 <= self.exit_delta <= 1):
             raise bad("exit_delta", "in [0, 1]")
         if self.long_prompt not in LONG_PROMPT:
@@ -137,7 +145,7 @@ class JobConfig:
         if self.method != "single":
             keys += ["weights", "main"]
         if self.method == "deepen":
-            keys += ["deepen_lr", "deepen_steps", "topk"]
+            keys += ["deepen_lr", "deepen_steps", "topk", "top_mass", "anchor_subset"]
         if self.method == "specfuse":
             keys += ["segment_tokens", "exit", "exit_delta", "exit_min_rounds"]
         d = {k: getattr(self, k) for k in keys}
@@ -156,7 +164,7 @@ class JobConfig:
     def fuser_settings(self) -> dict[str, Any]:
         """What the fuser factory needs (picklable; no torch)."""
         return {k: getattr(self, k) for k in ("method", "members", "weights", "main", "deepen_lr", "deepen_steps",
-                                              "topk", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
+                                              "topk", "top_mass", "anchor_subset", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
                                               "dtype")}
 
     def to_json(self) -> str:

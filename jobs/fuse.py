@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepen-lr", dest="deepen_lr", type=float, default=S, help="DeePEn search lr (0.15)")
     g.add_argument("--deepen-steps", dest="deepen_steps", type=int, default=S, help="DeePEn search steps (5)")
     g.add_argument("--topk", type=int, default=S, help="DeePEn: tokens per distribution in relative space")
+    g.add_argument("--top-mass", dest="top_mass", type=float, default=S,
+                   help="DeePEn: keep the top-k tokens up to this cumulative probability")
+    g.add_argument("--anchor-subset", dest="anchor_subset", type=int, default=S,
+                   help="DeePEn: use only this many (most frequent) shared anchor tokens")
     g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
     g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
                    help="SpecFuse model exit (default on)")

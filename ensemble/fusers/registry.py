@@ -19,7 +19,8 @@ def make_fuser(settings: dict[str, Any], *, device: str | None = None):
 
         return DeePEn(members, main=settings.get("main", 0), weights=settings.get("weights"),
                       lr=settings.get("deepen_lr", 0.15), steps=settings.get("deepen_steps", 5),
-                      topk=settings.get("topk", 64))
+                      topk=settings.get("topk", 64), top_mass=settings.get("top_mass"),
+                      anchor_subset=settings.get("anchor_subset"))
     if method == "specfuse":
         from ensemble.fusers.specfuse import SpecFuse
 
