@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepen-lr", dest="deepen_lr", type=float, default=S, help="DeePEn search lr (0.15)")
     g.add_argument("--deepen-steps", dest="deepen_steps", type=int, default=S, help="DeePEn search steps (5)")
     g.add_argument("--topk", type=int, default=S, help="DeePEn: tokens per distribution in relative space")
-    g.add_argument("--top-mass", dest="top_mass", type=float, default=S,
-                   help="DeePEn: keep the top-k tokens up to this cumulative probability")
-    g.add_argument("--anchor-subset", dest="anchor_subset", type=int, default=S,
-                   help="DeePEn: use only this many (most frequent) shared anchor tokens")
+    g.add_argument("--top-mass", dest="top_mass", type=_optional(float), default=S,
+                   help="DeePEn: keep the top-k tokens up to this cumulative probability (0.95; none: all k)")
+    g.add_argument("--anchor-subset", dest="anchor_subset", type=_optional(int), default=S,
+                   help="DeePEn: use only this many most frequent shared anchors (8192; none: all)")
     g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
     g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
                    help="SpecFuse model exit (default on)")
@@ -214,6 +214,15 @@ def run(spark, cfg: JobConfig) -> RunResult:
     rows = sum(c["rows"] for c in commits)
     log.info("run %s: %d rows computed in %.1fs; output in %s", cfg.effective_run_id, rows, seconds, cfg.output)
     return result
+
+
+def _optional(kind):
+    """An argparse type accepting ``none`` for None."""
+    def parse(value: str):
+        return None if value.lower() == "none" else kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def spark_session(cfg: JobConfig):

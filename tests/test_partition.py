@@ -155,3 +155,18 @@ def test_fuser_is_built_once_per_worker(monkeypatch):
     assert runtime.build_fuser(dict(settings), "cpu") is first
     assert len(built) == 1
     runtime._FUSERS.clear()
+
+
+def test_deepen_approximation_flags():
+    from jobs.fuse import parse_config
+
+    base = ["--input", "i", "--output", "o", "--method", "deepen", "--members", "a", "b"]
+    cfg = parse_config(base)
+    assert (cfg.top_mass, cfg.anchor_subset) == (0.95, 8192)
+    exact = parse_config(base + ["--top-mass", "none", "--anchor-subset", "none"])
+    assert (exact.top_mass, exact.anchor_subset) == (None, None)
+    assert exact.config_hash != cfg.config_hash and exact.fuser_settings()["anchor_subset"] is None
+    with pytest.raises(ValueError, match="top_mass must be None or in"):
+        parse_config(base + ["--top-mass", "1.5"])
+    with pytest.raises(ValueError, match="anchor_subset must be None or an integer"):
+        parse_config(base + ["--anchor-subset", "0"])
