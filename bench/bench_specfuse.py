@@ -21,7 +21,6 @@ import argparse
 import importlib.resources
 import json
 import logging
-import re
 import statistics
 import sys
 import time
@@ -31,10 +30,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from ensemble import DecodeParams, load_member  # noqa: E402
 from ensemble.fusers.specfuse import SpecFuse  # noqa: E402
 from ensemble.segments import rank, segment_score, trim_to_word  # noqa: E402
+from tasks import gsm8k_correct  # noqa: E402
 
 log = logging.getLogger("bench.specfuse")
 TRIO = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m"]
@@ -50,21 +51,8 @@ def gsm8k(n: int) -> list[dict]:
              "answer": r["answer"]} for r in rows]
 
 
-_NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
-
-
-def extract_number(text: str) -> str | None:
-    """The number after 'answer is' if present, else the last number in the text."""
-    m = re.findall(rf"answer is[:\s]*({_NUM})", text, flags=re.I) or re.findall(_NUM, text)
-    if not m:
-        return None
-    s = m[-1].replace("$", "").replace(",", "").rstrip(".")
-    return s[:-2] if s.endswith(".0") else s
-
-
 def exact_match(text: str, answer: str) -> bool:
-    got = extract_number(text)
-    return got is not None and float(got) == float(answer.replace(",", ""))
+    return gsm8k_correct(text, answer)
 
 
 # ---- 1. model exit on vs off ---------------------------------------------------------------------
