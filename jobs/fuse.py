@@ -274,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_where(result: RunResult) -> None:
     rows = sum(c["rows"] for c in result.commits)
+    resumed = " (resumed: rows committed by an earlier run of this config were skipped)" if result.skipped_committed else ""
     sys.stdout.write(
-        f"\nWrote {rows} rows in {result.seconds:.0f}s to {result.data_dir}/ (Parquet)\n"
+        f"\nWrote {rows} rows in {result.seconds:.0f}s to {result.data_dir}/ (Parquet){resumed}\n"
         f"Report: {result.output}/report.md   Summary: {result.output}/summary.parquet\n"
         f"Read it: python -c \"import pyarrow.parquet as pq; "
         f"print(pq.read_table('{result.data_dir}').to_pandas()[['id','status','text','label']])\"\n"
