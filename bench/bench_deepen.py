@@ -15,7 +15,7 @@ Gemma-3-270M), CPU, greedy, 8 prompts x 64 new tokens, all in one run:
 5. anchor subset: the recorded steps replayed with every shared anchor, same greedy token as the run.
 
     python bench/bench_deepen.py [--prompts 8] [--max-new-tokens 64] [--repeats 1] [--ref-prompts 2]
-                                 [--slice-top 128] [--topk 64] [--top-mass 0.95|none] [--anchor-subset 8192|none]
+                                 [--slice-top 128] [--topk 64] [--top-mass 0.95|none] [--anchor-subset N]
 
 Writes bench/results/deepen.json and deepen.md and prints the table. Times are wall-clock on a
 shared machine: compare ratios inside one run, never absolute times.
@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--slice-top", type=int, default=128)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--top-mass", type=_opt(float), default=0.95, help="'none': keep all top-k")
-    ap.add_argument("--anchor-subset", type=_opt(int), default=8192, help="'none': all shared anchors")
+    ap.add_argument("--anchor-subset", type=_opt(int), default=None, help="default: all shared anchors")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

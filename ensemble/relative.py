@@ -46,6 +46,7 @@ def find_anchors(
     """
     canon = [canonical_strings(t) for t in tokenizers]
     common = sorted(set(canon[0]).intersection(*canon[1:]))
+    shared = len(common)
     if subset is not None and subset < len(common):
         common = sorted(sorted(common, key=lambda s: (max(c[s] for c in canon), s))[:subset])
     if len(common) < min_anchors:
@@ -53,7 +54,7 @@ def find_anchors(
             f"only {len(common)} anchor tokens are shared by members {list(names)} after canonicalisation; "
             f"need at least min_anchors={min_anchors}"
         )
-    log.info("DeePEn anchors: %d canonical tokens shared by %s", len(common), list(names))
+    log.info("DeePEn anchors: %d canonical tokens shared by %s; using %d", shared, list(names), len(common))
     return common, [torch.tensor([c[s] for s in common], dtype=torch.long) for c in canon]
 
 

@@ -50,7 +50,7 @@ class JobConfig:
     topk: int = 64
     top_mass: float | None = 0.95
     """DeePEn: cumulative-probability cut inside the top-k (None: keep all k)."""
-    anchor_subset: int | None = 8192
+    anchor_subset: int | None = None
     """DeePEn: use only this many anchors, the most frequent pieces (None: all shared tokens)."""
     segment_tokens: int = 10
     exit: bool = True

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-mass", dest="top_mass", type=_optional(float), default=S,
                    help="DeePEn: keep the top-k tokens up to this cumulative probability (0.95; none: all k)")
     g.add_argument("--anchor-subset", dest="anchor_subset", type=_optional(int), default=S,
-                   help="DeePEn: use only this many most frequent shared anchors (8192; none: all)")
+                   help="DeePEn: use only this many shared anchors (default none: all)")
     g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
     g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
                    help="SpecFuse model exit (default on)")

@@ -22,8 +22,9 @@ def pair():
 def test_fused_text_is_coherent_with_a_262k_vocabulary(pair, caplog):
     with caplog.at_level(logging.INFO, logger="ensemble.relative"):
         fuser = DeePEn(pair)
-    anchors = [int(m.group(1)) for r in caplog.records if (m := re.search(r"DeePEn anchors: (\d+)", r.message))]
-    assert anchors and anchors[0] > 30_000  # tens of thousands of shared canonical tokens
+    found = [m for r in caplog.records if (m := re.search(r"DeePEn anchors: (\d+) .*; using (\d+)", r.message))]
+    assert found and int(found[0].group(1)) > 30_000  # tens of thousands of shared canonical tokens
+    assert int(found[0].group(2)) == int(found[0].group(1)) == fuser.engine.sources[0].n_anchors  # all of them
     outs = fuser.generate(PROMPTS, DecodeParams(max_new_tokens=16))
     assert "Paris" in outs[0].text
     for out in outs:

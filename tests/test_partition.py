@@ -162,10 +162,11 @@ def test_deepen_approximation_flags():
 
     base = ["--input", "i", "--output", "o", "--method", "deepen", "--members", "a", "b"]
     cfg = parse_config(base)
-    assert (cfg.top_mass, cfg.anchor_subset) == (0.95, 8192)
-    exact = parse_config(base + ["--top-mass", "none", "--anchor-subset", "none"])
-    assert (exact.top_mass, exact.anchor_subset) == (None, None)
-    assert exact.config_hash != cfg.config_hash and exact.fuser_settings()["anchor_subset"] is None
+    assert (cfg.top_mass, cfg.anchor_subset) == (0.95, None)
+    exact = parse_config(base + ["--top-mass", "none", "--anchor-subset", "8192"])
+    assert (exact.top_mass, exact.anchor_subset) == (None, 8192)
+    assert exact.config_hash != cfg.config_hash and exact.fuser_settings()["anchor_subset"] == 8192
+    assert parse_config(base + ["--anchor-subset", "none"]).anchor_subset is None
     with pytest.raises(ValueError, match="top_mass must be None or in"):
         parse_config(base + ["--top-mass", "1.5"])
     with pytest.raises(ValueError, match="anchor_subset must be None or an integer"):

@@ -69,10 +69,11 @@ class DeePEnConfig:
     """AdamW weight decay of the search."""
     min_anchors: int = 100
     """Fewer shared anchor tokens than this is an error."""
-    anchor_subset: int | None = 8192
-    """Use only this many anchors (those with the smallest ids, i.e. most frequent pieces); None: all.
-    The packaged trio shares ~38k; 8192 makes row computation ~4.7x cheaper and the row caches ~4.7x
-    smaller. bench/bench_deepen.py reports how often the chosen token matches all anchors."""
+    anchor_subset: int | None = None
+    """Use only this many anchors (those with the smallest ids over the members); None: all (default).
+    Cheaper rows, but measured harmful: with SmolLM2 + Gemma-3, 8192 or 16384 anchors turned "The
+    capital of France is Paris." into a repetition loop (bench/bench_deepen.py reports the subset's
+    agreement with all anchors when one is set)."""
     row_cache_size: int = 1024
     """Relative rows kept per member (LRU); each row holds |A| floats."""
     eos_policy: EosPolicy = EosPolicy.MAIN
