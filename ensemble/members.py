@@ -185,16 +185,11 @@ class Member:
             for b, r in enumerate(rollback):
                 if r <= 0:
                     continue
-                n_resp = len(state.ids[b]) - state.n_prompt[b]
-                if r > n_resp:
-                    raise ValueError(f"row {b}: cannot roll back {r} tokens, only {n_resp} response tokens")
+                _check_drop(state, b, r, "roll back")
                 if not new[b]:  # the logits after the kept prefix are not stored: re-feed its last token
                     r += 1
                     new[b] = [state.ids[b][-r]]
-                live = torch.nonzero(state.mask[b]).squeeze(-1)  # (live,)
-                state.mask[b, live[-r:]] = 0
-                state.next_pos[b] -= r
-                del state.ids[b][-r:]
+                _drop_live(state, b, r)
         lens = [len(t) for t in new]
         T = max(lens, default=0)
         if T == 0:
@@ -246,13 +241,8 @@ class Member:
         for b, r in enumerate(counts):
             if r <= 0:
                 continue
-            n_resp = len(state.ids[b]) - state.n_prompt[b]
-            if r > n_resp:
-                raise ValueError(f"row {b}: cannot rewind {r} tokens, only {n_resp} response tokens")
-            live = torch.nonzero(state.mask[b]).squeeze(-1)  # (live,)
-            state.mask[b, live[-r:]] = 0
-            state.next_pos[b] -= r
-            del state.ids[b][-r:]
+            _check_drop(state, b, r, "rewind")
+            _drop_live(state, b, r)
         dropped = torch.tensor([r > 0 for r in counts], device=self.device)  # (B,)
         state.logits = torch.where(dropped[:, None], logits.to(state.logits.dtype), state.logits)  # (B, V)
 
@@ -298,3 +288,19 @@ class Member:
             state.calls[b] += 1
             state.tokens_in[b] += sum(max(len(t) - 1, 0) for t in conts[b])
         return result
+
+
+def _check_drop(state: RowBatch, b: int, r: int, verb: str) -> None:
+    """Only response tokens may be dropped from row ``b``."""
+    n_resp = len(state.ids[b]) - state.n_prompt[b]
+    if r > n_resp:
+        raise ValueError(f"row {b}: cannot {verb} {r} tokens, only {n_resp} response tokens")
+
+
+def _drop_live(state: RowBatch, b: int, r: int) -> None:
+    """Forget row ``b``'s last ``r`` live tokens: their KV slots are masked out (the cache keeps them
+    as dead entries) and the next position moves back."""
+    live = torch.nonzero(state.mask[b]).squeeze(-1)  # (live,)
+    state.mask[b, live[-r:]] = 0
+    state.next_pos[b] -= r
+    del state.ids[b][-r:]
