@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from ensemble import DecodeParams, load_member  # noqa: E402
 from ensemble.fusers.deepen import DeePEn  # noqa: E402
+from jobs.fuse import optional_arg as optional  # noqa: E402
 from ensemble.relative import (  # noqa: E402
     RelativeEnsemble, RowSource, aggregate, find_anchors, inverse_search, masked_softmax, mix)
 
@@ -198,10 +199,6 @@ def dense_slice_agreement(members, cfg, steps, slice_top: int) -> dict:
             "sparse_slice_vs_full_logits": same_full / total}
 
 
-def _opt(kind):
-    return lambda v: None if v.lower() == "none" else kind(v)
-
-
 @torch.no_grad()
 def anchors_agreement(members, cfg, steps) -> dict:
     """The recorded steps replayed with every shared anchor: same greedy token as the run's config."""
@@ -221,8 +218,8 @@ def main() -> None:
     ap.add_argument("--ref-prompts", type=int, default=2)
     ap.add_argument("--slice-top", type=int, default=128)
     ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--top-mass", type=_opt(float), default=0.95, help="'none': keep all top-k")
-    ap.add_argument("--anchor-subset", type=_opt(int), default=None, help="default: all shared anchors")
+    ap.add_argument("--top-mass", type=optional(float), default=0.95, help="'none': keep all top-k")
+    ap.add_argument("--anchor-subset", type=optional(int), default=None, help="default: all shared anchors")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepen-lr", dest="deepen_lr", type=float, default=S, help="DeePEn search lr (0.15)")
     g.add_argument("--deepen-steps", dest="deepen_steps", type=int, default=S, help="DeePEn search steps (5)")
     g.add_argument("--topk", type=int, default=S, help="DeePEn: tokens per distribution in relative space")
-    g.add_argument("--top-mass", dest="top_mass", type=_optional(float), default=S,
+    g.add_argument("--top-mass", dest="top_mass", type=optional_arg(float), default=S,
                    help="DeePEn: keep the top-k tokens up to this cumulative probability (0.95; none: all k)")
-    g.add_argument("--anchor-subset", dest="anchor_subset", type=_optional(int), default=S,
+    g.add_argument("--anchor-subset", dest="anchor_subset", type=optional_arg(int), default=S,
                    help="DeePEn: use only this many shared anchors (default none: all)")
     g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
     g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
@@ -216,7 +216,7 @@ def run(spark, cfg: JobConfig) -> RunResult:
     return result
 
 
-def _optional(kind):
+def optional_arg(kind):
     """An argparse type accepting ``none`` for None."""
     def parse(value: str):
         return None if value.lower() == "none" else kind(value)
