@@ -243,3 +243,29 @@ def publish(output: str, date: str, **context: Any) -> dict[str, Any]:
         context["outlet_events"][outlet].extra = extra
     log.info("published %s", extra)
     return extra
+
+
+# ---- The DAG ---------------------------------------------------------------------------------------
+def fuse_dag(*, dag_id: str, description: str, mode: str, params: dict[str, Param], asset: Any,
+             tags: list[str], doc_md: str | None):
+    """The shape every ensemble DAG has: plan >> fuse (SparkSubmitOperator) >> publish (the Asset).
+
+    ``mode`` is the job's ``--mode`` (label | generate). The Spark task retries: the job is
+    idempotent and resumes the partition's committed rows; plan and publish do not.
+    """
+    from datetime import timedelta
+
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+    from airflow.sdk import DAG
+
+    with DAG(dag_id=dag_id, description=description, schedule="@daily", start_date=datetime(2025, 1, 1),
+             catchup=False, max_active_runs=1, params=params, tags=tags, doc_md=doc_md) as dag:
+        submission = plan(mode=mode)
+        fuse = SparkSubmitOperator(
+            task_id="fuse", conn_id="spark_default", application=submission["application"],
+            application_args=submission["args"], conf=submission["conf"], env_vars=submission["env"],
+            retries=2, retry_delay=timedelta(minutes=1), name=submission["name"],
+        )
+        published = publish.override(outlets=[asset])(submission["output"], submission["ds"])
+        submission >> fuse >> published
+    return dag
