@@ -56,7 +56,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error", pa.string()),  # reason, null when ok
         pa.field("token_count", pa.int32()),
-        pa.field("latency_ms", pa.float64()),  # fuser time of the row's micro-batch, per row
+        pa.field("latency_ms", pa.float64()),  # fuser wall time of the row's micro-batch (shared by its rows)
         pa.field("seed", pa.int64()),
         pa.field("config_hash", pa.string(), nullable=False),
         pa.field("schema_version", pa.int32(), nullable=False),
