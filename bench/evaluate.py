@@ -102,32 +102,83 @@ def run_system(name: str, flags: list[str], input_path: Path, work: Path, gen_to
     return out, wall
 
 
-def score(out_dir: Path, rows: list[dict]) -> dict[str, dict]:
-    """Per task: accuracy, errors, calls per item, mean ms per item, from the job's Parquet."""
+def outcomes(out_dir: Path, rows: list[dict]) -> dict[str, dict]:
+    """Per input row id: ``answer`` (label, or GSM8K final number), ``correct``, ``calls``, ``ms``
+    (the row's share of its micro-batch time), ``error`` (None when ok), from the job's Parquet."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(out_dir / "data").to_pylist()
     got = {r["id"]: r for r in table if r["sample"] == 0}
     # latency_ms is the fuser time of the row's whole micro-batch: a row's share is that over its rows.
     batch_rows = collections.Counter(r["latency_ms"] for r in table if r["latency_ms"] is not None)
-    per: dict[str, dict] = {}
+    out = {}
     for row in rows:
-        t = row["task"]
-        d = per.setdefault(t, {"n": 0, "correct": 0, "errors": 0, "calls": [], "ms": []})
-        d["n"] += 1
         r = got.get(row["id"])
         if r is None:
             raise RuntimeError(f"{out_dir}: row {row['id']!r} missing from the job's output")
         if r["status"] != "ok":
-            d["errors"] += 1
+            out[row["id"]] = {"answer": None, "correct": False, "calls": None, "ms": None, "error": r["error"]}
             continue
-        ok = r["label"] == row["gold"] if "choices" in row else tasks.gsm8k_correct(r["text"], row["gold"])
-        d["correct"] += int(ok)
-        d["calls"].append(sum(m["calls"] or 0 for m in r["member_stats"] or []))
-        d["ms"].append(r["latency_ms"] / batch_rows[r["latency_ms"]])
-    return {t: {"n": d["n"], "accuracy": d["correct"] / d["n"], "errors": d["errors"],
-                "calls_per_item": statistics.fmean(d["calls"]) if d["calls"] else None,
-                "ms_per_item": statistics.fmean(d["ms"]) if d["ms"] else None} for t, d in per.items()}
+        if "choices" in row:
+            answer, ok = r["label"], r["label"] == row["gold"]
+        else:
+            answer, ok = tasks.final_number(r["text"] or ""), tasks.gsm8k_correct(r["text"], row["gold"])
+        out[row["id"]] = {"answer": answer, "correct": ok, "error": None,
+                          "calls": sum(m["calls"] or 0 for m in r["member_stats"] or []),
+                          "ms": r["latency_ms"] / batch_rows[r["latency_ms"]]}
+    return out
+
+
+def aggregate(per_row: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
+    """Per task: accuracy (errors count as wrong), errors, calls per item, ms per item."""
+    per: dict[str, list[dict]] = {}
+    for row in rows:
+        per.setdefault(row["task"], []).append(per_row[row["id"]])
+    res = {}
+    for t, items in per.items():
+        ok = [o for o in items if o["error"] is None]
+        res[t] = {"n": len(items), "accuracy": sum(o["correct"] for o in items) / len(items),
+                  "errors": len(items) - len(ok),
+                  "calls_per_item": statistics.fmean(o["calls"] for o in ok) if ok else None,
+                  "ms_per_item": statistics.fmean(o["ms"] for o in ok) if ok else None}
+    return res
+
+
+def score(out_dir: Path, rows: list[dict]) -> dict[str, dict]:
+    """Per task: accuracy, errors, calls per item, mean ms per item, from the job's Parquet."""
+    return aggregate(outcomes(out_dir, rows), rows)
+
+
+def member_baselines(per_system: dict[str, dict[str, dict]], rows: list[dict]) -> dict[str, dict[str, float]]:
+    """What the single members' own outputs allow, per task, without any fusion:
+    ``vote`` = accuracy of a majority vote of the members' answers (ties: the earliest member's
+    answer), ``oracle`` = share of items at least one member got right (the ceiling of any selector)."""
+    singles = [s for s in SINGLES if s in per_system]
+    if not singles:
+        return {}
+    acc: dict[str, dict[str, list[bool]]] = {}
+    for row in rows:
+        outs = [per_system[s][row["id"]] for s in singles]
+        answers = [o["answer"] for o in outs if o["answer"] is not None]
+        counts = collections.Counter(answers)
+        vote = max(answers, key=lambda a: (counts[a], -answers.index(a))) if answers else None
+        right = vote == row["gold"] if "choices" in row else tasks.gsm8k_correct(vote, row["gold"])
+        d = acc.setdefault(row["task"], {"vote": [], "oracle": []})
+        d["vote"].append(vote is not None and right)
+        d["oracle"].append(any(o["correct"] for o in outs))
+    return {t: {k: sum(v) / len(v) for k, v in d.items()} for t, d in acc.items()}
+
+
+def member_agreement(per_system: dict[str, dict[str, dict]], rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per task, how often two single members give the same answer (``bench/compat.py``'s measure)."""
+    import compat
+
+    singles = [s for s in SINGLES if s in per_system]
+    out = {}
+    for t in dict.fromkeys(r["task"] for r in rows):
+        ids = [r["id"] for r in rows if r["task"] == t]
+        out[t] = compat.pairwise_agreement({s: [per_system[s][i]["answer"] for i in ids] for s in singles})
+    return out
 
 
 def add_time_ratios(results: dict[str, dict[str, dict]]) -> None:
@@ -238,23 +289,34 @@ def main(argv: list[str] | None = None) -> int:
     keep = ("id", "prompt", "choices", "max_new_tokens")
     input_path.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in rows))
 
-    results, walls = {}, {}
+    results, walls, per_row = {}, {}, {}
     for name, flags in systems.items():
         out, walls[name] = run_system(name, flags, input_path, work, args.gen_tokens, args.batch_size)
-        results[name] = score(out, rows)
+        per_row[name] = outcomes(out, rows)
+        results[name] = aggregate(per_row[name], rows)
         log.info("%s: %s", name, {t: round(v["accuracy"], 3) for t, v in results[name].items()})
     add_time_ratios(results)
+    baselines, agreement = member_baselines(per_row, rows), member_agreement(per_row, rows)
 
     md = [f"Split **{args.split}**: " + ", ".join(f"{t} {results[next(iter(results))][t]['n']} items"
                                                   for t in task_names)
           + f"; GSM8K {args.gen_tokens} new tokens, greedy. Bold: above the best single member on that task.",
           "", table(results, task_names), "", "Per task: member calls per item / time per item as a ratio to "
           "the fastest single member.", "", per_task_costs(results, task_names), ""]
+    if baselines:
+        md += ["Without fusion, from the members' own answers: majority vote of the members (ties: the "
+               "earliest member) and the oracle (any member right).", "",
+               "| | " + " | ".join(task_names) + " |", "|" + "---|" * (len(task_names) + 1),
+               "| member vote | " + " | ".join(f"{baselines[t]['vote']:.3f}" for t in task_names) + " |",
+               "| oracle | " + " | ".join(f"{baselines[t]['oracle']:.3f}" for t in task_names) + " |", "",
+               "Pairwise agreement of the members' answers: " + "; ".join(
+                   f"{t}: " + ", ".join(f"{k} {v:.2f}" for k, v in agreement[t].items()) for t in task_names), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
          "systems": {k: shlex.join(v) for k, v in systems.items()}, "results": results,
-         "job_wall_s": walls}, indent=1))
+         "member_baselines": baselines, "member_agreement": agreement, "job_wall_s": walls,
+         "answers": {name: {i: o["answer"] for i, o in pr.items()} for name, pr in per_row.items()}}, indent=1))
     args.out.with_suffix(".md").write_text("\n".join(md))
     plot(results, task_names, args.out.with_suffix(".png"))
     sys.stdout.write("\n".join(md))

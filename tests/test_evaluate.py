@@ -80,3 +80,20 @@ def test_eval_runs_a_member_through_the_job(tmp_path):
     assert res["boolq"]["n"] == 2 and res["gsm8k"]["n"] == 1
     assert res["boolq"]["errors"] == 0 and res["boolq"]["calls_per_item"] >= 1 and res["boolq"]["time_ratio"] == 1.0
     assert "| smollm2 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_member_vote_oracle_and_agreement_from_the_members_answers():
+    rows = [{"id": f"a/{i}", "task": "a", "choices": ["x", "y", "z"], "gold": g} for i, g in enumerate("xyz")]
+    rows.append({"id": "g/0", "task": "g", "gold": "7"})
+
+    def o(answer, gold):
+        return {"answer": answer, "correct": answer == gold, "error": None, "calls": 1, "ms": 1.0}
+    answers = {"smollm2": "xzx7", "qwen": "xyy7", "gemma": "yzz3"}  # per row: a/0, a/1, a/2, g/0
+    per = {s: {r["id"]: o(a, r["gold"]) for r, a in zip(rows, ans)} for s, ans in answers.items()}
+    base = ev.member_baselines(per, rows)
+    # a/0: vote x (right); a/1: vote z (wrong, qwen right); a/2: x,y,z tie -> smollm2 x (wrong, gemma right)
+    assert base["a"] == {"vote": pytest.approx(1 / 3), "oracle": 1.0}
+    assert base["g"] == {"vote": 1.0, "oracle": 1.0}
+    agree = ev.member_agreement(per, rows)
+    assert agree["a"] == {"smollm2|qwen": pytest.approx(1 / 3), "smollm2|gemma": pytest.approx(1 / 3),
+                          "qwen|gemma": 0.0}
