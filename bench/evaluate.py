@@ -287,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     input_path = work / "input.jsonl"
     keep = ("id", "prompt", "choices", "max_new_tokens")
-    input_path.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in rows))
+    text = "".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in rows)
+    if input_path.exists() and input_path.read_text() != text:
+        # the job resumes by row id: stale outputs of other prompts would be scored as these rows'
+        raise SystemExit(f"{work} holds outputs for different input rows: delete it or pass another --work")
+    input_path.write_text(text)
 
     results, walls, per_row = {}, {}, {}
     for name, flags in systems.items():
