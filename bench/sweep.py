@@ -1,12 +1,13 @@
 """Settings sweep on the DEV split (disjoint from the reported test subset): which DeePEn / SpecFuse
 settings help the packaged trio on the labeling tasks?
 
-    python bench/sweep.py [--n-dev 15] [--out bench/results/sweep]
+    python bench/sweep.py [--n-dev 10] [--out bench/results/sweep]
 
 1. Each member alone on the dev items (``bench/evaluate.py --split dev``): dev accuracy per member,
    averaged over tasks, gives DeePEn-Adapt weights (``bench/compat.adapt_weights``).
 2. The trio under DeePEn with the defaults, each member as the main model, the adapt weights, a
-   smaller and a larger search lr and a smaller top-k; SpecFuse with uniform and adapt weights.
+   larger search lr, and the whole top-k (64) instead of the 0.95-mass cut; SpecFuse with uniform
+   and adapt weights.
 
 Everything runs through the job (``bench/evaluate.py`` with ``--extra`` systems) and is written to
 ``<out>.json`` / ``<out>.md`` / ``<out>.png``; the adapt weights are printed as a job flag.
@@ -41,9 +42,8 @@ def variants(weights: list[float]) -> dict[str, str]:
         "deepen trio main=qwen": f"{deepen} --main 1",
         "deepen trio main=gemma": f"{deepen} --main 2",
         "deepen trio adapt weights": f"{deepen} --weights {w}",
-        "deepen trio lr 0.05": f"{deepen} --deepen-lr 0.05",
         "deepen trio lr 0.5": f"{deepen} --deepen-lr 0.5",
-        "deepen trio topk 16": f"{deepen} --topk 16",
+        "deepen trio top-mass none": f"{deepen} --top-mass none",
         "specfuse trio": f"--method specfuse --members {TRIO}",
         "specfuse trio adapt weights": f"--method specfuse --members {TRIO} --weights {w}",
     }
@@ -51,7 +51,7 @@ def variants(weights: list[float]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-dev", type=int, default=15, help="dev items per labeling task")
+    ap.add_argument("--n-dev", type=int, default=10, help="dev items per labeling task")
     ap.add_argument("--tasks", nargs="+", default=["arc_challenge", "piqa", "boolq"])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sweep")
     args = ap.parse_args(argv)
