@@ -52,6 +52,8 @@ class JobConfig:
     """DeePEn: cumulative-probability cut inside the top-k (None: keep all k)."""
     anchor_subset: int | None = None
     """DeePEn: use only this many anchors, the most frequent pieces (None: all shared tokens)."""
+    label_norm: str = "sum"
+    """DeePEn labeling: 'sum' (algorithms.md) or 'mean' (length-normalised) fused log-probability of a choice."""
     segment_tokens: int = 10
     exit: bool = True
     exit_delta: float = 0.5
@@ -112,6 +114,8 @@ class JobConfig:
             raise bad("seed", "an integer in [0, 2**63-1]")
         if not (isinstance(self.deepen_lr, (int, float)) and self.deepen_lr >= 0):
             raise bad("deepen_lr", ">= 0")
+        if self.label_norm not in ("sum", "mean"):
+            raise bad("label_norm", "'sum' or 'mean'")
         if self.top_mass is not None and not (isinstance(self.top_mass, (int, float)) and 0 < self.top_mass <= 1):
             raise bad("top_mass", "None or in (0, 1]")
         if self.anchor_subset is not None and (not isinstance(self.anchor_subset, int) or self.anchor_subset < 1):
@@ -146,6 +150,8 @@ class JobConfig:
             keys += ["weights", "main"]
         if self.method == "deepen":
             keys += ["deepen_lr", "deepen_steps", "topk", "top_mass", "anchor_subset"]
+            if self.label_norm != "sum":  # only when set: run ids of earlier default runs stay valid
+                keys.append("label_norm")
         if self.method == "specfuse":
             keys += ["segment_tokens", "exit", "exit_delta", "exit_min_rounds"]
         d = {k: getattr(self, k) for k in keys}
@@ -164,7 +170,7 @@ class JobConfig:
     def fuser_settings(self) -> dict[str, Any]:
         """What the fuser factory needs (picklable; no torch)."""
         return {k: getattr(self, k) for k in ("method", "members", "weights", "main", "deepen_lr", "deepen_steps",
-                                              "topk", "top_mass", "anchor_subset", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
+                                              "topk", "top_mass", "anchor_subset", "label_norm", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
                                               "dtype")}
 
     def to_json(self) -> str:

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeePEn: keep the top-k tokens up to this cumulative probability (0.95; none: all k)")
     g.add_argument("--anchor-subset", dest="anchor_subset", type=optional_arg(int), default=S,
                    help="DeePEn: use only this many shared anchors (default none: all)")
+    g.add_argument("--label-norm", dest="label_norm", choices=("sum", "mean"), default=S,
+                   help="DeePEn labeling: sum (default) or mean fused log-probability of a choice's tokens")
     g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
     g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
                    help="SpecFuse model exit (default on)")

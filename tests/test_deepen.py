@@ -139,6 +139,19 @@ def test_label_with_main_only_is_the_main_members_likelihood(bpe_member, sp_memb
         assert out.label == cs[int(scores.argmax())]
 
 
+def test_label_mean_norm_with_main_only_is_singles_labeling(bpe_member, sp_member):
+    """label_norm='mean': the same setting scores a choice by its mean token log-prob, as Single does,
+    so DeePEn with weights (1, 0) and lr 0 labels exactly like the main member alone."""
+    prompts, choices = PROMPTS[:2], [["Paris", "Rome", "a big house"], ["yes", "no"]]
+    got = DeePEn([bpe_member, sp_member], weights=(1, 0), lr=0.0, topk=10_000, label_norm="mean").label(prompts, choices)
+    want = Single(bpe_member).label(prompts, choices)
+    for g, w in zip(got, want):
+        assert g.label == w.label
+        torch.testing.assert_close(torch.tensor(g.probs), torch.tensor(w.probs), atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="label_norm must be 'sum' or 'mean', got 'max'"):
+        DeePEn([bpe_member, sp_member], label_norm="max")
+
+
 def test_label_is_batch_independent_and_reports_stats(bpe_member, bpe_member_qwen, sp_member):
     fuser = DeePEn([bpe_member, bpe_member_qwen, sp_member])
     prompts, choices = PROMPTS[:3], [["Paris", "Rome"], ["yes", "no", "maybe not"], ["The cat", "東京 🙂"]]

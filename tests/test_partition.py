@@ -163,6 +163,10 @@ def test_deepen_approximation_flags():
     base = ["--input", "i", "--output", "o", "--method", "deepen", "--members", "a", "b"]
     cfg = parse_config(base)
     assert (cfg.top_mass, cfg.anchor_subset) == (0.95, None)
+    assert "label_norm" not in cfg.output_affecting()  # the default keeps earlier run ids
+    mean = parse_config(base + ["--label-norm", "mean"])
+    assert mean.label_norm == "mean" and mean.config_hash != cfg.config_hash
+    assert mean.fuser_settings()["label_norm"] == "mean"
     exact = parse_config(base + ["--top-mass", "none", "--anchor-subset", "8192"])
     assert (exact.top_mass, exact.anchor_subset) == (None, 8192)
     assert exact.config_hash != cfg.config_hash and exact.fuser_settings()["anchor_subset"] == 8192

@@ -82,6 +82,9 @@ class DeePEnConfig:
     """Reference path: dense (V, A) matrices and a search over the whole main vocabulary (small vocabs)."""
     tail_window: int = 2
     """Tokens re-encoded at least, back from the end, when another member follows the response."""
+    label_norm: str = "sum"
+    """Labeling score of a choice: 'sum' of the fused log-probabilities of its tokens (algorithms.md)
+    or their 'mean' (length-normalised, as Single and SpecFuse score choices)."""
 
     def __post_init__(self) -> None:
         def bad(name, want):
@@ -114,6 +117,8 @@ class DeePEnConfig:
         object.__setattr__(self, "eos_policy", EosPolicy(self.eos_policy))
         if not isinstance(self.tail_window, int) or self.tail_window < 1:
             bad("tail_window", "an integer >= 1")
+        if self.label_norm not in ("sum", "mean"):
+            bad("label_norm", "'sum' or 'mean'")
 
     def search_params(self) -> SearchParams:
         return SearchParams(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay)
@@ -341,11 +346,12 @@ class DeePEn:
             if not keep:
                 break
             states, live = self._advance(states, live, keep, feeds, rbs)
-        return [self._label_row(b, choices[b], pairs, score, counters, st, n_prompt) for b in range(len(prompts))]
+        return [self._label_row(b, choices[b], pairs, score, forced, counters, st, n_prompt) for b in range(len(prompts))]
 
-    def _label_row(self, b, cs, pairs, score, counters, st, n_prompt) -> LabelOutput:
+    def _label_row(self, b, cs, pairs, score, forced, counters, st, n_prompt) -> LabelOutput:
         mine = [p for p, (pb, _) in enumerate(pairs) if pb == b]
-        probs = normalise_log_scores([score[p] for p in mine])
+        per = [1 if self.config.label_norm == "sum" else len(forced[p]) for p in mine]
+        probs = normalise_log_scores([score[p] / n for p, n in zip(mine, per)])
         best = max(range(len(cs)), key=lambda i: (probs[i], -i))
         counts = []
         for i in range(len(self.members)):  # every forward covers all of a row's live choices at once
