@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-dev", type=int, default=10, help="dev items per labeling task")
     ap.add_argument("--tasks", nargs="+", default=["arc_challenge", "piqa", "boolq"])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sweep")
+    ap.add_argument("--variants", nargs="*", default=None, help="names of the variants to run (default: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     common = ["--split", "dev", "--tasks", *args.tasks, "--n-label", str(args.n_dev), "--n-gen", "0"]
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     dev_acc = [statistics.fmean(v["accuracy"] for v in singles[s].values()) for s in evaluate.SINGLES]
     weights = compat.adapt_weights(dev_acc)
     log.info("dev accuracy %s -> adapt weights %s", dict(zip(evaluate.SINGLES, dev_acc)), weights)
-    extra = [f"{k}={v}" for k, v in variants(weights).items()]
+    chosen = variants(weights)
+    unknown = sorted(set(args.variants or ()) - set(chosen))
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(chosen)}")
+    extra = [f"{k}={v}" for k, v in chosen.items() if args.variants is None or k in args.variants]
     evaluate.main(common + ["--systems", *evaluate.SINGLES, "--extra", *extra, "--out", str(args.out)])
     res = json.loads(args.out.with_suffix(".json").read_text())
     res["adapt_weights"] = dict(zip(evaluate.SINGLES, weights))
