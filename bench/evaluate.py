@@ -252,12 +252,41 @@ def plot(results: dict[str, dict[str, dict]], task_names: list[str], path: Path)
     plt.close(fig)
 
 
+def write_results(args, systems, results, per_row, walls, rows, task_names) -> str:
+    """Write <out>.json/.md/.png for the systems run so far; the Markdown text."""
+    add_time_ratios(results)
+    baselines, agreement = member_baselines(per_row, rows), member_agreement(per_row, rows)
+
+    md = [f"Split **{args.split}**: " + ", ".join(f"{t} {results[next(iter(results))][t]['n']} items"
+                                                  for t in task_names)
+          + f"; GSM8K {args.gen_tokens} new tokens, greedy. Bold: above the best single member on that task.",
+          "", table(results, task_names), "", "Per task: member calls per item / time per item as a ratio to "
+          "the fastest single member.", "", per_task_costs(results, task_names), ""]
+    if baselines:
+        md += ["Without fusion, from the members' own answers: majority vote of the members (ties: the "
+               "earliest member) and the oracle (any member right).", "",
+               "| | " + " | ".join(task_names) + " |", "|" + "---|" * (len(task_names) + 1),
+               "| member vote | " + " | ".join(f"{baselines[t]['vote']:.3f}" for t in task_names) + " |",
+               "| oracle | " + " | ".join(f"{baselines[t]['oracle']:.3f}" for t in task_names) + " |", "",
+               "Pairwise agreement of the members' answers: " + "; ".join(
+                   f"{t}: " + ", ".join(f"{k} {v:.2f}" for k, v in agreement[t].items()) for t in task_names), ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+         "systems": {k: shlex.join(v) for k, v in systems.items()}, "results": results,
+         "member_baselines": baselines, "member_agreement": agreement, "job_wall_s": walls,
+         "answers": {name: {i: o["answer"] for i, o in pr.items()} for name, pr in per_row.items()}}, indent=1))
+    args.out.with_suffix(".md").write_text("\n".join(md))
+    plot(results, task_names, args.out.with_suffix(".png"))
+    return "\n".join(md)
+
+
 def parse_extra(items: list[str]) -> dict[str, list[str]]:
     out = {}
     for item in items:
         name, sep, flags = item.partition("=")
-        if not sep or not name.strip() or not flags.strip():
-            raise ValueError(f"--extra must be NAME=FLAGS, got {item!r}")
+        if not sep or not name.strip() or not flags.strip() or not flags.strip().startswith("--"):
+            raise ValueError(f"--extra must be NAME=FLAGS (no '=' in NAME, FLAGS starting with --), got {item!r}")
         out[name.strip()] = shlex.split(flags)
     return out
 
@@ -299,31 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         per_row[name] = outcomes(out, rows)
         results[name] = aggregate(per_row[name], rows)
         log.info("%s: %s", name, {t: round(v["accuracy"], 3) for t, v in results[name].items()})
-    add_time_ratios(results)
-    baselines, agreement = member_baselines(per_row, rows), member_agreement(per_row, rows)
-
-    md = [f"Split **{args.split}**: " + ", ".join(f"{t} {results[next(iter(results))][t]['n']} items"
-                                                  for t in task_names)
-          + f"; GSM8K {args.gen_tokens} new tokens, greedy. Bold: above the best single member on that task.",
-          "", table(results, task_names), "", "Per task: member calls per item / time per item as a ratio to "
-          "the fastest single member.", "", per_task_costs(results, task_names), ""]
-    if baselines:
-        md += ["Without fusion, from the members' own answers: majority vote of the members (ties: the "
-               "earliest member) and the oracle (any member right).", "",
-               "| | " + " | ".join(task_names) + " |", "|" + "---|" * (len(task_names) + 1),
-               "| member vote | " + " | ".join(f"{baselines[t]['vote']:.3f}" for t in task_names) + " |",
-               "| oracle | " + " | ".join(f"{baselines[t]['oracle']:.3f}" for t in task_names) + " |", "",
-               "Pairwise agreement of the members' answers: " + "; ".join(
-                   f"{t}: " + ", ".join(f"{k} {v:.2f}" for k, v in agreement[t].items()) for t in task_names), ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "systems": {k: shlex.join(v) for k, v in systems.items()}, "results": results,
-         "member_baselines": baselines, "member_agreement": agreement, "job_wall_s": walls,
-         "answers": {name: {i: o["answer"] for i, o in pr.items()} for name, pr in per_row.items()}}, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(md))
-    plot(results, task_names, args.out.with_suffix(".png"))
-    sys.stdout.write("\n".join(md))
+        md = write_results(args, systems, results, per_row, walls, rows, task_names)  # after each: partial runs count
+    sys.stdout.write(md)
     return 0
 
 

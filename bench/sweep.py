@@ -37,16 +37,16 @@ TRIO = " ".join(evaluate.TRIO)
 def variants(weights: list[float]) -> dict[str, str]:
     w = " ".join(f"{x:.6f}" for x in weights)
     deepen = f"--method deepen --members {TRIO}"
-    return {
-        "deepen trio main=smollm2 (default)": deepen,
-        "deepen trio main=qwen": f"{deepen} --main 1",
-        "deepen trio main=gemma": f"{deepen} --main 2",
-        "deepen trio adapt weights": f"{deepen} --weights {w}",
-        "deepen trio lr 0.5": f"{deepen} --deepen-lr 0.5",
-        "deepen trio top-mass none": f"{deepen} --top-mass none",
-        "deepen trio label-norm mean": f"{deepen} --label-norm mean",
+    return {  # in order of expected effect: a partial run still answers the first questions
+        "deepen trio (main smollm2, defaults)": deepen,
+        "deepen trio, main qwen": f"{deepen} --main 1",
+        "deepen trio, main gemma": f"{deepen} --main 2",
+        "deepen trio, label-norm mean": f"{deepen} --label-norm mean",
+        "deepen trio, adapt weights": f"{deepen} --weights {w}",
         "specfuse trio": f"--method specfuse --members {TRIO}",
-        "specfuse trio adapt weights": f"--method specfuse --members {TRIO} --weights {w}",
+        "specfuse trio, adapt weights": f"--method specfuse --members {TRIO} --weights {w}",
+        "deepen trio, lr 0.5": f"{deepen} --deepen-lr 0.5",
+        "deepen trio, top-mass none": f"{deepen} --top-mass none",
     }
 
 
