@@ -14,6 +14,7 @@ from schemas import SCHEMA_VERSION
 METHODS = ("single", "deepen", "specfuse")
 MODES = ("auto", "generate", "label")
 LONG_PROMPT = ("error", "truncate")
+LABEL_NORMS = ("sum", "mean")
 MAX_SEED = 2**63 - 1
 DEFAULT_MEMBERS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m")
 
@@ -114,7 +115,7 @@ class JobConfig:
             raise bad("seed", "an integer in [0, 2**63-1]")
         if not (isinstance(self.deepen_lr, (int, float)) and self.deepen_lr >= 0):
             raise bad("deepen_lr", ">= 0")
-        if self.label_norm not in ("sum", "mean"):
+        if self.label_norm not in LABEL_NORMS:
             raise bad("label_norm", "'sum' or 'mean'")
         if self.top_mass is not None and not (isinstance(self.top_mass, (int, float)) and 0 < self.top_mass <= 1):
             raise bad("top_mass", "None or in (0, 1]")

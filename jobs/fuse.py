@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the repo im
 
 import pyarrow as pa
 
-from jobs.config import DEFAULT_MEMBERS, JobConfig, load_config_file
+from jobs.config import DEFAULT_MEMBERS, LABEL_NORMS, LONG_PROMPT, METHODS, MODES, JobConfig, load_config_file
 from jobs.rows import NOID, POS_COLUMN, RANK_COLUMN, line_key
 from jobs.sink import commit_partition, filesystem
 from schemas import INPUT_COLUMNS, spark_schema
@@ -42,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of job settings; flags override it")
     p.add_argument("--input", default=S, help="input Parquet or JSONL (.jsonl/.json)")
     p.add_argument("--output", default=S, help="output directory of this run")
-    p.add_argument("--method", default=S, choices=["single", "deepen", "specfuse"])
+    p.add_argument("--method", default=S, choices=METHODS)
     p.add_argument("--members", nargs="+", default=S,
                    help=f"member specs (packaged alias, HF dir, .gguf); default {DEFAULT_MEMBERS[0]}")
-    p.add_argument("--mode", default=S, choices=["auto", "generate", "label"],
+    p.add_argument("--mode", default=S, choices=MODES,
                    help="auto: rows with choices are labeled, the others generated")
     p.add_argument("--run-id", dest="run_id", default=S, help="run name (default: from the config hash)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=S)
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeePEn: keep the top-k tokens up to this cumulative probability (0.95; none: all k)")
     g.add_argument("--anchor-subset", dest="anchor_subset", type=optional_arg(int), default=S,
                    help="DeePEn: use only this many shared anchors (default none: all)")
-    g.add_argument("--label-norm", dest="label_norm", choices=("sum", "mean"), default=S,
+    g.add_argument("--label-norm", dest="label_norm", choices=LABEL_NORMS, default=S,
                    help="DeePEn labeling: sum (default) or mean fused log-probability of a choice's tokens")
     g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
     g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="rows per fuser call")
     r.add_argument("--commit-rows", dest="commit_rows", type=int, default=S, help="rows per output file")
     r.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=int, default=S)
-    r.add_argument("--long-prompt", dest="long_prompt", choices=["error", "truncate"], default=S)
+    r.add_argument("--long-prompt", dest="long_prompt", choices=LONG_PROMPT, default=S)
     r.add_argument("--master", default=S, help="Spark master URL (default local[*] unless spark-submit set one)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
     r.add_argument("--dtype", default=S, help="torch dtype (default float32 on CPU, bfloat16 on GPU)")

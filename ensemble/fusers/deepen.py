@@ -350,8 +350,8 @@ class DeePEn:
 
     def _label_row(self, b, cs, pairs, score, forced, counters, st, n_prompt) -> LabelOutput:
         mine = [p for p, (pb, _) in enumerate(pairs) if pb == b]
-        per = [1 if self.config.label_norm == "sum" else len(forced[p]) for p in mine]
-        probs = normalise_log_scores([score[p] / n for p, n in zip(mine, per)])
+        mean = self.config.label_norm == "mean"
+        probs = normalise_log_scores([score[p] / len(forced[p]) if mean else score[p] for p in mine])
         best = max(range(len(cs)), key=lambda i: (probs[i], -i))
         counts = []
         for i in range(len(self.members)):  # every forward covers all of a row's live choices at once
