@@ -3,7 +3,8 @@
 Canonicalisation (one place for all members):
 - byte-level BPE pieces are decoded from the GPT-2 byte-to-unicode alphabet (``Ġ`` space, ``Ċ`` newline);
 - SentencePiece ``▁`` is a space; byte-fallback pieces ``<0xNN>`` are that single byte;
-- special and added tokens have no bytes (``None``).
+- special tokens have no bytes (``None``); non-special added tokens (Gemma-3's ``\n``, ``\n\n``,
+  whitespace runs) spell their content when broadcasting, but are not anchors (``canonical_strings``).
 Whether a tokenizer is byte-level is read from its decoder, never guessed from the model's name.
 
 Broadcast: a :class:`TokenTrack` holds one member's response tokens for one row and their byte
@@ -60,18 +61,24 @@ def is_byte_level(tokenizer) -> bool:
     return "ByteLevel" in _decoder_kinds(tokenizer)
 
 
-def token_bytes_table(tokenizer) -> list[bytes | None]:
+def token_bytes_table(tokenizer, *, added: bool = True) -> list[bytes | None]:
     """Raw bytes each token id stands for (may be an incomplete UTF-8 sequence); None for special
-    and added tokens, which produce no text."""
+    tokens, which produce no text. A non-special added token spells its content (Gemma-3 encodes
+    every newline as one: without its bytes a response track never matches its text again), or None
+    with ``added=False``."""
     n = len(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}).keys())
+    added_tokens = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added_tokens.items() if t.special or not added}
     byte_level = is_byte_level(tokenizer)
     u2b = unicode_to_byte()
     table: list[bytes | None] = []
     for i, piece in enumerate(pieces):
         if i in special or piece is None:
             table.append(None)
+            continue
+        if i in added_tokens:  # stored as plain text, not in the byte-level / SentencePiece alphabet
+            table.append(added_tokens[i].content.encode("utf-8") or None)
             continue
         if byte_level:
             if all(ch in u2b for ch in piece):
@@ -86,9 +93,9 @@ def token_bytes_table(tokenizer) -> list[bytes | None]:
 
 def canonical_strings(tokenizer) -> dict[str, int]:
     """Canonical text -> token id for every ordinary token whose bytes are complete UTF-8 text
-    (the lowest id wins when two pieces canonicalise to the same text)."""
+    (the lowest id wins when two pieces canonicalise to the same text). Added tokens are not anchors."""
     out: dict[str, int] = {}
-    for i, b in enumerate(token_bytes_table(tokenizer)):
+    for i, b in enumerate(token_bytes_table(tokenizer, added=False)):
         if not b:
             continue
         try:

@@ -89,3 +89,30 @@ def test_push_tokens_then_sync(tokenizer):
     rollback, new = track.sync(b"The capital of France")
     assert track.ids == tokenizer.encode("The capital of France", add_special_tokens=False)
     assert rollback <= 2 and new
+
+
+def test_added_newline_tokens_spell_their_text_and_keep_the_track_stable():
+    """Gemma-3 stores '\\n' and '\\n\\n' as non-special added tokens. They must spell their content, or
+    a track loses the newline and re-feeds everything after it at every step (found on the packaged
+    trio: Gemma re-fed ~4 tokens per fused step); they are still not anchors."""
+    sp = tiny.sp_tokenizer()
+    sp.add_tokens(["\n\n", "\n"])
+    nn, n = sp.convert_tokens_to_ids("\n\n"), sp.convert_tokens_to_ids("\n")
+    table = token_bytes_table(sp)
+    assert table[nn] == b"\n\n" and table[n] == b"\n"
+    assert token_bytes_table(sp, added=False)[nn] is None
+    assert canonical_strings(sp).get("\n\n") is None
+    text = "The capital of France is Paris.\n\nThe capital of Italy is Rome.\nDone, done and done."
+    ids = sp.encode(text, add_special_tokens=False)
+    assert nn in ids and n in ids
+    track, replay, rollbacks = TokenTrack(Codec(sp)), [], []
+    data = text.encode()
+    for pos in range(1, len(data) + 1):
+        rollback, new = track.sync(data[:pos])
+        if rollback:
+            del replay[-rollback:]
+        replay.extend(new)
+        rollbacks.append(rollback)
+    assert replay == track.ids == ids
+    longest_word = max(len(sp.encode(" " + w, add_special_tokens=False)) for w in text.split())
+    assert max(rollbacks) <= longest_word + 2  # the unstable tail only, never all text since a newline
