@@ -16,6 +16,7 @@ MODES = ("auto", "generate", "label")
 LONG_PROMPT = ("error", "truncate")
 LABEL_NORMS = ("sum", "mean")
 MAX_SEED = 2**63 - 1
+WEIGHT_TOL = 1e-4  # ensemble.config.WEIGHT_TOL; this module stays free of torch imports
 DEFAULT_MEMBERS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m")
 
 
@@ -134,7 +135,7 @@ class JobConfig:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
             if len(self.weights) != len(self.members):
                 raise bad("weights", f"one weight per member ({len(self.members)})")
-            if any(w < 0 for w in self.weights) or abs(sum(self.weights) - 1) > 1e-6:
+            if any(w < 0 for w in self.weights) or abs(sum(self.weights) - 1) > WEIGHT_TOL:
                 raise bad("weights", "non-negative and summing to 1")
         if self.fail_after_rows is not None and (not isinstance(self.fail_after_rows, int) or self.fail_after_rows < 0):
             raise bad("fail_after_rows", "None or an integer >= 0")

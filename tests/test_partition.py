@@ -101,6 +101,13 @@ def test_config_validation_names_the_value():
         JobConfig(input="i", output="o", method="nope")
     with pytest.raises(ValueError, match=r"weights must be non-negative and summing to 1, got \(0.7, 0.7\)"):
         JobConfig(input="i", output="o", method="deepen", members=("a", "b"), weights=(0.7, 0.7))
+    # weights printed with 6 decimals (bench/compat.py) are accepted: one tolerance for job and fusers
+    printed = (0.333333, 0.307692, 0.358974)
+    assert JobConfig(input="i", output="o", method="deepen", members=("a", "b", "c"), weights=printed).weights == printed
+    from ensemble.config import WEIGHT_TOL, normalise_weights
+    from jobs.config import WEIGHT_TOL as JOB_WEIGHT_TOL
+    assert JOB_WEIGHT_TOL == WEIGHT_TOL
+    assert sum(normalise_weights(printed, 3)) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="top_p must be in"):
         JobConfig(input="i", output="o", top_p=2.0)
     with pytest.raises(ValueError, match="exactly one member"):
