@@ -16,6 +16,8 @@ Contract (shared/design/algorithms.md, DeePEn steps 1-5):
   ``KL(q || softmax(z) R_m)``, with the analytic gradient (checked against autograd and torch.optim by
   :func:`inverse_search_reference`). Rows whose initial loss is exactly zero (the aggregate equals the
   main member's own relative distribution) are at the optimum and are left as they are.
+- :class:`IndexedRows`: a batch's candidate rows as one table of its distinct tokens plus an index,
+  never the gathered ``(B, k, A)`` tensor (the gathered form stays as the tests' reference).
 - :class:`RelativeEnsemble`: one fusion step for a batch: candidates, transform, aggregate, search.
 """
 from __future__ import annotations
@@ -183,15 +185,43 @@ def masked_softmax(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.softmax(z.masked_fill(~valid, float("-inf")), dim=-1)
 
 
-def mix(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``probs (B, k)`` through ``rows``: ``(B, k, A)`` per row, or ``(k, A)`` shared -> ``(B, A)``."""
+@dataclass(frozen=True)
+class IndexedRows:
+    """Candidate rows of a batch without materialising ``(B, k, A)``: row ``b``'s candidate ``j`` is
+    ``table[index[b, j]]``. The batch's distinct candidates share one ``(U, A)`` table, so a step
+    holds ``U * A`` floats instead of ``B * k * A`` and mixes with one ``(B, U) @ (U, A)`` matmul."""
+
+    table: torch.Tensor  # (U, A)
+    index: torch.Tensor  # (B, k) long
+
+    def gathered(self) -> torch.Tensor:
+        """The explicit ``(B, k, A)`` rows (tests and the reference computation)."""
+        return self.table[self.index]
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.numel() * self.table.element_size()
+
+
+Rows = torch.Tensor | IndexedRows  # what mix / pull / inverse_search take
+
+
+def mix(probs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """``probs (B, k)`` through ``rows``: ``(B, k, A)`` per row, ``(k, A)`` shared or
+    :class:`IndexedRows` -> ``(B, A)``."""
+    if isinstance(rows, IndexedRows):
+        weights = probs.new_zeros(probs.shape[0], rows.table.shape[0])  # (B, U)
+        return weights.scatter_add_(1, rows.index, probs) @ rows.table  # (B, A)
     if rows.dim() == 2:
         return probs @ rows  # (B, A)
     return torch.bmm(probs[:, None, :], rows)[:, 0]  # (B, A)
 
 
-def pull(rows: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """``rows @ vec`` per row: ``(B, k, A)`` or ``(k, A)`` with ``vec (B, A)`` -> ``(B, k)``."""
+def pull(rows: Rows, vec: torch.Tensor) -> torch.Tensor:
+    """``rows @ vec`` per row: ``(B, k, A)``, ``(k, A)`` or :class:`IndexedRows` with ``vec (B, A)``
+    -> ``(B, k)``."""
+    if isinstance(rows, IndexedRows):
+        return (vec @ rows.table.T).gather(1, rows.index)  # (B, U) -> (B, k)
     if rows.dim() == 2:
         return vec @ rows.T  # (B, k)
     return torch.bmm(rows, vec[:, :, None])[:, :, 0]  # (B, k)
@@ -229,7 +259,7 @@ class SearchParams:
         return eta_min + (self.lr - eta_min) * (1 + math.cos(math.pi * t / self.t_max)) / 2
 
 
-def inverse_search(z0: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, target: torch.Tensor,
+def inverse_search(z0: torch.Tensor, valid: torch.Tensor, rows: Rows, target: torch.Tensor,
                    params: SearchParams) -> torch.Tensor:
     """Minimise ``KL(target || softmax(z) R)`` over ``z (B, k)`` from ``z0`` with batched AdamW;
     AdamW is elementwise, so each row's result does not depend on the others."""
@@ -338,7 +368,8 @@ class RelativeEnsemble:
         return sum(s.nbytes for s in self.sources)
 
     def _sparse(self, src: RowSource, lg: torch.Tensor, extra: torch.Tensor | None):
-        """Candidates + tail of one member: ids (B, k), z (B, k+1), valid (B, k+1), rows (B, k+1, A)."""
+        """Candidates + tail of one member: ids (B, k), z (B, k+1), valid (B, k+1), rows (B, k+1) of a
+        (U+1, A) table (the batch's distinct candidates and the tail's uniform row)."""
         ids, ok = top_candidates(lg, self.topk, self.top_mass, extra)  # (B, k)
         tail = torch.logsumexp(lg.scatter(1, ids, float("-inf")), dim=-1, keepdim=True)  # (B, 1)
         z = torch.cat([lg.gather(1, ids), tail], dim=1)  # (B, k+1)
@@ -347,7 +378,7 @@ class RelativeEnsemble:
         uniq, inv = torch.unique(ids, return_inverse=True)  # (u,), (B, k)
         table = torch.cat([src.rows(uniq), torch.full((1, src.n_anchors), 1.0 / src.n_anchors, device=src.device)])
         inv = torch.cat([inv, torch.full_like(inv[:, :1], uniq.numel())], dim=1)  # (B, k+1)
-        return ids, z, ok, table[inv]  # (B, k+1, A)
+        return ids, z, ok, IndexedRows(table, inv)
 
     def fuse(self, logits: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> FuseResult:
         """``logits[i] (B, V_i)`` -> :class:`FuseResult`. ``extra (B,)`` forces a main-vocabulary token
@@ -366,8 +397,8 @@ class RelativeEnsemble:
             else:
                 ids, zi, ok, rows = self._sparse(src, lg, extra if is_main else None)
             qs.append(mix(masked_softmax(zi, ok), rows).to(dev))  # (B, A)
-            size = rows.numel() * 4 if rows.dim() == 3 else 0
-            peak = max(peak, held + 2 * size)  # the gathered rows and the row table they came from
+            size = rows.nbytes if isinstance(rows, IndexedRows) else 0
+            peak = max(peak, held + 2 * size)  # the row table and the rows it was built from
             if is_main:
                 main_rows, cand, valid, z0 = rows, ids, ok, zi
                 held = size

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ensemble.relative import (
+    IndexedRows,
     RelativeEnsemble,
     RowSource,
     SearchParams,
@@ -16,6 +17,7 @@ from ensemble.relative import (
     kl_rows,
     masked_softmax,
     mix,
+    pull,
     top_candidates,
 )
 from ensemble.text import token_bytes_table
@@ -210,3 +212,25 @@ def test_sparse_with_every_token_equals_dense(bpe_member, bpe_member_qwen, sp_me
     (gathered cached rows, tail, batched search) must make the dense path's choices."""
     rate, _ = _agreement([bpe_member, bpe_member_qwen, sp_member], topk=10_000, steps=8)
     assert rate >= 0.99, f"sparse and dense agree on {rate:.1%} of steps"
+
+
+def test_indexed_rows_equal_gathered_rows():
+    """The table + index form used by the sparse step mixes, pulls and searches like the explicit
+    (B, k, A) rows it stands for (shared candidates across rows, repeated masked slots included)."""
+    g = torch.Generator().manual_seed(5)
+    table = torch.softmax(3 * torch.randn(9, 50, generator=g), -1)  # (U, A)
+    index = torch.randint(0, 9, (4, 7), generator=g)  # (B, k), with repeats
+    index[:, -1] = 8  # a shared last row, like the tail
+    rows = IndexedRows(table, index)
+    explicit = rows.gathered()  # (B, k, A)
+    valid = torch.ones(4, 7, dtype=torch.bool)
+    valid[0, 3] = False
+    z0 = torch.randn(4, 7, generator=g)
+    probs = masked_softmax(z0, valid)
+    torch.testing.assert_close(mix(probs, rows), mix(probs, explicit))
+    vec = torch.randn(4, 50, generator=g)
+    torch.testing.assert_close(pull(rows, vec), pull(explicit, vec))
+    target = torch.softmax(torch.randn(4, 50, generator=g), -1)
+    torch.testing.assert_close(inverse_search(z0, valid, rows, target, SearchParams()),
+                               inverse_search(z0, valid, explicit, target, SearchParams()), atol=1e-6, rtol=1e-5)
+    assert rows.nbytes == 9 * 50 * 4 < explicit.numel() * 4
