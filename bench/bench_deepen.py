@@ -15,7 +15,7 @@ Gemma-3-270M), CPU, greedy, 8 prompts x 64 new tokens, all in one run:
 5. anchor subset: the recorded steps replayed with every shared anchor, same greedy token as the run.
 
     python bench/bench_deepen.py [--prompts 8] [--max-new-tokens 64] [--repeats 1] [--ref-prompts 2]
-                                 [--slice-top 128] [--topk 64] [--top-mass 0.95|none] [--anchor-subset N]
+                                 [--slice-top 128] [--topk 64] [--top-mass 0.95|none] [--main-top-mass 0.995|none] [--anchor-subset N]
 
 Writes bench/results/deepen.json and deepen.md and prints the table. Times are wall-clock on a
 shared machine: compare ratios inside one run, never absolute times.
@@ -141,10 +141,12 @@ class PeakRSS:
 def build_engine(members, cfg) -> RelativeEnsemble:
     _, ids = find_anchors([m.tokenizer for m in members], [m.name for m in members],
                           min_anchors=cfg.min_anchors, subset=cfg.anchor_subset)
-    sources = [RowSource(m.input_embeddings(), i, tau=cfg.tau, cache_rows=cfg.row_cache_size)
+    sources = [RowSource(m.input_embeddings(), i, tau=cfg.tau, cache_rows=cfg.row_cache_size,
+                         store=cfg.row_store)
                for m, i in zip(members, ids)]
     return RelativeEnsemble(sources, cfg.weights or [1 / len(members)] * len(members), cfg.main,
-                            topk=cfg.topk, top_mass=cfg.top_mass, search=cfg.search_params())
+                            topk=cfg.topk, top_mass=cfg.top_mass, main_top_mass=cfg.main_top_mass,
+                            search=cfg.search_params())
 
 
 def memory_replay(members, cfg, steps) -> dict:
@@ -219,6 +221,7 @@ def main() -> None:
     ap.add_argument("--slice-top", type=int, default=128)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--top-mass", type=optional(float), default=0.95, help="'none': keep all top-k")
+    ap.add_argument("--main-top-mass", type=optional(float), default=0.995, help="the main member's cut")
     ap.add_argument("--anchor-subset", type=optional(int), default=None, help="default: all shared anchors")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -228,7 +231,8 @@ def main() -> None:
 
     members = [load_member(a) for a in TRIO]
     prompts = PROMPTS[: args.prompts]
-    fuser = DeePEn(members, topk=args.topk, top_mass=args.top_mass, anchor_subset=args.anchor_subset)
+    fuser = DeePEn(members, topk=args.topk, top_mass=args.top_mass, main_top_mass=args.main_top_mass,
+                   anchor_subset=args.anchor_subset)
     cfg = fuser.config
     res: dict = {"members": TRIO, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                  "config": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()},

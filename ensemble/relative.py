@@ -8,8 +8,13 @@ Contract (shared/design/algorithms.md, DeePEn steps 1-5):
 - :class:`RowSource`: the relative row ``r(t) = softmax(tau * unit(cos(E[t], E[a])))`` of any token,
   computed on demand from L2-normalised input embeddings (``(n, d) @ (d, A)``) and kept in an LRU cache;
   never the dense ``(V, A)`` matrix, except through :meth:`RowSource.dense` (tests, small vocabularies).
-  Rows are computed in chunks of a fixed size so a row is bitwise the same whatever it was computed
-  with: cached and fresh rows agree exactly, and a row's result never depends on the rest of a batch.
+  A row is bitwise the same whatever it was computed with, so cached and fresh rows agree exactly and
+  a row never depends on the rest of a batch: on CPU, blocks shorter than ``min_block`` rows are padded
+  (measured, MKL in torch 2.13: a row of an ``(M, d) @ (d, A)`` product is bit-identical for every
+  M >= 12 at any position, and differs for some M < 12); on other devices every block is padded to
+  the full ``chunk``. Rows may be *stored* (cache and returned rows) as float16 scaled by ``A``
+  (``store="float16"``): half the bytes per cached row, relative error <= 2^-11, every row rounded the
+  same way whether fresh or cached; :meth:`RowSource.compute` and :meth:`RowSource.dense` stay exact.
 - :func:`top_candidates`: the top-k tokens of each row (optionally cut at a cumulative mass), sorted by
   id so that ties break like ``argmax``; the searched distribution lives on them.
 - :func:`inverse_search`: batched AdamW with a cosine schedule over ``z (B, k)`` minimising
@@ -63,13 +68,19 @@ def find_anchors(
 class RowSource:
     """Relative rows of one member on demand, with an LRU cache of ``cache_rows`` rows."""
 
+    STORES = ("float32", "float16")
+
     def __init__(self, embeddings: torch.Tensor, anchor_ids: torch.Tensor, *, tau: float,
-                 cache_rows: int, chunk: int = 64):
+                 cache_rows: int, chunk: int = 128, min_block: int = 16, store: str = "float32"):
+        if store not in self.STORES:
+            raise ValueError(f"store must be one of {self.STORES}, got {store!r}")
         emb = embeddings.detach()
         self.emb = emb  # (V, d): the model's own weight, not copied
         self.device = emb.device
         self.tau = float(tau)
         self.chunk = int(chunk)
+        # blocks are padded to this many rows; the full chunk off-CPU (see the module docstring)
+        self.min_block = min(int(min_block), self.chunk) if self.device.type == "cpu" else self.chunk
         self.vocab_size = int(emb.shape[0])
         norms = torch.cat([torch.linalg.vector_norm(emb[i : i + 65536].float(), dim=-1)
                            for i in range(0, emb.shape[0], 65536)])  # (V,)
@@ -82,7 +93,8 @@ class RowSource:
         del unit
         self.n_anchors = int(ids.numel())
         self.capacity = int(cache_rows)
-        self._cache = torch.empty(0, self.n_anchors, device=self.device)  # (<= C, A), grows to C
+        self.store_dtype = getattr(torch, store)
+        self._cache = torch.empty(0, self.n_anchors, device=self.device, dtype=self.store_dtype)  # (<= C, A)
         self._slot: OrderedDict[int, int] = OrderedDict()  # token -> cache row, least recent first
         self._dense: torch.Tensor | None = None
         self.hits = 0
@@ -92,27 +104,50 @@ class RowSource:
     def nbytes(self) -> int:
         """Bytes held: normalised anchors, inverse norms, row cache (and the dense matrix if built)."""
         dense = self._dense.numel() * 4 if self._dense is not None else 0
-        return (self.anchors_t.numel() + self.inv_norm.numel() + self._cache.numel()) * 4 + dense
+        return ((self.anchors_t.numel() + self.inv_norm.numel()) * 4
+                + self._cache.numel() * self._cache.element_size() + dense)
 
-    def compute(self, ids: torch.Tensor) -> torch.Tensor:
-        """Fresh rows ``(n, A)`` for token ids ``(n,)``, in fixed-size chunks (padded by repetition)."""
+    def compute(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact fresh rows ``(n, A)`` (float32) for token ids ``(n,)``, written into ``out`` when given
+        (a contiguous float32 ``(n, A)``, e.g. rows of a step's table: no temporary of that size), in
+        blocks of at most ``chunk`` rows, each padded by repetition to at least ``min_block`` rows."""
         ids = ids.to(self.device)
-        out = torch.empty(ids.numel(), self.n_anchors, device=self.device)
+        if out is None:
+            out = torch.empty(ids.numel(), self.n_anchors, device=self.device)
         for i in range(0, ids.numel(), self.chunk):
             part = ids[i : i + self.chunk]  # (c,)
             n = part.numel()
-            if n < self.chunk:
-                part = torch.cat([part, part[-1:].expand(self.chunk - n)])  # (chunk,)
-            x = self.emb[part].float() * self.inv_norm[part, None]  # (chunk, d)
-            cos = x @ self.anchors_t  # (chunk, A)
-            cos = cos / torch.linalg.vector_norm(cos, dim=-1, keepdim=True).clamp_min(1e-12)
-            out[i : i + n] = torch.softmax(self.tau * cos, dim=-1)[:n]  # (n, A)
+            if n < self.min_block:
+                part = torch.cat([part, part[-1:].expand(self.min_block - n)])  # (min_block,)
+            x = self.emb[part].float() * self.inv_norm[part, None]  # (c, d)
+            if n == part.numel():
+                self._finish(torch.matmul(x, self.anchors_t, out=out[i : i + n]))  # (n, A) in place
+            else:
+                out[i : i + n] = self._finish(x @ self.anchors_t)[:n]
         return out
 
+    def _finish(self, cos: torch.Tensor) -> torch.Tensor:
+        """``softmax(tau * unit(cos))`` per row, in place on ``cos (c, A)``."""
+        cos.mul_(self.tau / torch.linalg.vector_norm(cos, dim=-1, keepdim=True).clamp_min(1e-12))
+        cos.sub_(cos.amax(dim=-1, keepdim=True)).exp_()
+        return cos.div_(cos.sum(dim=-1, keepdim=True))
+
+    @property
+    def scale(self) -> float:
+        """Stored row values times this are probabilities (1/A for float16 rows, else 1)."""
+        return 1.0 if self.store_dtype == torch.float32 else 1.0 / self.n_anchors
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``(n, A)`` for distinct token ids ``(n,)``, from the cache where possible."""
+        """Rows ``(n, A)`` (float32 probabilities, in the stored precision) for distinct ids ``(n,)``."""
+        out = torch.empty(ids.numel(), self.n_anchors, device=self.device)
+        rows = out[self.rows_into(ids, out)]
+        return rows.mul_(self.scale) if self.scale != 1.0 else rows
+
+    def rows_into(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the stored form of the rows of distinct ids ``(n,)`` into float32 ``out[:n]`` (times
+        :attr:`scale` they are probabilities): cached rows first, then fresh ones, each group one
+        contiguous block. Returns ``where (n,)``: ``out[where[i]]`` is the row of ``ids[i]``."""
         toks = ids.tolist()
-        out = torch.empty(len(toks), self.n_anchors, device=self.device)
         hit_pos, hit_slot, miss_pos = [], [], []
         for i, t in enumerate(toks):
             slot = self._slot.get(t)
@@ -122,19 +157,25 @@ class RowSource:
                 hit_pos.append(i)
                 hit_slot.append(slot)
                 self._slot.move_to_end(t)
-        self.hits += len(hit_pos)
-        self.misses += len(miss_pos)
+        h, n = len(hit_pos), len(toks)
+        self.hits += h
+        self.misses += n - h
+        where = torch.empty(n, dtype=torch.long)
+        where[hit_pos + miss_pos] = torch.arange(n)
         if hit_pos:
-            out[hit_pos] = self._cache[hit_slot]
+            out[:h].copy_(self._cache.index_select(0, torch.tensor(hit_slot, device=self.device)))
         if miss_pos:
-            fresh = self.compute(ids[miss_pos])  # (m, A)
-            out[miss_pos] = fresh
-            room = self.capacity - len(hit_pos)  # never evict a row this call uses
+            fresh = self.compute(ids[miss_pos], out=out[h:n])  # (m, A) float32, in place
+            stored = fresh
+            if self.store_dtype != torch.float32:  # round fresh rows exactly as cached ones are
+                stored = fresh.mul_(self.n_anchors).to(self.store_dtype)
+                fresh.copy_(stored)
+            room = self.capacity - h  # never evict a row this call uses
             keep = list(range(max(0, len(miss_pos) - room), len(miss_pos)))
             if keep:
-                slots = [self._claim(toks[miss_pos[j]]) for j in keep]
-                self._cache[slots] = fresh[keep]  # one copy for all new rows
-        return out
+                slots = torch.tensor([self._claim(toks[miss_pos[j]]) for j in keep], device=self.device)
+                self._cache.index_copy_(0, slots, stored[keep[0]:])  # one copy for all new rows
+        return where.to(self.device)
 
     def _claim(self, tok: int) -> int:
         """A cache slot for ``tok``: a free one (growing the slab up to the capacity) or the LRU one."""
@@ -142,7 +183,7 @@ class RowSource:
             slot = len(self._slot)
             if slot >= self._cache.shape[0]:  # grow the slab geometrically up to the capacity
                 grow = min(self.capacity, max(64, 2 * self._cache.shape[0]))
-                slab = torch.empty(grow, self.n_anchors, device=self.device)
+                slab = torch.empty(grow, self.n_anchors, device=self.device, dtype=self.store_dtype)
                 slab[: self._cache.shape[0]] = self._cache
                 self._cache = slab
         else:
@@ -197,10 +238,11 @@ class IndexedRows:
 
     table: torch.Tensor  # (U, A)
     index: torch.Tensor  # (B, k) long
+    scale: float = 1.0  # table values times scale are the rows (see RowSource.scale)
 
     def gathered(self) -> torch.Tensor:
         """The explicit ``(B, k, A)`` rows (tests and the reference computation)."""
-        return self.table[self.index]
+        return self.table[self.index] * self.scale
 
     @property
     def nbytes(self) -> int:
@@ -215,7 +257,8 @@ def mix(probs: torch.Tensor, rows: Rows) -> torch.Tensor:
     :class:`IndexedRows` -> ``(B, A)``."""
     if isinstance(rows, IndexedRows):
         weights = probs.new_zeros(probs.shape[0], rows.table.shape[0])  # (B, U)
-        return weights.scatter_add_(1, rows.index, probs) @ rows.table  # (B, A)
+        out = weights.scatter_add_(1, rows.index, probs) @ rows.table  # (B, A)
+        return out.mul_(rows.scale) if rows.scale != 1.0 else out
     if rows.dim() == 2:
         return probs @ rows  # (B, A)
     return torch.bmm(probs[:, None, :], rows)[:, 0]  # (B, A)
@@ -225,7 +268,8 @@ def pull(rows: Rows, vec: torch.Tensor) -> torch.Tensor:
     """``rows @ vec`` per row: ``(B, k, A)``, ``(k, A)`` or :class:`IndexedRows` with ``vec (B, A)``
     -> ``(B, k)``."""
     if isinstance(rows, IndexedRows):
-        return (vec @ rows.table.T).gather(1, rows.index)  # (B, U) -> (B, k)
+        out = (vec @ rows.table.T).gather(1, rows.index)  # (B, U) -> (B, k)
+        return out.mul_(rows.scale) if rows.scale != 1.0 else out
     if rows.dim() == 2:
         return vec @ rows.T  # (B, k)
     return torch.bmm(rows, vec[:, :, None])[:, :, 0]  # (B, k)
@@ -345,8 +389,9 @@ class FuseResult:
 class RelativeEnsemble:
     """The DeePEn step over members' next-token logits: candidates, transform, aggregate, search.
 
-    Sparse path (default): each member contributes its top-k (optionally mass-cut) tokens through rows
-    computed on demand, plus one tail pseudo-token holding the exact remaining probability mass
+    Sparse path (default): each member contributes its top-k (optionally mass-cut: ``top_mass``, and
+    ``main_top_mass`` for the main member, whose candidates are the tokens the search can choose)
+    tokens through rows computed on demand, plus one tail pseudo-token holding the exact remaining probability mass
     (logsumexp of the other logits) with the uniform relative row (tail rows are diffuse). The search
     runs over the main member's candidates and its tail; the tail moves as one block, as the many
     small tail logits of the dense search do under Adam's per-coordinate normalisation. Measured on
@@ -357,55 +402,79 @@ class RelativeEnsemble:
     """
 
     def __init__(self, sources: Sequence[RowSource], weights: Sequence[float], main: int, *, topk: int,
-                 top_mass: float | None, search: SearchParams, dense: bool = False):
+                 top_mass: float | None, search: SearchParams, dense: bool = False,
+                 main_top_mass: float | None = None):
         self.sources = list(sources)
         self.weights = tuple(weights)
         self.main = main
         self.topk = topk
         self.top_mass = top_mass
+        self.main_top_mass = main_top_mass  # the main member's cut (its candidates are what the search picks)
         self.search = search
         self.dense = dense
         self.peak_step_bytes = 0  # largest transient working set of one step (rows and (B, A) tensors)
+        self._tables: dict[bool, torch.Tensor] = {}  # work tables by "is main" (see _table)
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.sources)
+        """Bytes held between steps: the sources (anchors, row caches) and the reused work tables."""
+        return sum(s.nbytes for s in self.sources) + sum(t.numel() * 4 for t in self._tables.values())
 
-    def _sparse(self, src: RowSource, lg: torch.Tensor, extra: torch.Tensor | None):
+    def _sparse(self, src: RowSource, lg: torch.Tensor, extra: torch.Tensor | None, is_main: bool,
+                main_rows: IndexedRows | None, main_ids: torch.Tensor | None):
         """Candidates + tail of one member: ids (B, k), z (B, k+1), valid (B, k+1), rows (B, k+1) of a
-        (U+1, A) table (the batch's distinct candidates and the tail's uniform row)."""
-        ids, ok = top_candidates(lg, self.topk, self.top_mass, extra)  # (B, k)
+        (U+1, A) table (the batch's distinct candidates and the tail's uniform row). A member with the
+        main member's rows and the same candidates reuses the main member's table (so a copy of the
+        main member mixes bit for bit like it)."""
+        # the main member's cut for every member with the main member's rows (copies of it stay exact copies)
+        mass = self.main_top_mass if src is self.sources[self.main] else self.top_mass
+        ids, ok = top_candidates(lg, self.topk, mass, extra)  # (B, k)
         tail = torch.logsumexp(lg.scatter(1, ids, float("-inf")), dim=-1, keepdim=True)  # (B, 1)
         z = torch.cat([lg.gather(1, ids), tail], dim=1)  # (B, k+1)
         ok = torch.cat([ok, torch.isfinite(tail)], dim=1)  # (B, k+1)
         z = z.masked_fill(~ok, 0.0)  # no -inf inside the search state
+        if main_rows is not None and src is self.sources[self.main] and torch.equal(ids, main_ids):
+            return ids, z, ok, main_rows
         uniq, inv = torch.unique(ids, return_inverse=True)  # (u,), (B, k)
-        table = torch.cat([src.rows(uniq), torch.full((1, src.n_anchors), 1.0 / src.n_anchors, device=src.device)])
-        inv = torch.cat([inv, torch.full_like(inv[:, :1], uniq.numel())], dim=1)  # (B, k+1)
-        return ids, z, ok, IndexedRows(table, inv)
+        u = uniq.numel()
+        table = self._table(is_main, u + 1, src)  # (U+1, A), stored form
+        inv = src.rows_into(uniq, table)[inv]  # (B, k): table rows
+        table[u] = 1.0 / (src.n_anchors * src.scale)  # the tail's uniform row
+        inv = torch.cat([inv, torch.full_like(inv[:, :1], u)], dim=1)  # (B, k+1)
+        return ids, z, ok, IndexedRows(table, inv, src.scale)
+
+    def _table(self, is_main: bool, rows: int, src: RowSource) -> torch.Tensor:
+        """A ``(rows, A)`` float32 work table, reused across steps: one for the main member (kept for
+        the search) and one the other members take in turn. Reuse matters on CPU: a fresh tensor of
+        tens of MB is a fresh mmap whose page faults cost as much as filling it."""
+        buf = self._tables.get(is_main)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != src.n_anchors or buf.device != src.device:
+            buf = torch.empty(max(rows, 64 * math.ceil(rows / 64)), src.n_anchors, device=src.device)
+            self._tables[is_main] = buf
+        return buf[:rows]
 
     def fuse(self, logits: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> FuseResult:
         """``logits[i] (B, V_i)`` -> :class:`FuseResult`. ``extra (B,)`` forces a main-vocabulary token
         into the candidates (teacher forcing)."""
         dev = self.sources[self.main].device
-        qs: list[torch.Tensor] = []
+        qs: list[torch.Tensor | None] = [None] * len(self.sources)
         main_rows = cand = valid = z0 = None
-        held = peak = 0
-        for i, (src, lg) in enumerate(zip(self.sources, logits)):
-            lg = lg.float()
+        peak = 0
+        order = [self.main] + [i for i in range(len(self.sources)) if i != self.main]  # main first
+        for i in order:
+            src, lg = self.sources[i], logits[i].float()
             is_main = i == self.main
             if self.dense:
                 rows = src.dense()  # (V, A)
                 ids = torch.arange(lg.shape[-1], device=lg.device).expand(lg.shape[0], -1)  # (B, V)
                 zi, ok = lg, torch.ones_like(ids, dtype=torch.bool)  # (B, V)
             else:
-                ids, zi, ok, rows = self._sparse(src, lg, extra if is_main else None)
-            qs.append(mix(masked_softmax(zi, ok), rows).to(dev))  # (B, A)
-            size = rows.nbytes if isinstance(rows, IndexedRows) else 0
-            peak = max(peak, held + 2 * size)  # the row table and the rows it was built from
+                ids, zi, ok, rows = self._sparse(src, lg, extra if is_main else None, is_main, main_rows, cand)
+            qs[i] = mix(masked_softmax(zi, ok), rows).to(dev)  # (B, A)
+            if isinstance(rows, IndexedRows):  # transient: the table's rows gathered from / rounded for the cache
+                peak = max(peak, rows.table.numel() * src.store_dtype.itemsize)
             if is_main:
                 main_rows, cand, valid, z0 = rows, ids, ok, zi
-                held = size
         q = aggregate(qs, self.weights, self.main)  # (B, A)
         z = inverse_search(z0, valid, main_rows, q, self.search)  # (B, k+1)
         self.peak_step_bytes = max(self.peak_step_bytes, peak + (len(qs) + 6) * q.numel() * 4)

@@ -51,7 +51,9 @@ class JobConfig:
     deepen_steps: int = 5
     topk: int = 64
     top_mass: float | None = 0.95
-    """DeePEn: cumulative-probability cut inside the top-k (None: keep all k)."""
+    """DeePEn: cumulative-probability cut inside the other members' top-k (None: keep all k)."""
+    main_top_mass: float | None = 0.995
+    """DeePEn: the same cut for the main member, whose candidates the fused token is chosen from."""
     anchor_subset: int | None = None
     """DeePEn: use only this many anchors, the most frequent pieces (None: all shared tokens)."""
     label_norm: str = "sum"
@@ -118,8 +120,10 @@ class JobConfig:
             raise bad("deepen_lr", ">= 0")
         if self.label_norm not in LABEL_NORMS:
             raise bad("label_norm", "'sum' or 'mean'")
-        if self.top_mass is not None and not (isinstance(self.top_mass, (int, float)) and 0 < self.top_mass <= 1):
-            raise bad("top_mass", "None or in (0, 1]")
+        for name in ("top_mass", "main_top_mass"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise bad(name, "None or in (0, 1]")
         if self.anchor_subset is not None and (not isinstance(self.anchor_subset, int) or self.anchor_subset < 1):
             raise bad("anchor_subset", "None or an integer >= 1")
         if not (isinstance(self.exit_delta, (int, float)) and 0 <= self.exit_delta <= 1):
@@ -151,7 +155,7 @@ class JobConfig:
         if self.method != "single":
             keys += ["weights", "main"]
         if self.method == "deepen":
-            keys += ["deepen_lr", "deepen_steps", "topk", "top_mass", "anchor_subset"]
+            keys += ["deepen_lr", "deepen_steps", "topk", "top_mass", "main_top_mass", "anchor_subset"]
             if self.label_norm != "sum":  # only when set: run ids of earlier default runs stay valid
                 keys.append("label_norm")
         if self.method == "specfuse":
@@ -172,7 +176,7 @@ class JobConfig:
     def fuser_settings(self) -> dict[str, Any]:
         """What the fuser factory needs (picklable; no torch)."""
         return {k: getattr(self, k) for k in ("method", "members", "weights", "main", "deepen_lr", "deepen_steps",
-                                              "topk", "top_mass", "anchor_subset", "label_norm", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
+                                              "topk", "top_mass", "main_top_mass", "anchor_subset", "label_norm", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
                                               "dtype")}
 
     def to_json(self) -> str:

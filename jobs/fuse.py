@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepen-steps", dest="deepen_steps", type=int, default=S, help="DeePEn search steps (5)")
     g.add_argument("--topk", type=int, default=S, help="DeePEn: tokens per distribution in relative space")
     g.add_argument("--top-mass", dest="top_mass", type=optional_arg(float), default=S,
-                   help="DeePEn: keep the top-k tokens up to this cumulative probability (0.95; none: all k)")
+                   help="DeePEn: keep the other members' top-k tokens up to this cumulative probability "
+                        "(0.95; none: all k)")
+    g.add_argument("--main-top-mass", dest="main_top_mass", type=optional_arg(float), default=S,
+                   help="DeePEn: the same cut for the main member, whose candidates the output token is chosen "
+                        "from (0.995; none: all k)")
     g.add_argument("--anchor-subset", dest="anchor_subset", type=optional_arg(int), default=S,
                    help="DeePEn: use only this many shared anchors (default none: all)")
     g.add_argument("--label-norm", dest="label_norm", choices=LABEL_NORMS, default=S,

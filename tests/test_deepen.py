@@ -184,6 +184,8 @@ def test_anchor_count_is_logged_and_too_few_is_an_error(bpe_member, sp_member, c
     (dict(steps=-2), r"steps must be an integer >= 0, got -2"),
     (dict(topk=0), r"topk must be an integer >= 1, got 0"),
     (dict(top_mass=1.5), r"top_mass must be None or in \(0, 1\], got 1.5"),
+    (dict(main_top_mass=0.0), r"main_top_mass must be None or in \(0, 1\], got 0.0"),
+    (dict(row_store="bfloat16"), r"row_store must be one of \('float32', 'float16'\), got 'bfloat16'"),
     (dict(tau=0), r"tau must be > 0, got 0"),
     (dict(eos_policy="all"), r"eos_policy must be 'main' or 'any', got 'all'"),
     (dict(row_cache_size=-1), r"row_cache_size must be an integer >= 0, got -1"),

@@ -169,7 +169,12 @@ def test_deepen_approximation_flags():
 
     base = ["--input", "i", "--output", "o", "--method", "deepen", "--members", "a", "b"]
     cfg = parse_config(base)
-    assert (cfg.top_mass, cfg.anchor_subset) == (0.95, None)
+    assert (cfg.top_mass, cfg.main_top_mass, cfg.anchor_subset) == (0.95, 0.995, None)
+    main_all = parse_config(base + ["--main-top-mass", "none"])
+    assert main_all.main_top_mass is None and main_all.config_hash != cfg.config_hash
+    assert main_all.fuser_settings()["main_top_mass"] is None
+    with pytest.raises(ValueError, match=r"main_top_mass must be None or in \(0, 1\], got 0.0"):
+        parse_config(base + ["--main-top-mass", "0"])
     assert "label_norm" not in cfg.output_affecting()  # the default keeps earlier run ids
     mean = parse_config(base + ["--label-norm", "mean"])
     assert mean.label_norm == "mean" and mean.config_hash != cfg.config_hash

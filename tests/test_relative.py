@@ -86,6 +86,71 @@ def test_rows_follow_the_formula_and_cache_exactly():
     assert len(src._slot) == 8 and src._cache.shape[0] <= 8
 
 
+def test_rows_do_not_depend_on_what_they_are_computed_with():
+    """Blocks of any size give every row bitwise the same values (batch independence of the sparse
+    step): a row alone, in a short padded block, in a full block and across block boundaries."""
+    torch.manual_seed(3)
+    emb = torch.randn(400, 48)
+    src = RowSource(emb, torch.arange(0, 400, 2), tau=100.0, cache_rows=0, chunk=32, min_block=16)
+    ids = torch.randperm(400)[:75]
+    together = src.compute(ids)  # blocks of 32, 32, 11 (padded to 16)
+    for n in (1, 5, 13, 16, 31, 33, 75):
+        assert torch.equal(src.compute(ids[:n]), together[:n]), n
+    for i in (0, 31, 32, 74):
+        assert torch.equal(src.compute(ids[i : i + 1])[0], together[i]), i
+
+
+def test_float16_rows_round_the_same_whether_fresh_or_cached():
+    """store='float16': rows within 2^-11 of the exact ones, identical from the cache and fresh, and
+    the scaled table mixes / pulls like the probabilities it stands for."""
+    torch.manual_seed(4)
+    emb = torch.randn(300, 24)
+    anchors = torch.arange(0, 300, 3)
+    exact = RowSource(emb, anchors, tau=100.0, cache_rows=8)
+    half = RowSource(emb, anchors, tau=100.0, cache_rows=8, store="float16")
+    ids = torch.tensor([5, 17, 250, 3])
+    want = exact.rows(ids)
+    got = half.rows(ids)
+    assert got.dtype == torch.float32 and half._cache.dtype == torch.float16
+    torch.testing.assert_close(got, want, rtol=2**-10, atol=1e-8)
+    assert not torch.equal(got, want)  # really rounded
+    assert torch.equal(half.rows(torch.tensor([250, 3])), got[[2, 3]]) and half.hits == 2
+    fresh = RowSource(emb, anchors, tau=100.0, cache_rows=0, store="float16")
+    assert torch.equal(fresh.rows(ids), got)
+    assert exact.nbytes - half.nbytes == 2 * exact._cache.numel() > 0  # 2 of 4 bytes saved per cached value
+    table = torch.empty(4, 100)
+    half.rows_into(ids, table)
+    rows = IndexedRows(table, torch.tensor([[0, 1], [3, 3]]), half.scale)
+    probs = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    torch.testing.assert_close(mix(probs, rows), mix(probs, IndexedRows(got, rows.index)))
+    vec = torch.randn(2, 100)
+    torch.testing.assert_close(pull(rows, vec), pull(IndexedRows(got, rows.index), vec))
+    with pytest.raises(ValueError, match="store must be one of .*got 'bfloat16'"):
+        RowSource(emb, anchors, tau=100.0, cache_rows=8, store="bfloat16")
+
+
+def test_main_member_has_its_own_candidate_cut_and_copies_share_its_table():
+    torch.manual_seed(6)
+    emb = torch.randn(200, 16)
+    anchors = torch.arange(0, 200, 2)
+    main_src = RowSource(emb, anchors, tau=100.0, cache_rows=0)
+    other_src = RowSource(emb.flip(0).contiguous(), anchors, tau=100.0, cache_rows=0)
+    logits = [3 * torch.randn(3, 200), 3 * torch.randn(3, 200)]
+    eng = RelativeEnsemble([main_src, other_src], (0.5, 0.5), 0, topk=20, top_mass=0.5, main_top_mass=None,
+                           search=SearchParams())
+    res = eng.fuse(logits)
+    assert res.valid.shape == (3, 21) and res.valid.all()  # the main member: all 20 candidates and the tail
+    ids, ok = top_candidates(logits[1], 20, 0.5)
+    assert not ok.all() and other_src.misses == torch.unique(ids).numel()  # the others: cut at 0.5
+    # a copy of the main member (same rows, same logits) takes the main member's cut and its table
+    copy = RelativeEnsemble([main_src, main_src], (0.3, 0.7), 0, topk=20, top_mass=0.5, main_top_mass=None,
+                            search=SearchParams())
+    before = main_src.misses
+    res = copy.fuse([logits[0], logits[0]])
+    assert torch.equal(res.q_members[0], res.q_members[1]) and torch.equal(res.q, res.q_members[0])
+    assert main_src.misses - before == torch.unique(top_candidates(logits[0], 20)[0]).numel()  # rows computed once
+
+
 def test_dense_refuses_large_vocabularies():
     src = RowSource(torch.randn(50, 8), torch.arange(10), tau=100.0, cache_rows=4)
     with pytest.raises(ValueError, match="dense relative matrix needs"):

@@ -20,6 +20,7 @@ def make_fuser(settings: dict[str, Any], *, device: str | None = None):
         return DeePEn(members, main=settings.get("main", 0), weights=settings.get("weights"),
                       lr=settings.get("deepen_lr", 0.15), steps=settings.get("deepen_steps", 5),
                       topk=settings.get("topk", 64), top_mass=settings.get("top_mass"),
+                      main_top_mass=settings.get("main_top_mass"),
                       anchor_subset=settings.get("anchor_subset"), label_norm=settings.get("label_norm", "sum"))
     if method == "specfuse":
         from ensemble.fusers.specfuse import SpecFuse
