@@ -1,7 +1,8 @@
-"""DeePEn sparse vs exact dense agreement for several candidate cuts (top-k, cumulative mass) on the
-same recorded steps: the default fused run of bench_deepen.py (8 prompts x 64 tokens) is recorded once,
-the exact dense picks on each member's vocabulary slice are computed once, then each sparse config is
-replayed against them (same greedy token, and its row-cache misses as the cost).
+"""DeePEn sparse vs exact dense agreement for several candidate cuts (top-k, cumulative mass for the
+other members and for the main member, row precision) on the same recorded steps: the default fused run
+of bench_deepen.py (8 prompts x 64 tokens) is recorded once, the exact dense picks on each member's
+vocabulary slice are computed once, then each sparse config is replayed against them (same greedy
+token, and its row-cache misses as the cost).
 
     python bench/deepen_mass_sweep.py   (output: bench/results/deepen_mass_sweep.log)
 """
@@ -47,8 +48,12 @@ del main_rows, qs
 own = sum(int((lg[0].argmax(-1) == d).sum()) for (lg, _), d in zip(steps, dense))
 total = sum(int(d.numel()) for d in dense)
 print("main member's own argmax == dense fused:", own / total, flush=True)
-for topk, mass in [(64, 0.95), (64, 0.99), (64, None), (32, None), (128, 0.99)]:
-    c = dataclasses.replace(cfg, topk=topk, top_mass=mass)
+# (topk, top_mass of the others, main_top_mass, row store, cache rows per member)
+VARIANTS = [(64, 0.95, 0.995, "float16", 2048), (64, 0.95, 0.995, "float32", 2048), (64, 0.99, 0.995, "float16", 2048),
+            (64, 0.95, None, "float16", 2048), (64, None, None, "float16", 2048)]
+for topk, mass, main_mass, store, cache in VARIANTS:
+    c = dataclasses.replace(cfg, topk=topk, top_mass=mass, main_top_mass=main_mass, row_store=store, row_cache_size=cache)
     eng = bd.build_engine(members, c)
     same = sum(int((eng.fuse(r).greedy() == d).sum()) for r, d in zip(restricted_steps, dense))
-    print(f"topk {topk} mass {mass}: sparse==dense {same / total:.4f} misses {[s.misses for s in eng.sources]}", flush=True)
+    print(f"topk {topk} mass {mass} main {main_mass} store {store} cache {cache}: sparse==dense {same / total:.4f} "
+          f"misses {[s.misses for s in eng.sources]}", flush=True)
