@@ -389,10 +389,10 @@ class FuseResult:
 class RelativeEnsemble:
     """The DeePEn step over members' next-token logits: candidates, transform, aggregate, search.
 
-    Sparse path (default): each member contributes its top-k (optionally mass-cut: ``top_mass``, and
-    ``main_top_mass`` for the main member, whose candidates are the tokens the search can choose)
-    tokens through rows computed on demand, plus one tail pseudo-token holding the exact remaining probability mass
-    (logsumexp of the other logits) with the uniform relative row (tail rows are diffuse). The search
+    Sparse path (default): each member contributes its top-k tokens (optionally cut at a cumulative
+    mass: ``top_mass``, and ``main_top_mass`` for the main member, whose candidates are the tokens the
+    search can choose) through rows computed on demand, plus one tail pseudo-token holding the exact
+    remaining probability mass (logsumexp of the other logits) with the uniform relative row (tail rows are diffuse). The search
     runs over the main member's candidates and its tail; the tail moves as one block, as the many
     small tail logits of the dense search do under Adam's per-coordinate normalisation. Measured on
     tiny models against the dense path: same greedy token in 87% of steps at k=64 without the tail,
@@ -402,8 +402,7 @@ class RelativeEnsemble:
     """
 
     def __init__(self, sources: Sequence[RowSource], weights: Sequence[float], main: int, *, topk: int,
-                 top_mass: float | None, search: SearchParams, dense: bool = False,
-                 main_top_mass: float | None = None):
+                 top_mass: float | None, main_top_mass: float | None, search: SearchParams, dense: bool = False):
         self.sources = list(sources)
         self.weights = tuple(weights)
         self.main = main

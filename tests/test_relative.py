@@ -246,8 +246,8 @@ def _agreement(members, topk, steps=25):
     _, ids = find_anchors([m.tokenizer for m in members], [m.name for m in members], min_anchors=10)
     sources = [RowSource(m.input_embeddings(), i, tau=100.0, cache_rows=256) for m, i in zip(members, ids)]
     kw = dict(weights=(0.4, 0.3, 0.3), main=0, search=SearchParams())
-    sparse = RelativeEnsemble(sources, topk=topk, top_mass=None, **kw)
-    dense = RelativeEnsemble(sources, topk=topk, top_mass=None, dense=True, **kw)
+    sparse = RelativeEnsemble(sources, topk=topk, top_mass=None, main_top_mass=None, **kw)
+    dense = RelativeEnsemble(sources, topk=topk, top_mass=None, main_top_mass=None, dense=True, **kw)
     same = total = 0
     top1: list[float] = []
     prompts = ["What is the capital of France?", "Once upon a time", "東京 café", "def add(a, b):"]
