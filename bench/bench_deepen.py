@@ -161,11 +161,11 @@ def memory_replay(members, cfg, steps) -> dict:
 
 # ---- 4. sparse vs dense on a vocabulary slice ---------------------------------------------------------
 @torch.no_grad()
-def dense_slice_agreement(members, cfg, steps, slice_top: int) -> dict:
-    """Exact dense DeePEn restricted to each member's slice (union of every step's top tokens) against
-    the sparse step on the same restricted logits."""
+def dense_reference(members, cfg, steps, slice_top: int) -> dict:
+    """Exact dense DeePEn restricted to each member's slice (union of every step's top tokens): the
+    slices, the mass they hold per row-step, the dense picks per step and each step's logits restricted
+    to the slices (what a sparse config is replayed on)."""
     engine = build_engine(members, cfg)
-    weights = engine.weights
     slices = [torch.unique(torch.cat([lg[i].topk(slice_top, dim=-1).indices.flatten() for lg, _ in steps]))
               for i in range(len(members))]
     mass = [torch.cat([torch.softmax(lg[i], -1)[:, s].sum(-1) for lg, _ in steps]) for i, s in enumerate(slices)]
@@ -181,21 +181,33 @@ def dense_slice_agreement(members, cfg, steps, slice_top: int) -> dict:
         else:
             del rows
         log.info("dense slice of %s: %d tokens", members[i].name, slices[i].numel())
-    same = same_full = total = 0
-    for s, (logits, picked) in enumerate(steps):
-        q = aggregate([q for _, q in sorted(qs[s], key=lambda x: x[0])], weights, cfg.main)
+    picks, restricted = [], []
+    for s, (logits, _) in enumerate(steps):
+        q = aggregate([q for _, q in sorted(qs[s], key=lambda x: x[0])], engine.weights, cfg.main)
         z0 = logits[cfg.main][:, slices[cfg.main]]  # (B, n_m)
         z = inverse_search(z0, torch.ones_like(z0, dtype=torch.bool), main_rows, q, engine.search)
-        dense_pick = slices[cfg.main][z.argmax(-1)]  # (B,)
-        restricted = []
+        picks.append(slices[cfg.main][z.argmax(-1)])  # (B,)
+        step = []
         for i, lg in enumerate(logits):
             r = torch.full_like(lg, float("-inf"))
             r[:, slices[i]] = lg[:, slices[i]]
-            restricted.append(r)
+            step.append(r)
+        restricted.append(step)
+    return {"slices": slices, "mass": mass, "picks": picks, "restricted": restricted}
+
+
+@torch.no_grad()
+def dense_slice_agreement(members, cfg, steps, slice_top: int) -> dict:
+    """The sparse step (config as run) on the slice-restricted logits against the exact dense picks."""
+    ref = dense_reference(members, cfg, steps, slice_top)
+    engine = build_engine(members, cfg)
+    same = same_full = total = 0
+    for restricted, dense_pick, (_, picked) in zip(ref["restricted"], ref["picks"], steps):
         sparse_pick = engine.fuse(restricted).greedy()
         same += int((sparse_pick == dense_pick).sum())
         same_full += int((sparse_pick == picked).sum())
         total += int(picked.numel())
+    slices, mass = ref["slices"], ref["mass"]
     return {"row_steps": total, "agreement": same / total, "slice_sizes": [int(s.numel()) for s in slices],
             "slice_mass_min": [float(m.min()) for m in mass], "slice_mass_median": [float(m.median()) for m in mass],
             "sparse_slice_vs_full_logits": same_full / total}

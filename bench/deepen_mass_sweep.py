@@ -24,28 +24,9 @@ cfg = DeePEnConfig()
 fuser = DeePEn.from_config(members, cfg)
 outs, wall, inner, steps = bd.fused_run(fuser, bd.PROMPTS, 64, record=True)
 del fuser
-engine = bd.build_engine(members, cfg)
-slices = [torch.unique(torch.cat([lg[i].topk(128, dim=-1).indices.flatten() for lg, _ in steps])) for i in range(3)]
-qs = [[] for _ in steps]; main_rows = None
-for i in (1, 2, 0):
-    rows = engine.sources[i].compute(slices[i])
-    for s, (logits, _) in enumerate(steps):
-        qs[s].append((i, bd.mix(torch.softmax(logits[i][:, slices[i]], -1), rows)))
-    if i == 0: main_rows = rows
-    else: del rows
-dense = []
-restricted_steps = []
-for s, (logits, picked) in enumerate(steps):
-    q = bd.aggregate([q for _, q in sorted(qs[s], key=lambda x: x[0])], engine.weights, 0)
-    z0 = logits[0][:, slices[0]]
-    z = bd.inverse_search(z0, torch.ones_like(z0, dtype=torch.bool), main_rows, q, engine.search)
-    dense.append(slices[0][z.argmax(-1)])
-    r_all = []
-    for i, lg in enumerate(logits):
-        r = torch.full_like(lg, float("-inf")); r[:, slices[i]] = lg[:, slices[i]]; r_all.append(r)
-    restricted_steps.append(r_all)
-del main_rows, qs
-own = sum(int((lg[0].argmax(-1) == d).sum()) for (lg, _), d in zip(steps, dense))
+ref = bd.dense_reference(members, cfg, steps, slice_top=128)
+dense, restricted_steps = ref["picks"], ref["restricted"]
+own = sum(int((lg[cfg.main].argmax(-1) == d).sum()) for (lg, _), d in zip(steps, dense))
 total = sum(int(d.numel()) for d in dense)
 print("main member's own argmax == dense fused:", own / total, flush=True)
 # (topk, top_mass of the others, main_top_mass, row store, cache rows per member)

@@ -17,11 +17,11 @@ def make_fuser(settings: dict[str, Any], *, device: str | None = None):
     if method == "deepen":
         from ensemble.fusers.deepen import DeePEn
 
-        return DeePEn(members, main=settings.get("main", 0), weights=settings.get("weights"),
-                      lr=settings.get("deepen_lr", 0.15), steps=settings.get("deepen_steps", 5),
-                      topk=settings.get("topk", 64), top_mass=settings.get("top_mass"),
-                      main_top_mass=settings.get("main_top_mass"),
-                      anchor_subset=settings.get("anchor_subset"), label_norm=settings.get("label_norm", "sum"))
+        # settings the caller left out keep DeePEnConfig's defaults (None is a value here: "no cut")
+        names = {"main": "main", "weights": "weights", "deepen_lr": "lr", "deepen_steps": "steps", "topk": "topk",
+                 "top_mass": "top_mass", "main_top_mass": "main_top_mass", "anchor_subset": "anchor_subset",
+                 "label_norm": "label_norm"}
+        return DeePEn(members, **{name: settings[key] for key, name in names.items() if key in settings})
     if method == "specfuse":
         from ensemble.fusers.specfuse import SpecFuse
 
