@@ -192,12 +192,17 @@ class SpecFuse:
                 if states[i] is not None:
                     states[i], where[i] = self._compact(i, states[i], where[i], rows)
                 if states[i] is not None:
-                    fed = [rows[r].pending.pop(i) for r in where[i]]
-                    self._members[i].feed(states[i], [f[1] for f in fed], rollback=[f[0] for f in fed])
+                    states[i] = self._broadcast(i, states[i], [rows[r].pending.pop(i) for r in where[i]])
             for r, row in enumerate(rows):
                 if outputs[r] is None and row.finish is not None:
                     outputs[r] = FusedOutput(row.text, row.token_count, row.finish, row.stats)
         return outputs  # type: ignore[return-value]
+
+    def _broadcast(self, i: int, state: RowBatch, fed: list[tuple[int, list[int]]]) -> RowBatch:
+        """Bring member i's rows to the new responses: per row, roll the cache back over ``fed[b][0]``
+        tokens and feed the ids ``fed[b][1]`` (the re-tokenised tail). Returns the state to use next."""
+        self._members[i].feed(state, [f[1] for f in fed], rollback=[f[0] for f in fed])
+        return state
 
     def _new_row(self, p: DecodeParams) -> _Row:
         n = len(self._members)
@@ -274,12 +279,16 @@ class SpecFuse:
         conts = [[self._tokens_for(j, row, cs[c]) for c in oth] for row, cs, oth in zip(rows, cands, others)]
         if not any(conts):
             return
-        logps = self._members[j].score(state, conts)
+        logps = self._score(j, state, conts)
         for b, oth in enumerate(others):
             if oth:
                 rows[b].stats[j].calls += 1
             for c, lp in zip(oth, logps[b]):
                 verdicts[b][(j, c)] = segment_score(lp)
+
+    def _score(self, j: int, state: RowBatch, conts: list[list[list[int]]]) -> list[list[torch.Tensor]]:
+        """Member j's per-token log-probs of ``conts[b][c]`` after row b's cached prefix (one forward)."""
+        return self._members[j].score(state, conts)
 
     def _settle(self, row: _Row, cands: dict[int, _Candidate], verdicts: dict[tuple[int, int], float]) -> None:
         """Rank one row's candidates, update statistics and exits, extend the response, decide the stop."""
