@@ -40,7 +40,17 @@ from ensemble.text import canonical_strings
 log = logging.getLogger(__name__)
 
 _TINY = 1e-30  # floor for probabilities inside logs and divisions
-_FINISH_ROWS = 8  # rows finished together: 8 x ~38k anchors x 4 bytes stays in L2 (see RowSource._finish)
+_FINISH_ROWS = 16  # rows transposed and finished together (16 x ~38k anchors x 4 bytes stays in cache)
+_SCRATCH: dict[torch.device, torch.Tensor] = {}  # per device: the transposed row products, reused
+
+
+def _scratch(device: torch.device, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous float32 ``(rows, cols)`` work buffer shared by every RowSource on ``device`` (reused:
+    a fresh tensor of this size is a fresh mmap whose page faults cost about as much as filling it)."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _SCRATCH[device] = torch.empty(rows * cols, device=device)
+    return buf[: rows * cols].view(rows, cols)
 
 
 def find_anchors(
@@ -87,12 +97,12 @@ class RowSource:
                            for i in range(0, emb.shape[0], 65536)])  # (V,)
         self.inv_norm = 1.0 / norms.clamp_min(1e-12)  # (V,)
         ids = anchor_ids.to(self.device)
-        # (d, A): unit anchor embeddings as columns, stored transposed so the row product reads them
-        # contiguously (measured ~15% faster than multiplying by a transposed (A, d) view)
-        unit = emb[ids].float().mul_(self.inv_norm[ids, None])  # (A, d); one temporary while building
-        self.anchors_t = unit.T.contiguous()
-        del unit
+        # (A, d): unit anchor embeddings. Rows are computed as the transposed product
+        # ``anchors @ x.T -> (A, c)``: measured 1.5x the throughput of ``x @ anchors.T`` or of
+        # ``x @ (d, A)`` with MKL on this AVX2 CPU (113 vs 74 GFLOP/s at 128 rows, d = 896)
+        self.anchors = emb[ids].float().mul_(self.inv_norm[ids, None])
         self.n_anchors = int(ids.numel())
+        self._eye = torch.eye(_FINISH_ROWS, device=self.device)
         self.capacity = int(cache_rows)
         self.store_dtype = getattr(torch, store)
         self._cache = torch.empty(0, self.n_anchors, device=self.device, dtype=self.store_dtype)  # (<= C, A)
@@ -105,7 +115,7 @@ class RowSource:
     def nbytes(self) -> int:
         """Bytes held: normalised anchors, inverse norms, row cache (and the dense matrix if built)."""
         dense = self._dense.numel() * 4 if self._dense is not None else 0
-        return ((self.anchors_t.numel() + self.inv_norm.numel()) * 4
+        return ((self.anchors.numel() + self.inv_norm.numel()) * 4
                 + self._cache.numel() * self._cache.element_size() + dense)
 
     def compute(self, ids: torch.Tensor, out: torch.Tensor | None = None, *, rounded: bool = False) -> torch.Tensor:
@@ -123,23 +133,26 @@ class RowSource:
             if n < self.min_block:
                 part = torch.cat([part, part[-1:].expand(self.min_block - n)])  # (min_block,)
             x = self.emb[part].float() * self.inv_norm[part, None]  # (c, d)
-            if n == part.numel():
-                self._finish(torch.matmul(x, self.anchors_t, out=out[i : i + n]), rounded)  # (n, A) in place
-            else:
-                out[i : i + n] = self._finish((x @ self.anchors_t)[:n], rounded)
+            cos_t = torch.matmul(self.anchors, x.T, out=_scratch(self.device, self.n_anchors, part.numel()))  # (A, c)
+            for r in range(0, n, _FINISH_ROWS):  # transpose a few rows at a time and finish them in cache
+                blk = out[i + r : i + min(n, r + _FINISH_ROWS)]  # (m <= _FINISH_ROWS, A)
+                m = blk.shape[0]
+                # an exact transposing copy: identity @ cos_t[:, r:r+m].T (x * 1 plus exact zeros; the
+                # cos values are finite). Measured 2-3x faster than copy_ of the transposed view,
+                # which takes torch's generic strided path
+                torch.mm(self._eye[:m, :m], cos_t[:, r : r + m].T, out=blk)
+                self._finish(blk, rounded)
         return out
 
     def _finish(self, cos: torch.Tensor, rounded: bool = False) -> torch.Tensor:
-        """``softmax(tau * unit(cos))`` per row, in place on ``cos (c, A)``, a few rows at a time so that
-        the six passes over a row read it from cache, not memory (per-row results do not depend on how
-        many rows a slice holds). ``rounded``: then times ``A`` rounded through the store dtype."""
-        for r in range(0, cos.shape[0], _FINISH_ROWS):
-            blk = cos[r : r + _FINISH_ROWS]  # (<= _FINISH_ROWS, A)
-            blk.mul_(self.tau / torch.linalg.vector_norm(blk, dim=-1, keepdim=True).clamp_min(1e-12))
-            blk.sub_(blk.amax(dim=-1, keepdim=True)).exp_()
-            blk.div_(blk.sum(dim=-1, keepdim=True))
-            if rounded and self.store_dtype != torch.float32:
-                blk.copy_(blk.mul_(self.n_anchors).to(self.store_dtype))
+        """``softmax(tau * unit(cos))`` per row, in place on ``cos (c, A)`` (per-row results do not
+        depend on how many rows ``cos`` holds). ``rounded``: then times ``A``, rounded through the store
+        dtype."""
+        cos.mul_(self.tau / torch.linalg.vector_norm(cos, dim=-1, keepdim=True).clamp_min(1e-12))
+        cos.sub_(cos.amax(dim=-1, keepdim=True)).exp_()
+        cos.div_(cos.sum(dim=-1, keepdim=True))
+        if rounded and self.store_dtype != torch.float32:
+            cos.copy_(cos.mul_(self.n_anchors).to(self.store_dtype))
         return cos
 
     @property
