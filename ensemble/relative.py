@@ -6,13 +6,14 @@ Contract (shared/design/algorithms.md, DeePEn steps 1-5):
   byte-level BPE, SentencePiece and byte-fallback pieces canonicalised in one place, special and added
   tokens and incomplete UTF-8 excluded), in one order, as one id array per member.
 - :class:`RowSource`: the relative row ``r(t) = softmax(tau * unit(cos(E[t], E[a])))`` of any token,
-  computed on demand from L2-normalised input embeddings (``(n, d) @ (d, A)``) and kept in an LRU cache;
-  never the dense ``(V, A)`` matrix, except through :meth:`RowSource.dense` (tests, small vocabularies).
+  computed on demand from L2-normalised input embeddings (the transposed product ``(A, d) @ (d, n)``,
+  the fastest layout measured here) and kept in an LRU cache; never the dense ``(V, A)`` matrix, except
+  through :meth:`RowSource.dense` (tests, small vocabularies).
   A row is bitwise the same whatever it was computed with, so cached and fresh rows agree exactly and
   a row never depends on the rest of a batch: on CPU, blocks shorter than ``min_block`` rows are padded
-  (measured, MKL in torch 2.13: a row of an ``(M, d) @ (d, A)`` product is bit-identical for every
-  M >= 12 at any position, and differs for some M < 12); on other devices every block is padded to
-  the full ``chunk``. Rows may be *stored* (cache and returned rows) as float16 scaled by ``A``
+  (measured, MKL in torch 2.13: a column of an ``(A, d) @ (d, M)`` product, like a row of
+  ``(M, d) @ (d, A)``, is bit-identical for every M >= 12 at any position, and differs for some
+  M < 12); on other devices every block is padded to the full ``chunk``. Rows may be *stored* (cache and returned rows) as float16 scaled by ``A``
   (``store="float16"``): half the bytes per cached row, relative error <= 2^-11, every row rounded the
   same way whether fresh or cached; :meth:`RowSource.compute` and :meth:`RowSource.dense` stay exact.
 - :func:`top_candidates`: the top-k tokens of each row (optionally cut at a cumulative mass), sorted by
