@@ -15,7 +15,7 @@ Gemma-3-270M), CPU, greedy, 8 prompts x 64 new tokens, all in one run:
 5. anchor subset: the recorded steps replayed with every shared anchor, same greedy token as the run.
 
     python bench/bench_deepen.py [--prompts 8] [--max-new-tokens 64] [--repeats 1] [--ref-prompts 2]
-                                 [--slice-top 128] [--topk 64] [--top-mass 0.95|none] [--main-top-mass 0.995|none] [--anchor-subset N]
+                                 [--slice-top 128] [--topk 64] [--top-mass 0.9|none] [--main-top-mass 0.99|none] [--refine-margin 0.3] [--anchor-subset N]
 
 Writes bench/results/deepen.json and deepen.md and prints the table. Times are wall-clock on a
 shared machine: compare ratios inside one run, never absolute times.
@@ -146,7 +146,7 @@ def build_engine(members, cfg) -> RelativeEnsemble:
                for m, i in zip(members, ids)]
     return RelativeEnsemble(sources, cfg.weights or [1 / len(members)] * len(members), cfg.main,
                             topk=cfg.topk, top_mass=cfg.top_mass, main_top_mass=cfg.main_top_mass,
-                            search=cfg.search_params())
+                            search=cfg.search_params(), refine_margin=cfg.refine_margin)
 
 
 def memory_replay(members, cfg, steps) -> dict:
@@ -232,8 +232,9 @@ def main() -> None:
     ap.add_argument("--ref-prompts", type=int, default=2)
     ap.add_argument("--slice-top", type=int, default=128)
     ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--top-mass", type=optional(float), default=0.95, help="'none': keep all top-k")
-    ap.add_argument("--main-top-mass", type=optional(float), default=0.995, help="the main member's cut")
+    ap.add_argument("--top-mass", type=optional(float), default=0.9, help="'none': keep all top-k")
+    ap.add_argument("--main-top-mass", type=optional(float), default=0.99, help="the main member's cut")
+    ap.add_argument("--refine-margin", type=float, default=0.3, help="re-fuse closer rows without cuts (0: off)")
     ap.add_argument("--anchor-subset", type=optional(int), default=None, help="default: all shared anchors")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -244,6 +245,7 @@ def main() -> None:
     members = [load_member(a) for a in TRIO]
     prompts = PROMPTS[: args.prompts]
     fuser = DeePEn(members, topk=args.topk, top_mass=args.top_mass, main_top_mass=args.main_top_mass,
+                   refine_margin=args.refine_margin,
                    anchor_subset=args.anchor_subset)
     cfg = fuser.config
     res: dict = {"members": TRIO, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
@@ -264,6 +266,7 @@ def main() -> None:
     res["speed"] = {"runs": runs, "ratio_median": statistics.median(ratios),
                     "tokens": [o.token_count for o in outs], "texts": [o.text for o in outs],
                     "row_cache": [{"hits": s.hits, "misses": s.misses} for s in fuser.engine.sources],
+                    "rows_refined": fuser.engine.refined, "rows_search_skipped": fuser.engine.decided,
                     "agreement": [statistics.mean(o.member_stats[i].agreement for o in outs) for i in range(3)],
                     "mean_kl": [statistics.mean(o.member_stats[i].mean_kl for o in outs) for i in range(3)]}
     fused_wall = statistics.median(r["fused_s"] for r in runs)

@@ -50,10 +50,12 @@ class JobConfig:
     deepen_lr: float = 0.15
     deepen_steps: int = 5
     topk: int = 64
-    top_mass: float | None = 0.95
+    top_mass: float | None = 0.9
     """DeePEn: cumulative-probability cut inside the other members' top-k (None: keep all k)."""
-    main_top_mass: float | None = 0.995
+    main_top_mass: float | None = 0.99
     """DeePEn: the same cut for the main member, whose candidates the fused token is chosen from."""
+    refine_margin: float = 0.3
+    """DeePEn: rows whose two best fused candidates are closer than this are fused again without cuts."""
     anchor_subset: int | None = None
     """DeePEn: use only this many anchors, the most frequent pieces (None: all shared tokens)."""
     label_norm: str = "sum"
@@ -120,6 +122,8 @@ class JobConfig:
             raise bad("deepen_lr", ">= 0")
         if self.label_norm not in LABEL_NORMS:
             raise bad("label_norm", "'sum' or 'mean'")
+        if not (isinstance(self.refine_margin, (int, float)) and self.refine_margin >= 0):
+            raise bad("refine_margin", ">= 0")
         for name in ("top_mass", "main_top_mass"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
@@ -155,7 +159,7 @@ class JobConfig:
         if self.method != "single":
             keys += ["weights", "main"]
         if self.method == "deepen":
-            keys += ["deepen_lr", "deepen_steps", "topk", "top_mass", "main_top_mass", "anchor_subset"]
+            keys += ["deepen_lr", "deepen_steps", "topk", "top_mass", "main_top_mass", "refine_margin", "anchor_subset"]
             if self.label_norm != "sum":  # only when set: run ids of earlier default runs stay valid
                 keys.append("label_norm")
         if self.method == "specfuse":
@@ -176,7 +180,7 @@ class JobConfig:
     def fuser_settings(self) -> dict[str, Any]:
         """What the fuser factory needs (picklable; no torch)."""
         return {k: getattr(self, k) for k in ("method", "members", "weights", "main", "deepen_lr", "deepen_steps",
-                                              "topk", "top_mass", "main_top_mass", "anchor_subset", "label_norm", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
+                                              "topk", "top_mass", "main_top_mass", "refine_margin", "anchor_subset", "label_norm", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
                                               "dtype")}
 
     def to_json(self) -> str:

@@ -63,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--topk", type=int, default=S, help="DeePEn: tokens per distribution in relative space")
     g.add_argument("--top-mass", dest="top_mass", type=optional_arg(float), default=S,
                    help="DeePEn: keep the other members' top-k tokens up to this cumulative probability "
-                        "(0.95; none: all k)")
+                        "(0.9; none: all k)")
     g.add_argument("--main-top-mass", dest="main_top_mass", type=optional_arg(float), default=S,
                    help="DeePEn: the same cut for the main member, whose candidates the output token is chosen "
-                        "from (0.995; none: all k)")
+                        "from (0.99; none: all k)")
+    g.add_argument("--refine-margin", dest="refine_margin", type=float, default=S,
+                   help="DeePEn: rows whose two best fused candidates are closer than this (logits) are fused "
+                        "again with every member's full top-k (0.3; 0: off)")
     g.add_argument("--anchor-subset", dest="anchor_subset", type=optional_arg(int), default=S,
                    help="DeePEn: use only this many shared anchors (default none: all)")
     g.add_argument("--label-norm", dest="label_norm", choices=LABEL_NORMS, default=S,

@@ -169,7 +169,10 @@ def test_deepen_approximation_flags():
 
     base = ["--input", "i", "--output", "o", "--method", "deepen", "--members", "a", "b"]
     cfg = parse_config(base)
-    assert (cfg.top_mass, cfg.main_top_mass, cfg.anchor_subset) == (0.95, 0.995, None)
+    assert (cfg.top_mass, cfg.main_top_mass, cfg.refine_margin, cfg.anchor_subset) == (0.9, 0.99, 0.3, None)
+    assert parse_config(base + ["--refine-margin", "0"]).fuser_settings()["refine_margin"] == 0.0
+    with pytest.raises(ValueError, match=r"refine_margin must be >= 0, got -1.0"):
+        parse_config(base + ["--refine-margin", "-1"])
     main_all = parse_config(base + ["--main-top-mass", "none"])
     assert main_all.main_top_mass is None and main_all.config_hash != cfg.config_hash
     assert main_all.fuser_settings()["main_top_mass"] is None

@@ -20,6 +20,7 @@ def make_fuser(settings: dict[str, Any], *, device: str | None = None):
         # settings the caller left out keep DeePEnConfig's defaults (None is a value here: "no cut")
         names = {"main": "main", "weights": "weights", "deepen_lr": "lr", "deepen_steps": "steps", "topk": "topk",
                  "top_mass": "top_mass", "main_top_mass": "main_top_mass", "anchor_subset": "anchor_subset",
+                 "refine_margin": "refine_margin",
                  "label_norm": "label_norm"}
         return DeePEn(members, **{name: settings[key] for key, name in names.items() if key in settings})
     if method == "specfuse":
