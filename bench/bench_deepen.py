@@ -3,7 +3,8 @@ Gemma-3-270M), CPU, greedy, 8 prompts x 64 new tokens, all in one run:
 
 1. speed: fused decoding time / the sum of the members' own decoding time for the same tokens (each
    member alone, batched and KV-cached, feeding its own tokenisation of the fused responses one token
-   per step); pairs interleaved, median over --repeats;
+   per step); pairs interleaved, median over --repeats, each repeat with a fresh fuser (empty row
+   cache), after an untimed warm-up of both sides (4 tokens);
 2. structure: batched DeePEn vs the reference code's structure (batch 1, main member KV-cached, every
    other member re-encodes its whole sequence each step), measured on --ref-prompts of the prompts and
    scaled to all of them (a batch-1 loop's time is the sum of its prompts' times);
@@ -66,9 +67,9 @@ def fused_run(fuser: DeePEn, prompts, max_new: int, record: bool):
     steps, inner = [], [0.0]
     orig = fuser.engine.fuse
 
-    def hooked(logits, extra=None):
+    def hooked(logits, extra=None, **kw):
         t = time.perf_counter()
-        res = orig(logits, extra)
+        res = orig(logits, extra, **kw)
         inner[0] += time.perf_counter() - t
         if record:
             steps.append(([lg.detach().float().clone() for lg in logits], res.greedy().clone()))
@@ -244,17 +245,25 @@ def main() -> None:
 
     members = [load_member(a) for a in TRIO]
     prompts = PROMPTS[: args.prompts]
-    fuser = DeePEn(members, topk=args.topk, top_mass=args.top_mass, main_top_mass=args.main_top_mass,
-                   refine_margin=args.refine_margin,
-                   anchor_subset=args.anchor_subset)
+    def new_fuser() -> DeePEn:
+        return DeePEn(members, topk=args.topk, top_mass=args.top_mass, main_top_mass=args.main_top_mass,
+                      refine_margin=args.refine_margin, anchor_subset=args.anchor_subset)
+
+    fuser = new_fuser()
     cfg = fuser.config
     res: dict = {"members": TRIO, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                  "config": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()},
                  "anchors": len(fuser.anchor_strings), "torch_threads": torch.get_num_threads()}
 
     # 1. speed, interleaved pairs
+    # warm-up, not timed: a process's first forwards pay one-off costs (allocator growth, oneDNN kernel
+    # generation) that neither side of the ratio should carry; its fuser (and row cache) is thrown away
+    warm, _, _, _ = fused_run(fuser, prompts, 4, record=False)
+    for m in members:
+        own_decode_time(m, prompts, [o.text for o in warm])
     ratios, runs, steps, outs = [], [], [], None
     for rep in range(args.repeats):
+        fuser = new_fuser()  # every repeat starts with an empty row cache, as a fresh job would
         outs, wall, inner, rec = fused_run(fuser, prompts, args.max_new_tokens, record=rep == 0)
         steps = rec or steps
         texts = [o.text for o in outs]
@@ -265,7 +274,7 @@ def main() -> None:
                  {k: round(v, 1) for k, v in own.items()}, ratios[-1])
     res["speed"] = {"runs": runs, "ratio_median": statistics.median(ratios),
                     "tokens": [o.token_count for o in outs], "texts": [o.text for o in outs],
-                    "row_cache": [{"hits": s.hits, "misses": s.misses} for s in fuser.engine.sources],
+                    "row_cache_last_repeat": [{"hits": s.hits, "misses": s.misses} for s in fuser.engine.sources],
                     "rows_refined": fuser.engine.refined, "rows_search_skipped": fuser.engine.decided,
                     "agreement": [statistics.mean(o.member_stats[i].agreement for o in outs) for i in range(3)],
                     "mean_kl": [statistics.mean(o.member_stats[i].mean_kl for o in outs) for i in range(3)]}
