@@ -530,8 +530,9 @@ class RelativeEnsemble:
     at k=64 without the tail, 100% with it.
 
     ``refine_margin``: rows whose two best searched candidates are closer than this (in logits) are
-    fused again with every member's full top-k (no mass cuts) and take that result: the cuts decide
-    close calls only. Measured on the packaged trio (bench/deepen_mass_sweep.py): cuts 0.9 / 0.99 with
+    fused again with every member's full top-k (no mass cuts) and take that result, so the cuts do not
+    decide close calls. A row the main member's cut leaves with one candidate (its top token holds at
+    least ``main_top_mass``) is not refined. Measured on the packaged trio (bench/deepen_mass_sweep.py): cuts 0.9 / 0.99 with
     refinement below 0.3 agree with the exact dense step as often as the full top-64 of every member
     without cuts, for about half the row computations.
 

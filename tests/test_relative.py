@@ -11,6 +11,7 @@ from ensemble.relative import (
     RowSource,
     SearchParams,
     aggregate,
+    decided_rows,
     find_anchors,
     inverse_search,
     inverse_search_reference,
@@ -18,6 +19,7 @@ from ensemble.relative import (
     masked_softmax,
     mix,
     pull,
+    search_radius,
     top_candidates,
 )
 from ensemble.text import token_bytes_table
@@ -217,6 +219,91 @@ def test_search_lr_zero_and_zero_loss_rows_are_untouched():
     target[1] = own[1]
     z = inverse_search(z0, valid, rows, target, SearchParams())
     assert torch.equal(z[1], z0[1]) and not torch.equal(z[0], z0[0])
+
+
+def test_search_moves_no_logit_further_than_its_radius():
+    """search_radius bounds every logit's move (apart from the weight decay's common factor), also for
+    targets far from the start, whose gradients are large and steady."""
+    params = SearchParams()
+    decay = math.prod(1 - params.lr_at(t) * params.weight_decay for t in range(params.steps))
+    worst = 0.0
+    for seed in range(6):
+        z0, rows, target = _problem(B=8, k=16, seed=seed)
+        if seed % 2:
+            target = torch.softmax(12 * torch.randn(target.shape, generator=torch.Generator().manual_seed(seed)), -1)
+        z = inverse_search(z0, torch.ones_like(z0, dtype=torch.bool), rows, target, params)
+        worst = max(worst, float((z - z0 * decay).abs().max()))
+    assert 0.5 * search_radius(params) < worst <= search_radius(params) + 1e-5
+
+
+def test_decided_rows_keep_their_argmax():
+    """Rows whose lead exceeds twice the radius are decided: the full search keeps their argmax."""
+    z0, rows, target = _problem(B=16, k=12, seed=4)
+    lead = torch.linspace(0.0, 3.0, 16)  # give the best candidate a lead from 0 to 3
+    best = z0.argmax(-1)
+    z0 = z0.scatter(1, best[:, None], z0.max(-1, keepdim=True).values + lead[:, None])
+    valid = torch.ones_like(z0, dtype=torch.bool)
+    done = decided_rows(z0, valid, SearchParams())
+    assert 0 < int(done.sum()) < 16  # some rows decided, some not (the test is not vacuous)
+    z = inverse_search(z0, valid, rows, target, SearchParams())
+    assert torch.equal(z[done].argmax(-1), best[done])
+    one = valid.clone()
+    one[:, 1:] = False  # a single valid candidate is always decided
+    assert decided_rows(z0, one, SearchParams()).all()
+    assert decided_rows(z0, valid, SearchParams(lr=0.0)).all()
+
+
+def _two_members(seed=6, B=6):
+    torch.manual_seed(seed)
+    emb = torch.randn(200, 16)
+    anchors = torch.arange(0, 200, 2)
+    sources = [RowSource(emb, anchors, tau=100.0, cache_rows=64), RowSource(emb.flip(0).contiguous(), anchors,
+                                                                            tau=100.0, cache_rows=64)]
+    logits = [3 * torch.randn(B, 200), 3 * torch.randn(B, 200)]
+    logits[0][::2, 7] += 20.0  # every other row: a clear favourite of the main member
+    return sources, logits
+
+
+def test_greedy_rows_skip_only_searches_that_cannot_change_the_token():
+    sources, logits = _two_members()
+    kw = dict(topk=20, top_mass=None, main_top_mass=None, search=SearchParams())
+    full = RelativeEnsemble(sources, (0.5, 0.5), 0, **kw).fuse(logits)
+    eng = RelativeEnsemble(sources, (0.5, 0.5), 0, **kw)
+    res = eng.fuse(logits, greedy_rows=torch.ones(6, dtype=torch.bool))
+    done = decided_rows(logits[0].gather(1, full.cand), full.valid[:, :-1], SearchParams())
+    assert done[::2].all() and not done.all()  # the clear favourites, and not every row
+    assert eng.decided == int(done.sum())
+    assert torch.equal(res.greedy(), full.greedy())
+    torch.testing.assert_close(res.z[~done], full.z[~done], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(res.z[0], full.z[0])  # a decided row keeps its initial logits
+    # rows that need the fused distribution itself (sampling) are always searched
+    eng2 = RelativeEnsemble(sources, (0.5, 0.5), 0, **kw)
+    res2 = eng2.fuse(logits, greedy_rows=torch.tensor([False, True, False, True, False, True]))
+    assert eng2.decided == int(done[1::2].sum())
+    torch.testing.assert_close(res2.z[::2], full.z[::2], atol=1e-5, rtol=1e-5)
+
+
+def test_refinement_reruns_close_rows_without_cuts():
+    sources, logits = _two_members(seed=8)
+    kw = dict(topk=20, search=SearchParams())
+    cut = RelativeEnsemble(sources, (0.5, 0.5), 0, top_mass=0.6, main_top_mass=0.7, **kw).fuse(logits)
+    nocut = RelativeEnsemble(sources, (0.5, 0.5), 0, top_mass=None, main_top_mass=None, **kw).fuse(logits)
+    top = cut.token_logits().topk(2, dim=-1).values
+    margin = top[:, 0] - top[:, 1]  # inf where the cut left one candidate (it holds >= 0.7 of the mass)
+    for threshold in (1e9, float(margin[margin.isfinite()].sort().values[:2].mean())):  # all, then one
+        eng = RelativeEnsemble(sources, (0.5, 0.5), 0, top_mass=0.6, main_top_mass=0.7, refine_margin=threshold, **kw)
+        res = eng.fuse(logits)
+        close = margin < threshold
+        assert eng.refined == int(close.sum()) > 0 and not close.all()
+        for b in range(6):  # each row is the cut result or, when close, the no-cut one
+            want = nocut if close[b] else cut
+            assert torch.equal(res.cand[b][res.valid[b, :-1]], want.cand[b][want.valid[b, :-1]])
+            torch.testing.assert_close(res.token_logits()[b][res.valid[b, :-1]],
+                                       want.token_logits()[b][want.valid[b, :-1]], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(res.z[b, -1], want.z[b, -1], atol=1e-5, rtol=1e-5)  # the tail
+            torch.testing.assert_close(res.q_members[1][b], want.q_members[1][b], atol=1e-7, rtol=1e-5)
+            torch.testing.assert_close(res.q[b], want.q[b], atol=1e-7, rtol=1e-5)
+            assert int(res.greedy()[b]) == int(want.greedy()[b])
 
 
 def test_cosine_schedule_matches_torch():
