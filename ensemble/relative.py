@@ -575,8 +575,8 @@ class RelativeEnsemble:
                 shared: tuple[torch.Tensor, IndexedRows] | None = None):
         """Candidates + tail of one member: ids (B, k), z (B, k+1), valid (B, k+1), rows (B, k+1) of a
         (U+1, A) table (row 0 the tail's uniform row, then the batch's distinct candidates), and the
-        table rows the search needs (``1 + U'``): the main member's rows of undecided rows come first
-        when ``greedy_rows`` is given (see :func:`decided_rows`). A member with the main member's rows
+        with ``greedy_rows`` (main member only) the rows to search and the table rows they need
+        (``1 + U'``: the candidates of undecided rows come first, see :func:`decided_rows`), else None. A member with the main member's rows
         and the same candidates takes the main member's table ``shared`` (so a copy of the main member
         mixes bit for bit like it)."""
         # the main member's cut for every member with the main member's rows (copies of it stay exact copies)
@@ -587,13 +587,15 @@ class RelativeEnsemble:
         ok = torch.cat([ok, torch.isfinite(tail)], dim=1)  # (B, k+1)
         z = z.masked_fill(~ok, 0.0)  # no -inf inside the search state
         if shared is not None and src is self.sources[self.main] and torch.equal(ids, shared[0]):
-            return ids, z, ok, shared[1], 0  # a copy of the main member: its table, bit for bit
+            return ids, z, ok, shared[1], None  # a copy of the main member: its table, bit for bit
         uniq, inv = torch.unique(ids, return_inverse=True)  # (u,), (B, k)
         u = uniq.numel()
         first = torch.ones(u, dtype=torch.bool, device=uniq.device)  # table rows the search reads
+        search = None
         if is_main and greedy_rows is not None:
+            open_ = self._open(z, ok, greedy_rows)  # (B,)
             first = torch.zeros_like(first)
-            first[inv[self._open(z, ok, greedy_rows)].flatten()] = True
+            first[inv[open_].flatten()] = True
         table = self._table(is_main, u + 1, src)  # (U+1, A), stored form
         table[0] = 1.0 / (src.n_anchors * src.scale)  # the tail's uniform row
         slot = torch.empty(u, dtype=torch.long, device=uniq.device)  # table row of each distinct id
@@ -603,8 +605,10 @@ class RelativeEnsemble:
                 slot[pos] = start + src.rows_into(uniq[pos], table[start : start + pos.numel()]).to(slot.device)
                 start += pos.numel()
         index = torch.cat([slot[inv], torch.zeros_like(inv[:, :1])], dim=1)  # (B, k+1): tail -> row 0
-        n1 = 1 + int(first.sum())
-        return ids, z, ok, IndexedRows(table, index, src.scale), n1
+        rows = IndexedRows(table, index, src.scale)
+        if is_main and greedy_rows is not None:  # the open rows on the table prefix they use
+            search = (open_.nonzero()[:, 0], 1 + int(first.sum()))
+        return ids, z, ok, rows, search
 
     def _open(self, z: torch.Tensor, ok: torch.Tensor, greedy_rows: torch.Tensor) -> torch.Tensor:
         """Rows ``(B,)`` the search must run on: all but greedy rows it provably cannot change."""
@@ -644,7 +648,7 @@ class RelativeEnsemble:
         dev = self.sources[self.main].device
         qs: list[torch.Tensor | None] = [None] * len(self.sources)
         main_rows = cand = valid = z0 = None
-        peak, n_search = 0, 0
+        peak, search = 0, None
         order = [self.main] + [i for i in range(len(self.sources)) if i != self.main]  # main first
         for i in order:
             src, lg = self.sources[i], logits[i].float()
@@ -654,20 +658,19 @@ class RelativeEnsemble:
                 ids = torch.arange(lg.shape[-1], device=lg.device).expand(lg.shape[0], -1)  # (B, V)
                 zi, ok = lg, torch.ones_like(ids, dtype=torch.bool)  # (B, V)
             else:
-                ids, zi, ok, rows, n = self._sparse(src, lg, extra if is_main else None, is_main, masses,
-                                                    greedy_rows, None if is_main else (cand, main_rows))
-                if is_main:
-                    n_search = n
+                ids, zi, ok, rows, part = self._sparse(src, lg, extra if is_main else None, is_main, masses,
+                                                       greedy_rows, None if is_main else (cand, main_rows))
+                search = part if is_main else search
             qs[i] = mix(masked_softmax(zi, ok), rows).to(dev)  # (B, A)
             if isinstance(rows, IndexedRows):  # transient: the table's rows gathered from / rounded for the cache
                 peak = max(peak, rows.table.numel() * src.store_dtype.itemsize)
             if is_main:
                 main_rows, cand, valid, z0 = rows, ids, ok, zi
         q = aggregate(qs, self.weights, self.main)  # (B, A)
-        if isinstance(main_rows, IndexedRows) and greedy_rows is not None:
+        if search is not None:
             # undecided rows only, on the table rows they use (a prefix): the others keep z0
             z = z0.clone()
-            rows_open = self._open(z0, valid, greedy_rows).nonzero()[:, 0]
+            rows_open, n_search = search
             self.decided += z0.shape[0] - rows_open.numel()
             if rows_open.numel():
                 sub = IndexedRows(main_rows.table[:n_search], main_rows.index[rows_open], main_rows.scale)
