@@ -442,11 +442,15 @@ def decided_rows(z0: torch.Tensor, valid: torch.Tensor, params: SearchParams) ->
     if params.lr == 0.0 or params.steps == 0:
         return torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
     decay = math.prod(1 - params.lr_at(t) * params.weight_decay for t in range(params.steps))
-    top = z0.masked_fill(~valid, float("-inf")).topk(min(2, z0.shape[1]), dim=-1).values  # (B, <=2)
-    if top.shape[1] < 2:
-        return torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
-    lead = (top[:, 0] - top[:, 1]) * decay  # (B,), inf with one valid candidate
-    return lead > 2 * search_radius(params) + 1e-3
+    return top_lead(z0.masked_fill(~valid, float("-inf"))) * decay > 2 * search_radius(params) + 1e-3
+
+
+def top_lead(z: torch.Tensor) -> torch.Tensor:
+    """How far each row's best entry of ``z (B, k)`` leads its second ``(B,)``; inf with one finite entry."""
+    if z.shape[1] < 2:
+        return torch.full((z.shape[0],), float("inf"), device=z.device)
+    top = z.topk(2, dim=-1).values  # (B, 2)
+    return top[:, 0] - top[:, 1]
 
 
 def inverse_search_reference(z0: torch.Tensor, rows: torch.Tensor, target: torch.Tensor,
@@ -633,10 +637,7 @@ class RelativeEnsemble:
         res = self._fuse(logits, extra, masses, greedy_rows)
         if self.dense or self.refine_margin <= 0.0 or masses == (None, None):
             return res
-        top = res.token_logits().topk(min(2, res.cand.shape[1]), dim=-1).values  # (B, <=2)
-        if top.shape[1] < 2:
-            return res
-        rows = ((top[:, 0] - top[:, 1]) < self.refine_margin).nonzero()[:, 0]  # (r,)
+        rows = (top_lead(res.token_logits()) < self.refine_margin).nonzero()[:, 0]  # (r,)
         if rows.numel() == 0:
             return res
         self.refined += rows.numel()
