@@ -46,7 +46,7 @@ def test_check_on_tiny_members_and_a_dev_file(tmp_path):
     assert sum(res["adapt_weights"].values()) == pytest.approx(1.0)
     assert res["job_flags"].startswith("--weights ")
     # the printed flag (6 decimals, not summing to 1 exactly) goes straight into the job's CLI
-    from jobs.fuse import parse_config
+    from jobs.cli import parse_config
     cfg = parse_config(["--input", "i", "--output", "o", "--method", "deepen",
                         "--members", *(m.name for m in members), *res["job_flags"].split()])
     assert cfg.weights == pytest.approx(tuple(res["adapt_weights"].values()), abs=1e-6)

@@ -122,7 +122,7 @@ def test_config_hash_covers_outputs_only():
 
 
 def test_config_file_and_flags(tmp_path):
-    from jobs.fuse import parse_config
+    from jobs.cli import parse_config
 
     f = tmp_path / "job.yaml"
     f.write_text("input: in.jsonl\noutput: out\nmethod: specfuse\nmembers: [a, b]\nsegment_tokens: 6\nexit: false\n")
@@ -165,7 +165,7 @@ def test_fuser_is_built_once_per_worker(monkeypatch):
 
 
 def test_deepen_approximation_flags():
-    from jobs.fuse import parse_config
+    from jobs.cli import parse_config
 
     base = ["--input", "i", "--output", "o", "--method", "deepen", "--members", "a", "b"]
     cfg = parse_config(base)
