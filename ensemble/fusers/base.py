@@ -3,7 +3,9 @@
 Every fuser (Single, DeePEn, SpecFuse) offers:
 - ``generate(prompts, params) -> list[FusedOutput]``: ``params`` is one :class:`DecodeParams` or one
   per prompt (per-row seeds and budgets);
-- ``label(prompts, choices) -> list[LabelOutput]``: pick one of each row's choices, with probabilities.
+- ``label(prompts, choices) -> list[LabelOutput]``: pick one of each row's choices, with probabilities;
+- ``fit_prompts(prompts, systems, max_new_tokens, max_prompt_tokens, policy)``: each prompt checked
+  against the token limits of every member (and cut to fit them when asked), before a call.
 """
 from __future__ import annotations
 
@@ -73,6 +75,9 @@ class Fuser(Protocol):
     @property
     def members(self) -> list: ...
 
+    def fit_prompts(self, prompts: Sequence[str], systems: Sequence[str | None], max_new_tokens: Sequence[int],
+                    max_prompt_tokens: int, policy: str = "error") -> list[str | PromptTooLong]: ...
+
 
 def normalise_log_scores(scores: Sequence[float]) -> list[float]:
     """softmax over scores (log domain), numerically stable."""
@@ -91,3 +96,49 @@ def check_choices(choices: Sequence[Sequence[str]], n: int) -> None:
         bad = [c for c in cs if not isinstance(c, str) or not c.strip()]
         if bad:
             raise ValueError(f"choices of row {i} must be non-empty strings, got {bad!r}")
+
+
+LONG_PROMPT_POLICIES = ("error", "truncate")
+
+
+class PromptTooLong(ValueError):
+    """A prompt over a member's token limit; the message names the member, the count and the limit."""
+
+
+def fit_prompts(fuser, prompts: Sequence[str], systems: Sequence[str | None], max_new_tokens: Sequence[int],
+                max_prompt_tokens: int, policy: str = "error") -> list[str | PromptTooLong]:
+    """Each prompt as it fits every member of ``fuser``, or the :class:`PromptTooLong` saying why not.
+
+    A member's limit is ``max_prompt_tokens``, and at most its context window less the row's
+    ``max_new_tokens``, counted in its own prompt tokens (chat template and system message included).
+    ``policy`` "error" refuses a prompt over a limit; "truncate" cuts the prompt's text (a few rounds,
+    each to the share of characters that the worst member's count allows, less 5%) until every member
+    fits. Fusers expose this as their ``fit_prompts`` method."""
+    if policy not in LONG_PROMPT_POLICIES:
+        raise ValueError(f"policy must be one of {LONG_PROMPT_POLICIES}, got {policy!r}")
+    if not len(prompts) == len(systems) == len(max_new_tokens):
+        raise ValueError(f"prompts, systems and max_new_tokens must have one entry per row, "
+                         f"got {len(prompts)}, {len(systems)} and {len(max_new_tokens)}")
+    return [_fit_one(fuser.members, p, s, n, max_prompt_tokens, policy)
+            for p, s, n in zip(prompts, systems, max_new_tokens)]
+
+
+def _fit_one(members, prompt: str, system: str | None, max_new_tokens: int, max_prompt_tokens: int,
+             policy: str) -> str | PromptTooLong:
+    for _ in range(8):
+        worst = 0.0
+        for m in members:
+            n = len(m.encode_prompt(prompt, system))
+            limit = max_prompt_tokens
+            if m.context_window:
+                limit = min(limit, m.context_window - max_new_tokens)
+            worst = max(worst, n / max(limit, 1))
+            if n > limit and policy == "error":
+                return PromptTooLong(
+                    f"prompt has {n} tokens for member {m.name}, over the limit of {limit} "
+                    f"(max_prompt_tokens={max_prompt_tokens}, context window {m.context_window})"
+                )
+        if worst <= 1:
+            return prompt
+        prompt = prompt[:int(len(prompt) / worst * 0.95)]
+    return PromptTooLong(f"prompt could not be truncated under {max_prompt_tokens} tokens")

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ensemble.config import DecodeParams, normalise_weights, per_row
-from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, normalise_log_scores
+from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts, normalise_log_scores
 from ensemble.fusers.single import find_stop
 from ensemble.members import Member, RowBatch
 from ensemble.reference import next_logits_uncached
@@ -170,6 +170,7 @@ class DeePEn:
     """DeePEn over heterogeneous members behind the fuser interface (see module docstring)."""
 
     name = "deepen"
+    fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
     def __init__(self, members: Sequence[Member], main: int = 0, weights: Sequence[float] | None = None,
                  lr: float = 0.15, steps: int = 5, topk: int = 64, **options):

@@ -18,6 +18,7 @@ from ensemble.fusers.base import (
     LabelOutput,
     MemberStats,
     check_choices,
+    fit_prompts,
     normalise_log_scores,
 )
 from ensemble.members import Member
@@ -36,6 +37,7 @@ class Single:
     """One member alone, behind the fuser interface."""
 
     name = "single"
+    fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
     def __init__(self, member: Member):
         self.member = member

@@ -51,7 +51,7 @@ from typing import Sequence
 import torch
 
 from ensemble.config import DecodeParams, normalise_weights, per_row
-from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices
+from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts
 from ensemble.fusers.single import find_stop
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
@@ -135,6 +135,7 @@ class SpecFuse:
     """Segment-level ensemble of heterogeneous members with model exit (see the module docstring)."""
 
     name = "specfuse"
+    fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
     def __init__(
         self,
