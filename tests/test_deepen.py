@@ -2,6 +2,7 @@
 vocabularies, SentencePiece with byte fallback): the invariants of shared/design/algorithms.md, the
 cached incremental broadcast against the uncached re-encoding oracle, labeling, stops and config."""
 import logging
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from ensemble import DecodeParams, Single
 from ensemble.fusers.deepen import DeePEn, DeePEnConfig, _Rows
 from ensemble.members import Member
 from ensemble.reference import logprobs_uncached, next_logits_uncached
+from ensemble.text import complete_utf8_prefix
 
 PROMPTS = [
     "What is the capital of France?",
@@ -32,6 +34,7 @@ def _copy(m: Member, name: str) -> Member:
 def test_two_copies_reproduce_the_member(which, bpe_member, sp_member):
     m = bpe_member if which == "bpe" else sp_member
     alone = Single(m).generate(PROMPTS, GREEDY)
+    assert all(o.token_count > 0 for o in alone)  # the comparison below is not between empty outputs
     for weights in (None, (0.3, 0.7)):
         fused = DeePEn([m, _copy(m, "copy")], weights=weights).generate(PROMPTS, GREEDY)
         assert _ids(None, fused) == _ids(None, alone)
@@ -44,12 +47,17 @@ def test_two_copies_reproduce_the_member(which, bpe_member, sp_member):
 def test_main_only_weights_and_zero_lr_reproduce_the_main(bpe_member, bpe_member_qwen, sp_member):
     want_bpe = _ids(None, Single(bpe_member).generate(PROMPTS, GREEDY))
     want_sp = _ids(None, Single(sp_member).generate(PROMPTS, GREEDY))
+    assert all(want_bpe[1]) and all(want_sp[1])  # every reference output has tokens
     assert _ids(None, DeePEn([bpe_member, sp_member], weights=(1, 0)).generate(PROMPTS, GREEDY)) == want_bpe
     assert _ids(None, DeePEn([bpe_member, sp_member], main=1, weights=(0, 1)).generate(PROMPTS, GREEDY)) == want_sp
     trio = [sp_member, bpe_member, bpe_member_qwen]
     assert _ids(None, DeePEn(trio, lr=0.0).generate(PROMPTS, GREEDY)) == want_sp
-    # ... while the ensemble proper does change the output
-    assert _ids(None, DeePEn([bpe_member, bpe_member_qwen, sp_member]).generate(PROMPTS, GREEDY)) != want_bpe
+    # ... while the ensemble proper decodes what the uncached oracle decodes, which is not the main's output
+    fuser = DeePEn([bpe_member, bpe_member_qwen, sp_member])
+    oracle = [fuser.greedy_uncached(p, GREEDY.max_new_tokens) for p in PROMPTS]
+    fused = _ids(None, fuser.generate(PROMPTS, GREEDY))
+    assert fused == ([fuser.main.decode(ids) for ids in oracle], [len(ids) for ids in oracle])
+    assert any(text != alone for text, alone in zip(fused[0], want_bpe[0]))
 
 
 @pytest.mark.parametrize("main", [0, 2])
@@ -60,7 +68,7 @@ def test_cached_incremental_equals_uncached_oracle(main, bpe_member, bpe_member_
     outs = fuser.generate(PROMPTS, DecodeParams(max_new_tokens=12))
     for prompt, out in zip(PROMPTS, outs):
         ref = fuser.greedy_uncached(prompt, 12)
-        assert out.token_count == len(ref)
+        assert out.token_count == len(ref) > 0
         assert out.text == fuser.main.decode(ref)
 
 
@@ -68,11 +76,11 @@ def test_prompt_output_does_not_depend_on_the_batch(bpe_member, bpe_member_qwen,
     fuser = DeePEn([bpe_member_qwen, sp_member, bpe_member])
     batched = fuser.generate(PROMPTS, GREEDY)
     alone = [fuser.generate([p], GREEDY)[0] for p in PROMPTS]
-    assert [o.text for o in batched] == [o.text for o in alone]
+    assert [o.text for o in batched] == [o.text for o in alone] and all(o.text for o in alone)
     p = DecodeParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=11)
     one = fuser.generate([PROMPTS[2]], p)[0].text
     mixed = fuser.generate(PROMPTS, [p.with_(seed=1), GREEDY, p, p.with_(seed=3)])[2].text
-    assert one == mixed
+    assert one == mixed and one
     seeds = {fuser.generate([PROMPTS[2]], p.with_(seed=s))[0].text for s in range(4)}
     assert len(seeds) > 1
 
@@ -110,7 +118,11 @@ def test_stops_budget_and_statistics(bpe_member, sp_member):
     assert cut.finish_reason.value == "stop" and cut.text == full.text[: full.text.index(stop)]
     main, other = full.member_stats
     assert (main.role, other.role, main.weight) == ("main", "member", 0.5)
-    assert main.tokens_out == 16 and other.tokens_out > 0  # its own tokenisation of the response
+    assert main.tokens_out == 16
+    ids = fuser.greedy_uncached(PROMPTS[0], 16)  # the oracle's main ids of this response
+    assert bpe_member.decode(ids) == full.text
+    followed = complete_utf8_prefix(b"".join(bpe_member.codec.token_bytes(t) for t in ids))
+    assert other.tokens_out == len(sp_member.encode_text(followed.decode("utf-8", errors="replace")))  # its own tokenisation
     assert main.calls == 16 and 1 <= other.calls <= 16  # one prefill + one forward per step, at most
     assert main.tokens_in == len(bpe_member.encode_prompt(PROMPTS[0])) + 15
     assert other.tokens_in >= len(sp_member.encode_prompt(PROMPTS[0]))
@@ -167,14 +179,21 @@ def test_label_is_batch_independent_and_reports_stats(bpe_member, bpe_member_qwe
 
 def test_dense_reference_path_runs_and_matches_at_lr_zero(bpe_member, sp_member):
     want = _ids(None, Single(bpe_member).generate(PROMPTS[:2], GREEDY))
+    assert all(want[1])
     assert _ids(None, DeePEn([bpe_member, sp_member], lr=0.0, dense=True).generate(PROMPTS[:2], GREEDY)) == want
-    assert all(o.text for o in DeePEn([bpe_member, sp_member], dense=True).generate(PROMPTS[:2], GREEDY))
+    dense = DeePEn([bpe_member, sp_member], dense=True)  # cached decoding on the dense engine = its uncached oracle
+    oracle = [dense.greedy_uncached(p, GREEDY.max_new_tokens) for p in PROMPTS[:2]]
+    assert _ids(None, dense.generate(PROMPTS[:2], GREEDY)) == ([dense.main.decode(i) for i in oracle], [len(i) for i in oracle])
+    assert all(oracle)
 
 
 def test_anchor_count_is_logged_and_too_few_is_an_error(bpe_member, sp_member, caplog):
     with caplog.at_level(logging.INFO, logger="ensemble.relative"):
-        DeePEn([bpe_member, sp_member])
-    assert any("DeePEn anchors: " in r.message for r in caplog.records)
+        fuser = DeePEn([bpe_member, sp_member])
+    found = [m for r in caplog.records
+             if (m := re.search(r"DeePEn anchors: (\d+) .* \['tiny-bpe', 'tiny-sp'\]; using (\d+)", r.getMessage()))]
+    assert len(found) == 1  # the count logged is the count in use: all shared tokens (no anchor_subset)
+    assert int(found[0].group(1)) == int(found[0].group(2)) == len(fuser.anchor_strings) > 0
     with pytest.raises(ValueError, match=r"anchor tokens are shared by members \['tiny-bpe', 'tiny-sp'\].*min_anchors=5000"):
         DeePEn([bpe_member, sp_member], min_anchors=5000)
 
