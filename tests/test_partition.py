@@ -4,7 +4,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from ensemble import Single
+from ensemble import DecodeParams, Single
 from jobs.config import JobConfig
 from jobs.partition import process_partition
 from jobs.rows import derive_seed
@@ -51,10 +51,19 @@ def test_every_input_row_has_one_output_row(cfg, bpe_member):
     assert len(rows) == len(GOOD) + len(BAD) + 2
     ok = {r["id"]: r for r in rows if r["status"] == "ok"}
     assert set(ok) == {"a", "b", "c", "d"}
-    assert ok["b"]["label"] in ("yes", "no") and sum(ok["b"]["label_probs"]) == pytest.approx(1)
-    assert ok["a"]["text"] and 0 < ok["a"]["token_count"] <= 6
-    assert ok["c"]["token_count"] <= 3 and ok["c"]["seed"] == 5
-    assert ok["d"]["token_count"] <= 6  # capped by the job's budget
+    # each ok row is what the fuser itself gives for the row's normalised request (oracle: Single alone)
+    single = Single(bpe_member)
+    want_b = single.label(["Is fire hot?"], [["yes", "no"]])[0]
+    assert ok["b"]["label"] == want_b.label and ok["b"]["label_probs"] == pytest.approx(want_b.probs, abs=1e-5)
+    want = single.generate(["What is the capital of France?", "Hi there", "Tell me a story."], [
+        DecodeParams(max_new_tokens=6),  # the job's budget
+        DecodeParams(max_new_tokens=3, seed=5),  # control characters removed, the row's own budget
+        DecodeParams(max_new_tokens=6, system="Be brief."),  # 9999 capped by the job's budget
+    ])
+    for rid, w in zip("acd", want):
+        assert (ok[rid]["text"], ok[rid]["token_count"], ok[rid]["finish_reason"]) == (
+            w.text, w.token_count, w.finish_reason.value), rid
+    assert all(w.token_count > 0 for w in want) and ok["c"]["seed"] == 5
     assert ok["a"]["seed"] == derive_seed(cfg.seed, "a")
     errors = [r for r in rows if r["status"] == "error"]
     assert all(r["error"] and r["finish_reason"] == "error" and r["config_hash"] == cfg.config_hash for r in errors)
@@ -69,7 +78,12 @@ def test_long_prompt_truncate(cfg, bpe_member):
     cfg = JobConfig(**{**cfg.__dict__, "long_prompt": "truncate", "extra": {}})
     batch = _lines([{"id": "m", "prompt": "word " * 400}])
     rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
-    assert rows[0]["status"] == "ok" and rows[0]["text"] is not None
+    assert rows[0]["status"] == "ok" and rows[0]["text"]
+    # the row is generated from the head of the prompt that fits max_prompt_tokens
+    fitted = Single(bpe_member).fit_prompts(["word " * 400], [None], [6], 200, "truncate")[0]
+    assert isinstance(fitted, str) and ("word " * 400).startswith(fitted) and len(fitted) < len("word " * 400)
+    assert 0 < len(bpe_member.encode_prompt(fitted)) <= 200
+    assert rows[0]["text"] == Single(bpe_member).generate([fitted], DecodeParams(max_new_tokens=6))[0].text
 
 
 def test_fuser_failure_is_isolated_to_its_row(cfg, bpe_member):
@@ -83,6 +97,8 @@ def test_fuser_failure_is_isolated_to_its_row(cfg, bpe_member):
     rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Flaky(bpe_member), config=cfg))).to_pylist()
     by_id = {r["id"]: r for r in rows}
     assert by_id["x"]["status"] == by_id["z"]["status"] == "ok"
+    want = Single(bpe_member).generate(["fine", "also fine"], DecodeParams(max_new_tokens=6))
+    assert [by_id["x"]["text"], by_id["z"]["text"]] == [o.text for o in want] and all(o.text for o in want)
     assert by_id["y"]["status"] == "error" and "boom in the fuser" in by_id["y"]["error"]
 
 
@@ -93,6 +109,10 @@ def test_n_samples_rows_and_seeds(cfg, bpe_member):
     samples = [r for r in rows if r["id"] == "s"]
     assert sorted(r["sample"] for r in samples) == [0, 1, 2]
     assert len({r["seed"] for r in samples}) == 3
+    for r in samples:  # the seed written with a sample reproduces it
+        want = Single(bpe_member).generate(["Once upon a time"], DecodeParams(max_new_tokens=6, temperature=1.0,
+                                                                           seed=r["seed"]))[0]
+        assert (r["text"], r["token_count"]) == (want.text, want.token_count) and want.text
     assert len([r for r in rows if r["id"] == "t"]) == 1  # labeling: one row
 
 
