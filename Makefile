@@ -17,7 +17,7 @@ setup-airflow: setup
 	bash scripts/setup_airflow.sh
 
 run: setup
-	$(PY) -m jobs.fuse --input data/sample.jsonl --output $(OUT) --method $(METHOD) --members $(MEMBERS) $(ARGS)
+	$(VENV)/bin/ensemble-fuse --input data/sample.jsonl --output $(OUT) --method $(METHOD) --members $(MEMBERS) $(ARGS)
 
 test: setup setup-airflow
 	$(PY) -m pytest -q -ra

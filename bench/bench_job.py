@@ -32,7 +32,7 @@ def fuser_only(members: list[str], method: str, rows: list[dict], max_new: int, 
     from ensemble import DecodeParams
     from ensemble.fusers.registry import make_fuser
 
-    fuser = make_fuser({"method": method, "members": members}, device="cpu")
+    fuser = make_fuser(method, members, device="cpu")
     t0 = time.perf_counter()
     gen = [r for r in rows if not r.get("choices")]
     lab = [r for r in rows if r.get("choices")]

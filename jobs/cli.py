@@ -1,96 +1,82 @@
-"""The job's command line: flags -> JobConfig, then the driver's run.
+"""Run training-free LLM ensembles over a dataset of prompts as a Spark job writing Parquet.
 
-    python -m jobs.fuse --input data/sample.jsonl --output output/sample --method deepen \
+    ensemble-fuse --input data/sample.jsonl --output output/sample --method deepen \\
         --members smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
 
-The same job runs under ``spark-submit jobs/fuse.py ...`` (local, standalone, YARN, Kubernetes:
-the master and resources come from configuration). Layout of ``--output``:
-``data/part-*.parquet`` (OUTPUT_SCHEMA), ``summary.parquet``, ``report.md`` (+ PNG plots),
-``_run.json`` (the config), ``_SUCCESS`` (written last).
+The same job runs as ``python -m jobs.fuse ...`` and under ``spark-submit jobs/fuse.py ...``
+(local, standalone, YARN, Kubernetes: the master and resources come from configuration).
+Output: data/part-*.parquet, summary.parquet, report.md, _run.json, _SUCCESS (docs/jobs.md).
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import inspect
 import logging
+import re
 import sys
-from typing import Any
+import textwrap
+import typing
+from enum import Enum
+from typing import Any, Callable
 
-from jobs.config import DEFAULT_MEMBERS, LABEL_NORMS, LONG_PROMPT, METHODS, MODES, JobConfig, load_config_file
+from ensemble.config import FUSERS, flag_of
+from jobs.config import GROUPS, IO, JobConfig, load_config_file
 
 log = logging.getLogger("jobs.cli")
+FUSER_KEY = "fuser."  # flag destinations of the method's settings: "fuser.<field>"
+# descriptions of the help groups of the methods' own settings
+_ONLY = {spec.title: f"settings of method {name} only" for name, spec in FUSERS.items() if spec.config}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.fuse", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    S = argparse.SUPPRESS  # flags left out keep the config file's value, then the default
-    p.add_argument("--config", help="YAML or JSON file of job settings; flags override it")
-    p.add_argument("--input", default=S, help="input Parquet or JSONL (.jsonl/.json)")
-    p.add_argument("--output", default=S, help="output directory of this run")
-    p.add_argument("--method", default=S, choices=METHODS)
-    p.add_argument("--members", nargs="+", default=S,
-                   help=f"member specs (packaged alias, HF dir, .gguf); default {DEFAULT_MEMBERS[0]}")
-    p.add_argument("--mode", default=S, choices=MODES,
-                   help="auto: rows with choices are labeled, the others generated")
-    p.add_argument("--run-id", dest="run_id", default=S, help="run name (default: from the config hash)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=S)
-    p.add_argument("--temperature", type=float, default=S, help="0 = greedy (default)")
-    p.add_argument("--top-p", dest="top_p", type=float, default=S)
-    p.add_argument("--top-k", dest="top_k", type=int, default=S)
-    p.add_argument("--seed", type=int, default=S, help="run seed; rows without a seed derive theirs from it")
-    p.add_argument("--n-samples", dest="n_samples", type=int, default=S, help="samples per prompt")
-    p.add_argument("--stop", nargs="*", default=S, help="stop strings")
-    g = p.add_argument_group("ensemble")
-    g.add_argument("--main", type=int, default=S, help="index of the main member (output vocabulary)")
-    g.add_argument("--weights", type=float, nargs="+", default=S, help="member weights summing to 1")
-    g.add_argument("--deepen-lr", dest="deepen_lr", type=float, default=S, help="DeePEn search lr (0.15)")
-    g.add_argument("--deepen-steps", dest="deepen_steps", type=int, default=S, help="DeePEn search steps (5)")
-    g.add_argument("--topk", type=int, default=S, help="DeePEn: tokens per distribution in relative space")
-    g.add_argument("--top-mass", dest="top_mass", type=optional_arg(float), default=S,
-                   help="DeePEn: keep the other members' top-k tokens up to this cumulative probability "
-                        "(0.9; none: all k)")
-    g.add_argument("--main-top-mass", dest="main_top_mass", type=optional_arg(float), default=S,
-                   help="DeePEn: the same cut for the main member, whose candidates the output token is chosen "
-                        "from (0.99; none: all k)")
-    g.add_argument("--refine-margin", dest="refine_margin", type=float, default=S,
-                   help="DeePEn: rows whose two best fused candidates are closer than this (logits) are fused "
-                        "again with every member's full top-k (0.3; 0: off)")
-    g.add_argument("--anchor-subset", dest="anchor_subset", type=optional_arg(int), default=S,
-                   help="DeePEn: use only this many shared anchors (default none: all)")
-    g.add_argument("--label-norm", dest="label_norm", choices=LABEL_NORMS, default=S,
-                   help="DeePEn labeling: sum (default) or mean fused log-probability of a choice's tokens")
-    g.add_argument("--segment-tokens", dest="segment_tokens", type=int, default=S, help="SpecFuse draft length")
-    g.add_argument("--exit", dest="exit", action=argparse.BooleanOptionalAction, default=S,
-                   help="SpecFuse model exit (default on)")
-    g.add_argument("--exit-delta", dest="exit_delta", type=float, default=S)
-    g.add_argument("--exit-min-rounds", dest="exit_min_rounds", type=int, default=S)
-    r = p.add_argument_group("execution")
-    r.add_argument("--partitions", type=int, default=S)
-    r.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="rows per fuser call")
-    r.add_argument("--commit-rows", dest="commit_rows", type=int, default=S, help="rows per output file")
-    r.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=int, default=S)
-    r.add_argument("--long-prompt", dest="long_prompt", choices=LONG_PROMPT, default=S)
-    r.add_argument("--master", default=S, help="Spark master URL (default local[*] unless spark-submit set one)")
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
-    r.add_argument("--dtype", default=S, help="torch dtype (default float32 on CPU, bfloat16 on GPU)")
-    r.add_argument("--fail-after-rows", dest="fail_after_rows", type=int, default=S,
-                   help="fault injection for tests: a task dies after committing this many rows")
-    r.add_argument("--report", action=argparse.BooleanOptionalAction, default=S)
-    return p
+# ---- flags generated from the config dataclasses ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One flag of the job: ``flag`` sets ``key`` (a JobConfig field, or ``fuser.<field>``) from the
+    fields ``targets`` ((class, field) pairs: two for a setting several methods share, like --weights)."""
+
+    flag: str
+    key: str
+    group: str
+    targets: tuple[tuple[type, str], ...]
 
 
-def parse_config(argv: list[str] | None = None) -> JobConfig:
-    ns = vars(build_parser().parse_args(argv))
-    settings: dict[str, Any] = load_config_file(ns.pop("config")) if ns.get("config") else {}
-    ns.pop("config", None)
-    settings.update(ns)
-    missing = [k for k in ("input", "output") if k not in settings]
-    if missing:
-        raise ValueError(f"missing required settings {missing} (flags --input/--output or the config file)")
-    return JobConfig(**settings)
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring (the string literal after it in the class body), whitespace folded}."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
-def optional_arg(kind):
+def kebab(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def job_flags() -> list[Flag]:
+    """Every flag of the job but --config: JobConfig's fields, then every method's settings."""
+    out = [Flag(f.metadata.get("flag", kebab(f.name)), f.name, f.metadata["group"], ((JobConfig, f.name),))
+           for f in dataclasses.fields(JobConfig) if f.name != "fuser"]
+    shared: dict[str, int] = {}
+    for spec in FUSERS.values():
+        for f in dataclasses.fields(spec.config) if spec.config else ():
+            flag = flag_of(spec.config, f.name)
+            if flag in shared:  # a setting more methods take (--main, --weights): one flag
+                old = out[shared[flag]]
+                out[shared[flag]] = dataclasses.replace(old, targets=old.targets + ((spec.config, f.name),))
+                continue
+            shared[flag] = len(out)
+            out.append(Flag(flag, FUSER_KEY + f.name, f.metadata.get("group", spec.title), ((spec.config, f.name),)))
+    return out
+
+
+def optional_arg(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type accepting ``none`` for None."""
     def parse(value: str):
         return None if value.lower() == "none" else kind(value)
@@ -99,14 +85,126 @@ def optional_arg(kind):
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
+def _shown(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _argument(flag: Flag) -> dict[str, Any]:
+    """argparse keywords of a flag, from its (first) field's type, default, metadata and docstring."""
+    cls, name = flag.targets[0]
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional else hint
+    kw: dict[str, Any] = {"dest": flag.key, "default": argparse.SUPPRESS}
+    metavar = name.upper()
+    if base is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(base) is tuple:
+        kw["type"] = typing.get_args(base)[0]
+        kw["nargs"] = "*" if f.default == () else "+"
+    elif isinstance(base, type) and issubclass(base, Enum):
+        kw["type"] = str
+    elif optional and base in (int, float):
+        kw["type"], metavar = optional_arg(base), f"{metavar}|none"
+    else:
+        kw["type"] = base
+    if "choices" in f.metadata:
+        kw["choices"] = f.metadata["choices"]
+    elif "action" not in kw:
+        kw["metavar"] = metavar
+    if f.default is dataclasses.MISSING:
+        shown = " (required, here or in --config)"
+    elif f.default == () or (f.default is None and isinstance(kw.get("type"), type)):
+        shown = ""  # nothing, or a None whose meaning the docstring gives (run_id, master, dtype, weights)
+    else:
+        shown = f" (default: {_shown(f.default)})"
+    kw["help"] = (field_docs(cls).get(name, "") + shown).replace("%", "%%")
+    return kw
+
+
+class _Misspelt(argparse.Action):
+    """A flag the job does not have, which looks like one it has: fail naming the right one."""
+
+    def __init__(self, option_strings, dest, message: str, **kw):
+        super().__init__(option_strings, dest, nargs="*", help=argparse.SUPPRESS, **kw)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.message)
+
+
+def _squash(flag: str) -> str:
+    return re.sub(r"[-_]", "", flag.lower())
+
+
+def _misspellings(flags: list[Flag]) -> dict[str, str]:
+    """{bare flag: message} for the methods' settings spelt with a prefix (``--topk`` -> ``--deepen-topk``)."""
+    real = {f.flag for f in flags}
+    out = {}
+    for f in flags:
+        cls, name = f.targets[0]
+        bare = kebab(name)
+        if bare == f.flag or bare in real:
+            continue
+        title = next(s.title for s in FUSERS.values() if s.config is cls)
+        msg = f"there is no {bare}: {title}'s {name} is {f.flag}"
+        near = [g for g in flags if _squash(g.flag) == _squash(bare)]
+        out[bare] = msg + (f" ({near[0].flag} is {near[0].targets[0][1]}, another setting)" if near else "")
+    return out
+
+
+def build_parser(prog: str = "python -m jobs.fuse") -> argparse.ArgumentParser:
+    commands = "\n".join(f"  ensemble-fuse {name} ...   {text}" for name, (_, text) in COMMANDS.items())
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False,
+                                usage="%(prog)s --input PATH --output DIR [--config FILE] [FLAG ...]",
+                                epilog=f"commands (ensemble-fuse):\n{commands}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags = job_flags()
+    groups = {name: p.add_argument_group(name, _ONLY.get(name)) for name in GROUPS}
+    groups[IO].add_argument("--config", help="YAML or JSON file of job settings (the method's under 'fuser:'); "
+                                             "flags override it")
+    for flag in flags:  # left out, a flag keeps the config file's value, then the dataclass default
+        groups[flag.group].add_argument(flag.flag, **_argument(flag))
+    for bare, message in _misspellings(flags).items():
+        p.add_argument(bare, action=_Misspelt, dest=argparse.SUPPRESS, message=message)
+    return p
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "python -m jobs.fuse") -> JobConfig:
+    ns = vars(build_parser(prog).parse_args(argv))
+    path = ns.pop("config", None)
+    settings: dict[str, Any] = load_config_file(path) if path else {}
+    fuser = dict(settings.get("fuser") or {})
+    for key, value in ns.items():
+        if key.startswith(FUSER_KEY):
+            fuser[key[len(FUSER_KEY):]] = value
+        else:
+            settings[key] = value
+    if fuser:
+        settings["fuser"] = fuser
+    missing = [k for k in ("input", "output") if k not in settings]
+    if missing:
+        raise ValueError(f"missing required settings {missing} (flags --input/--output or the config file)")
+    return JobConfig(**settings)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.fuse") -> int:
+    """The job: flags -> JobConfig -> a Spark session -> the driver's run -> where the output is."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv, prog)
     except (ValueError, TypeError) as exc:
         log.error("bad configuration: %s", exc)
         return 2
-    from jobs.fuse import run, spark_session
+    from jobs.driver import run, spark_session
 
     spark = spark_session(cfg)
     try:
@@ -126,3 +224,22 @@ def print_where(result) -> None:
         f"Read it: python -c \"import pyarrow.parquet as pq; "
         f"print(pq.read_table('{result.data_dir}').to_pandas()[['id','status','text','label']])\"\n"
     )
+
+
+COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
+    "fuse": (main, "run the fusion job over a dataset (the default command)"),
+}
+"""Subcommands of ``ensemble-fuse``: name -> (function of (argv, prog), help)."""
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The console script ``ensemble-fuse [COMMAND] FLAGS`` (pyproject.toml): COMMAND is one of
+    :data:`COMMANDS`, ``fuse`` when left out."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    explicit = bool(argv) and argv[0] in COMMANDS
+    name = argv.pop(0) if explicit else "fuse"
+    return COMMANDS[name][0](argv, prog=f"ensemble-fuse {name}" if explicit else "ensemble-fuse")
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,100 +1,98 @@
 """The job's configuration: one frozen, validated dataclass built from flags and/or a YAML/JSON file,
-checked before any Spark work starts. ``config_hash`` covers every field that changes outputs."""
+checked before any Spark work starts (see docs/jobs.md).
+
+The chosen method's settings are nested in ``fuser`` (``ensemble.config.DeePEnConfig`` or
+``SpecFuseConfig``, resolved with the library's defaults; None for ``single``). Every field has a
+docstring, which is its flag's help text (jobs/cli.py generates the flags), and metadata naming
+its help group and whether it changes outputs. ``config_hash`` covers every field that changes
+outputs, the whole resolved fuser config, and the versions of the output schema and of the code
+(``ensemble.config.OUTPUTS_VERSION``). No torch imports here: the driver and the CLI import this.
+"""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ensemble.config import (FUSERS, METHODS, OUTPUTS_VERSION, DecodeParams, DeePEnConfig, SpecFuseConfig,
+                             check_choice, flag_of, fuser_config, hashed_fields, knob, normalise_weights)
 from schemas import SCHEMA_VERSION
 
-METHODS = ("single", "deepen", "specfuse")
 MODES = ("auto", "generate", "label")
 LONG_PROMPT = ("error", "truncate")
-LABEL_NORMS = ("sum", "mean")
-MAX_SEED = 2**63 - 1
-WEIGHT_TOL = 1e-4  # ensemble.config.WEIGHT_TOL; this module stays free of torch imports
+DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MEMBERS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m")
+# help groups of the job's flags, in --help order (the fuser configs' own groups come after ensemble)
+IO, DECODING, ENSEMBLE, EXECUTION = "input/output", "decoding", "ensemble", "execution"
+GROUPS = (IO, DECODING, ENSEMBLE, *(m.title for m in FUSERS.values() if m.config), EXECUTION)
 
 
 @dataclass(frozen=True)
 class JobConfig:
-    input: str
-    """Input dataset: Parquet file/dir, or JSONL (``.jsonl``/``.json``)."""
-    output: str
-    """Output directory of this run: data/, summary.parquet, report.md, _run.json."""
-    method: str = "single"
-    """single | deepen | specfuse."""
-    members: tuple[str, ...] = (DEFAULT_MEMBERS[0],)
-    """Member specs: packaged aliases, HF directories or .gguf files. The first is the main member."""
-    mode: str = "auto"
-    """auto (rows with choices are labeled, the rest generated) | generate | label."""
-    run_id: str | None = None
+    input: str = knob(group=IO, hashed=False)
+    """Input dataset: a Parquet file or directory, or JSON lines (.jsonl/.json, optionally .gz)."""
+    output: str = knob(group=IO, hashed=False)
+    """Output directory of this run: data/, summary.parquet, report.md, _run.json, _SUCCESS."""
+    run_id: str | None = knob(None, group=IO, hashed=False)
     """Name of the run; default: the first 12 hex digits of config_hash."""
-    max_new_tokens: int = 64
+    report: bool = knob(True, group=IO, hashed=False)
+    """Write summary.parquet and report.md (with plots) after the run."""
+    mode: str = knob("auto", group=DECODING, choices=MODES)
+    """auto: rows with choices are labeled, the others generated; generate; label."""
+    max_new_tokens: int = knob(DecodeParams.max_new_tokens, group=DECODING)
     """Job budget of new tokens; a row's own max_new_tokens is capped by it."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int = 0
+    temperature: float = knob(DecodeParams.temperature, group=DECODING)
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = knob(DecodeParams.top_p, group=DECODING)
+    """Nucleus sampling mass in (0, 1]."""
+    top_k: int | None = knob(DecodeParams.top_k, group=DECODING)
+    """Sample only from the k most likely tokens (None: no limit)."""
+    seed: int = knob(DecodeParams.seed, group=DECODING)
     """Run seed; a row without its own seed gets one derived from (run seed, id)."""
-    n_samples: int = 1
+    n_samples: int = knob(1, group=DECODING)
     """Generated samples per prompt (rows keyed by (id, sample))."""
-    stop: tuple[str, ...] = ()
-    weights: tuple[float, ...] | None = None
-    main: int = 0
-    """Index of the main member (DeePEn: output vocabulary)."""
-    deepen_lr: float = 0.15
-    deepen_steps: int = 5
-    topk: int = 64
-    top_mass: float | None = 0.9
-    """DeePEn: cumulative-probability cut inside the other members' top-k (None: keep all k)."""
-    main_top_mass: float | None = 0.99
-    """DeePEn: the same cut for the main member, whose candidates the fused token is chosen from."""
-    refine_margin: float = 0.3
-    """DeePEn: rows whose two best fused candidates are closer than this are fused again without cuts."""
-    anchor_subset: int | None = None
-    """DeePEn: use only this many anchors, the most frequent pieces (None: all shared tokens)."""
-    label_norm: str = "sum"
-    """DeePEn labeling: 'sum' (algorithms.md) or 'mean' (length-normalised) fused log-probability of a choice."""
-    segment_tokens: int = 10
-    exit: bool = True
-    exit_delta: float = 0.5
-    exit_min_rounds: int = 2
-    batch_size: int = 8
+    stop: tuple[str, ...] = knob(DecodeParams.stop, group=DECODING)
+    """Stop strings: a response is cut before the first one."""
+    max_prompt_tokens: int = knob(2048, group=DECODING)
+    """Most prompt tokens, in any member's tokenisation."""
+    long_prompt: str = knob("error", group=DECODING, choices=LONG_PROMPT)
+    """What to do with a prompt over max_prompt_tokens: error (an error row) or truncate."""
+    method: str = knob("single", group=ENSEMBLE, choices=METHODS)
+    """single (one member), deepen (token-level) or specfuse (segment-level)."""
+    members: tuple[str, ...] = knob((DEFAULT_MEMBERS[0],), group=ENSEMBLE)
+    """Member specs: packaged aliases, HF model directories or .gguf files."""
+    fuser: DeePEnConfig | SpecFuseConfig | None = knob(None, group=ENSEMBLE)
+    """The method's settings (a config object, or a mapping of its fields); the library's defaults
+    fill what is left out. None for single."""
+    partitions: int = knob(2, group=EXECUTION, hashed=False)
+    """Spark partitions of the input (tasks)."""
+    batch_size: int = knob(8, group=EXECUTION, hashed=False)
     """Rows per fuser call (micro-batch): bounds memory."""
-    commit_rows: int = 64
+    commit_rows: int = knob(64, group=EXECUTION, hashed=False)
     """Rows per committed output file (a task's progress is durable at this granularity)."""
-    max_prompt_tokens: int = 2048
-    long_prompt: str = "error"
-    """error | truncate: what to do with a prompt over max_prompt_tokens in any member's tokens."""
-    partitions: int = 2
-    master: str | None = None
+    master: str | None = knob(None, group=EXECUTION, hashed=False)
     """Spark master URL; default: local[*] unless spark-submit set one."""
-    device: str = "auto"
-    """auto (the GPU Spark assigned, else CPU) | cpu | cuda."""
-    dtype: str | None = None
+    device: str = knob("auto", group=EXECUTION, hashed=False, choices=DEVICES)
+    """auto (the GPU Spark assigned to the task, else CPU), cpu or cuda."""
+    dtype: str | None = knob(None, group=EXECUTION)
     """torch dtype name; default float32 on CPU, bfloat16 on CUDA."""
-    fail_after_rows: int | None = None
+    fail_after_rows: int | None = knob(None, group=EXECUTION, hashed=False)
     """Fault injection for tests: a task dies after committing this many rows."""
-    report: bool = True
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.input, str) or not self.input:
-            raise bad("input", "a non-empty path")
-        if not isinstance(self.output, str) or not self.output:
-            raise bad("output", "a non-empty path")
-        if self.method not in METHODS:
-            raise bad("method", f"one of {METHODS}")
-        if self.mode not in MODES:
-            raise bad("mode", f"one of {MODES}")
+        for name in ("input", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, "a non-empty path")
+        for name in ("mode", "method", "long_prompt", "device"):
+            check_choice(self, name)
+        if isinstance(self.members, str):
+            raise bad("members", "a list of member specs")
         object.__setattr__(self, "members", tuple(self.members))
         if not self.members or any(not isinstance(m, str) or not m for m in self.members):
             raise bad("members", "a non-empty list of member specs")
@@ -102,70 +100,43 @@ class JobConfig:
             raise bad("members", "exactly one member for method single")
         if self.method != "single" and len(self.members) < 2:
             raise bad("members", f"at least two members for method {self.method}")
-        if not isinstance(self.main, int) or not 0 <= self.main < len(self.members):
-            raise bad("main", f"an index into members (0..{len(self.members) - 1})")
-        for name, lo in (("max_new_tokens", 1), ("n_samples", 1), ("deepen_steps", 0), ("topk", 1),
-                         ("segment_tokens", 1), ("exit_min_rounds", 0), ("batch_size", 1), ("commit_rows", 1),
-                         ("max_prompt_tokens", 1), ("partitions", 1)):
+        # decoding fields: DecodeParams' rules (its messages name the field and the value)
+        DecodeParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                     top_k=self.top_k, seed=self.seed, stop=self.stop)
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for name, lo in (("n_samples", 1), ("max_prompt_tokens", 1), ("batch_size", 1), ("commit_rows", 1),
+                         ("partitions", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise bad(name, f"an integer >= {lo}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise bad("temperature", ">= 0")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise bad("top_p", "in (0, 1]")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise bad("top_k", "None or an integer >= 1")
-        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise bad("seed", "an integer in [0, 2**63-1]")
-        if not (isinstance(self.deepen_lr, (int, float)) and self.deepen_lr >= 0):
-            raise bad("deepen_lr", ">= 0")
-        if self.label_norm not in LABEL_NORMS:
-            raise bad("label_norm", "'sum' or 'mean'")
-        if not (isinstance(self.refine_margin, (int, float)) and self.refine_margin >= 0):
-            raise bad("refine_margin", ">= 0")
-        for name in ("top_mass", "main_top_mass"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
-                raise bad(name, "None or in (0, 1]")
-        if self.anchor_subset is not None and (not isinstance(self.anchor_subset, int) or self.anchor_subset < 1):
-            raise bad("anchor_subset", "None or an integer >= 1")
-        if not (isinstance(self.exit_delta, (int, float)) and 0 <= self.exit_delta <= 1):
-            raise bad("exit_delta", "in [0, 1]")
-        if self.long_prompt not in LONG_PROMPT:
-            raise bad("long_prompt", f"one of {LONG_PROMPT}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise bad("device", "one of ('auto', 'cpu', 'cuda')")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "a list of non-empty strings")
-        if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-            if len(self.weights) != len(self.members):
-                raise bad("weights", f"one weight per member ({len(self.members)})")
-            if any(w < 0 for w in self.weights) or abs(sum(self.weights) - 1) > WEIGHT_TOL:
-                raise bad("weights", "non-negative and summing to 1")
         if self.fail_after_rows is not None and (not isinstance(self.fail_after_rows, int) or self.fail_after_rows < 0):
             raise bad("fail_after_rows", "None or an integer >= 0")
         if self.run_id is not None and (not isinstance(self.run_id, str) or not self.run_id.strip()
                                         or "/" in self.run_id):
             raise bad("run_id", "a non-empty name without '/'")
+        self._resolve_fuser()
+
+    def _resolve_fuser(self) -> None:
+        """``fuser`` -> the method's config with every default filled in, checked against members."""
+        cfg = fuser_config(self.method, self.fuser)
+        object.__setattr__(self, "fuser", cfg)
+        if cfg is None:
+            return
+        n = len(self.members)
+        if getattr(cfg, "main", 0) >= n:
+            raise ValueError(f"main must be an index into members (0..{n - 1}), got {cfg.main!r}")
+        if cfg.weights is not None:
+            normalise_weights(cfg.weights, n)  # one per member, summing to 1 (the fuser's own check)
 
     # ---- identity -------------------------------------------------------------------------------
     def output_affecting(self) -> dict[str, Any]:
-        """Every field that changes outputs (and nothing that only changes speed or placement)."""
-        keys = ["method", "members", "mode", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-                "n_samples", "stop", "max_prompt_tokens", "long_prompt", "dtype"]
-        if self.method != "single":
-            keys += ["weights", "main"]
-        if self.method == "deepen":
-            keys += ["deepen_lr", "deepen_steps", "topk", "top_mass", "main_top_mass", "refine_margin", "anchor_subset"]
-            if self.label_norm != "sum":  # only when set: run ids of earlier default runs stay valid
-                keys.append("label_norm")
-        if self.method == "specfuse":
-            keys += ["segment_tokens", "exit", "exit_delta", "exit_min_rounds"]
-        d = {k: getattr(self, k) for k in keys}
+        """Every field that changes outputs (and nothing that only changes speed or placement): the
+        job's, the resolved fuser config's (library defaults included) and the code's versions."""
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                             if f.metadata.get("hashed", True) and f.name != "fuser"}
+        d["fuser"] = None if self.fuser is None else hashed_fields(self.fuser)
         d["schema_version"] = SCHEMA_VERSION
+        d["outputs_version"] = OUTPUTS_VERSION
         return d
 
     @property
@@ -177,18 +148,24 @@ class JobConfig:
     def effective_run_id(self) -> str:
         return self.run_id or self.config_hash[:12]
 
-    def fuser_settings(self) -> dict[str, Any]:
-        """What the fuser factory needs (picklable; no torch)."""
-        return {k: getattr(self, k) for k in ("method", "members", "weights", "main", "deepen_lr", "deepen_steps",
-                                              "topk", "top_mass", "main_top_mass", "refine_margin", "anchor_subset", "label_norm", "segment_tokens", "exit", "exit_delta", "exit_min_rounds",
-                                              "dtype")}
-
     def to_json(self) -> str:
+        """The whole configuration (fuser settings nested); ``JobConfig(**json.loads(...))`` rebuilds it."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list, indent=1)
 
 
+def _unknown_key_hint(key: str) -> str:
+    """Where a key that is not a JobConfig field belongs, when it is a fuser setting."""
+    renamed = {"deepen_lr": "lr", "deepen_steps": "steps"}  # the job's earlier flat names
+    name = renamed.get(key, key)
+    for spec in FUSERS.values():
+        if spec.config and name in {f.name for f in fields(spec.config)}:
+            return f"{key!r} is a {spec.title} setting: write it as fuser: {{{name}: ...}} (flag {flag_of(spec.config, name)})"
+    return ""
+
+
 def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict of JobConfig fields."""
+    """Read a YAML or JSON config file into a dict of JobConfig fields; the method's settings are the
+    mapping ``fuser`` (e.g. ``fuser: {topk: 32, top_mass: null}``)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {path!r} does not exist")
@@ -203,8 +180,12 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"config file must end in .yaml, .yml or .json, got {path!r}")
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(JobConfig)}
+    names = {f.name for f in fields(JobConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"config file {path!r} has unknown keys {unknown}")
+        hints = "; ".join(h for h in map(_unknown_key_hint, unknown) if h)
+        raise ValueError(f"config file {path!r} has unknown keys {unknown}" + (f" ({hints})" if hints else ""))
+    if data.get("fuser") is not None and not isinstance(data["fuser"], dict):
+        raise ValueError(f"config file {path!r}: fuser must be a mapping of the method's settings, "
+                         f"got {data['fuser']!r}")
     return data

@@ -51,7 +51,7 @@ def _task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir: str
     device = task_device(config.device)
     if device == "cpu":
         pin_threads()
-    make = functools.partial(build_fuser, config.fuser_settings(), device)
+    make = functools.partial(build_fuser, config.method, config.members, config.fuser, config.dtype, device)
     out = process_partition(inputs, make_fuser=make, config=config)
     yield from commit_partition(out, data_dir=data_dir, partition=partition, total_rows=total,
                                 commit_rows=config.commit_rows, fail_after_rows=config.fail_after_rows)

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-MAX_SEED = 2**63 - 1
+from ensemble.config import MAX_SEED
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 RAW_COLUMN = "value"  # JSON-lines input arrives as one text column
 POS_COLUMN = "_pos"  # deterministic input position, added by the job

@@ -3,7 +3,7 @@ batch) and placed on the GPU Spark assigned to the task, or the CPU when it assi
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 _FUSERS: dict[tuple, Any] = {}
@@ -53,13 +53,13 @@ def pin_threads() -> None:
             torch.set_num_threads(n)
 
 
-def build_fuser(settings: dict[str, Any], device: str):
-    """Build (or reuse) the fuser described by ``settings`` on ``device``."""
-    key = (tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())), device)
+def build_fuser(method: str, members: Sequence[str], config: Any, dtype: str | None, device: str):
+    """Build (or reuse) ``method``'s fuser of ``members`` with its ``config`` (a frozen fuser config
+    from ``JobConfig.fuser``, or None) in ``dtype`` on ``device``."""
+    key = (method, tuple(members), config, dtype, device)
     if key not in _FUSERS:
         from ensemble.fusers.registry import make_fuser
 
-        log.info("building %s ensemble of %s on %s", settings["method"], list(settings["members"]), device)
-        _FUSERS[key] = make_fuser(settings, device=device)
-        LOADS["count"] += 1
+        log.info("building %s ensemble of %s on %s", method, list(members), device)
+        _FUSERS[key] = make_fuser(method, members, config, dtype=dtype, device=device)
     return _FUSERS[key]

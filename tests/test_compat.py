@@ -20,9 +20,9 @@ def test_adapt_weights_follow_accuracy_and_feed_the_job():
     assert compat.adapt_weights([0.0, 0.0]) == [0.5, 0.5]
     with pytest.raises(ValueError, match=r"accuracies must lie in \[0, 1\], got \[1.5, 0.2\]"):
         compat.adapt_weights([1.5, 0.2])
-    cfg = JobConfig(input="i", output="o", method="deepen", members=("a", "b", "c"),
-                    weights=tuple(compat.adapt_weights([0.31, 0.27, 0.29])))
-    assert cfg.weights is not None and len(cfg.weights) == 3
+    w = tuple(compat.adapt_weights([0.31, 0.27, 0.29]))
+    cfg = JobConfig(input="i", output="o", method="deepen", members=("a", "b", "c"), fuser={"weights": w})
+    assert cfg.fuser.weights == w
 
 
 def test_pairwise_agreement():
@@ -49,7 +49,7 @@ def test_check_on_tiny_members_and_a_dev_file(tmp_path):
     from jobs.cli import parse_config
     cfg = parse_config(["--input", "i", "--output", "o", "--method", "deepen",
                         "--members", *(m.name for m in members), *res["job_flags"].split()])
-    assert cfg.weights == pytest.approx(tuple(res["adapt_weights"].values()), abs=1e-6)
+    assert cfg.fuser.weights == pytest.approx(tuple(res["adapt_weights"].values()), abs=1e-6)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "choices": ["a"], "gold": "b"}))
     with pytest.raises(ValueError, match="bad.jsonl:1: a dev row needs"):

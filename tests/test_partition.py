@@ -1,10 +1,12 @@
 """The pure partition function on tiny models: bad rows become error rows, one output per input."""
+import dataclasses
 import json
 
 import pyarrow as pa
 import pytest
 
 from ensemble import DecodeParams, Single
+from ensemble.config import DeePEnConfig, SpecFuseConfig
 from jobs.config import JobConfig
 from jobs.partition import process_partition
 from jobs.rows import derive_seed
@@ -75,7 +77,7 @@ def test_every_input_row_has_one_output_row(cfg, bpe_member):
 
 
 def test_long_prompt_truncate(cfg, bpe_member):
-    cfg = JobConfig(**{**cfg.__dict__, "long_prompt": "truncate", "extra": {}})
+    cfg = JobConfig(**{**cfg.__dict__, "long_prompt": "truncate"})
     batch = _lines([{"id": "m", "prompt": "word " * 400}])
     rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
     assert rows[0]["status"] == "ok" and rows[0]["text"]
@@ -103,7 +105,7 @@ def test_fuser_failure_is_isolated_to_its_row(cfg, bpe_member):
 
 
 def test_n_samples_rows_and_seeds(cfg, bpe_member):
-    cfg = JobConfig(**{**cfg.__dict__, "n_samples": 3, "temperature": 1.0, "extra": {}})
+    cfg = JobConfig(**{**cfg.__dict__, "n_samples": 3, "temperature": 1.0})
     batch = _lines([{"id": "s", "prompt": "Once upon a time"}, {"id": "t", "prompt": "x", "choices": ["a", "b"]}])
     rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
     samples = [r for r in rows if r["id"] == "s"]
@@ -119,14 +121,17 @@ def test_n_samples_rows_and_seeds(cfg, bpe_member):
 def test_config_validation_names_the_value():
     with pytest.raises(ValueError, match="method must be one of"):
         JobConfig(input="i", output="o", method="nope")
-    with pytest.raises(ValueError, match=r"weights must be non-negative and summing to 1, got \(0.7, 0.7\)"):
-        JobConfig(input="i", output="o", method="deepen", members=("a", "b"), weights=(0.7, 0.7))
+    with pytest.raises(ValueError, match=r"weights must sum to 1 \(within 0.0001\), got \[0.7, 0.7\] \(sum 1.4\)"):
+        JobConfig(input="i", output="o", method="deepen", members=("a", "b"), fuser={"weights": (0.7, 0.7)})
+    with pytest.raises(ValueError, match=r"weights must have one entry per member \(3\), got \[0.5, 0.5\]"):
+        JobConfig(input="i", output="o", method="specfuse", members=("a", "b", "c"), fuser={"weights": (0.5, 0.5)})
+    with pytest.raises(ValueError, match=r"main must be an index into members \(0..1\), got 2"):
+        JobConfig(input="i", output="o", method="deepen", members=("a", "b"), fuser={"main": 2})
     # weights printed with 6 decimals (bench/compat.py) are accepted: one tolerance for job and fusers
     printed = (0.333333, 0.307692, 0.358974)
-    assert JobConfig(input="i", output="o", method="deepen", members=("a", "b", "c"), weights=printed).weights == printed
-    from ensemble.config import WEIGHT_TOL, normalise_weights
-    from jobs.config import WEIGHT_TOL as JOB_WEIGHT_TOL
-    assert JOB_WEIGHT_TOL == WEIGHT_TOL
+    job = JobConfig(input="i", output="o", method="deepen", members=("a", "b", "c"), fuser={"weights": printed})
+    assert job.fuser.weights == printed
+    from ensemble.config import normalise_weights
     assert sum(normalise_weights(printed, 3)) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="top_p must be in"):
         JobConfig(input="i", output="o", top_p=2.0)
@@ -145,9 +150,16 @@ def test_config_file_and_flags(tmp_path):
     from jobs.cli import parse_config
 
     f = tmp_path / "job.yaml"
-    f.write_text("input: in.jsonl\noutput: out\nmethod: specfuse\nmembers: [a, b]\nsegment_tokens: 6\nexit: false\n")
+    f.write_text("input: in.jsonl\noutput: out\nmethod: specfuse\nmembers: [a, b]\n"
+                 "fuser:\n  segment_tokens: 6\n  exit: false\n  exit_min_temperature: 0.1\n")
     cfg = parse_config(["--config", str(f), "--segment-tokens", "8"])
-    assert (cfg.method, cfg.members, cfg.segment_tokens, cfg.exit) == ("specfuse", ("a", "b"), 8, False)
+    assert (cfg.method, cfg.members) == ("specfuse", ("a", "b"))
+    assert cfg.fuser == SpecFuseConfig(segment_tokens=8, exit=False, exit_min_temperature=0.1)
+    flat = tmp_path / "flat.yaml"  # the method's settings belong under fuser:
+    flat.write_text("input: i\noutput: o\nmethod: specfuse\nmembers: [a, b]\nsegment_tokens: 6\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['segment_tokens'\] \('segment_tokens' is a SpecFuse setting: "
+                                         r"write it as fuser: \{segment_tokens: ...\} \(flag --segment-tokens\)\)"):
+        parse_config(["--config", str(flat)])
     f2 = tmp_path / "bad.json"
     f2.write_text('{"input": "i", "output": "o", "segmnt_tokens": 3}')
     with pytest.raises(ValueError, match=r"unknown keys \['segmnt_tokens'\]"):
@@ -158,11 +170,11 @@ def test_config_file_and_flags(tmp_path):
 
 
 def test_sampled_rows_depend_only_on_seed_and_id(cfg, bpe_member):
-    cfg = JobConfig(**{**cfg.__dict__, "temperature": 1.0, "extra": {}})
+    cfg = JobConfig(**{**cfg.__dict__, "temperature": 1.0})
     rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(["Once upon", "The capital", "Hi", "Tell me"])]
 
     def texts(batch_size, order):
-        c = JobConfig(**{**cfg.__dict__, "batch_size": batch_size, "extra": {}})
+        c = JobConfig(**{**cfg.__dict__, "batch_size": batch_size})
         out = process_partition([_lines([rows[i] for i in order])], make_fuser=lambda: Single(bpe_member), config=c)
         return {r["id"]: r["text"] for b in out for r in b.to_pylist()}
 
@@ -176,11 +188,14 @@ def test_fuser_is_built_once_per_worker(monkeypatch):
     from jobs import runtime
 
     built = []
-    monkeypatch.setattr(registry, "make_fuser", lambda settings, device=None: built.append(1) or object())
-    settings = {"method": "single", "members": ("x",)}
-    first = runtime.build_fuser(settings, "cpu")
-    assert runtime.build_fuser(dict(settings), "cpu") is first
-    assert len(built) == 1
+    monkeypatch.setattr(registry, "make_fuser", lambda *args, **kw: built.append(args) or object())
+    job = JobConfig(input="i", output="o", method="deepen", members=("x", "y"))
+    first = runtime.build_fuser(job.method, job.members, job.fuser, job.dtype, "cpu")
+    same = JobConfig(input="i2", output="o2", method="deepen", members=["x", "y"], fuser={"topk": 64})
+    assert runtime.build_fuser(same.method, same.members, same.fuser, same.dtype, "cpu") is first
+    assert built == [("deepen", ("x", "y"), job.fuser)]
+    other = dataclasses.replace(job.fuser, topk=8)
+    assert runtime.build_fuser(job.method, job.members, other, job.dtype, "cpu") is not first
     runtime._FUSERS.clear()
 
 
@@ -189,24 +204,42 @@ def test_deepen_approximation_flags():
 
     base = ["--input", "i", "--output", "o", "--method", "deepen", "--members", "a", "b"]
     cfg = parse_config(base)
-    assert (cfg.top_mass, cfg.main_top_mass, cfg.refine_margin, cfg.anchor_subset) == (0.9, 0.99, 0.3, None)
-    assert parse_config(base + ["--refine-margin", "0"]).fuser_settings()["refine_margin"] == 0.0
+    assert cfg.fuser == DeePEnConfig()
+    assert (cfg.fuser.top_mass, cfg.fuser.main_top_mass, cfg.fuser.refine_margin) == (0.9, 0.99, 0.3)
+    assert parse_config(base + ["--deepen-refine-margin", "0"]).fuser.refine_margin == 0.0
     with pytest.raises(ValueError, match=r"refine_margin must be >= 0, got -1.0"):
-        parse_config(base + ["--refine-margin", "-1"])
-    main_all = parse_config(base + ["--main-top-mass", "none"])
-    assert main_all.main_top_mass is None and main_all.config_hash != cfg.config_hash
-    assert main_all.fuser_settings()["main_top_mass"] is None
+        parse_config(base + ["--deepen-refine-margin", "-1"])
+    main_all = parse_config(base + ["--deepen-main-top-mass", "none"])
+    assert main_all.fuser.main_top_mass is None and main_all.config_hash != cfg.config_hash
     with pytest.raises(ValueError, match=r"main_top_mass must be None or in \(0, 1\], got 0.0"):
-        parse_config(base + ["--main-top-mass", "0"])
-    assert "label_norm" not in cfg.output_affecting()  # the default keeps earlier run ids
-    mean = parse_config(base + ["--label-norm", "mean"])
-    assert mean.label_norm == "mean" and mean.config_hash != cfg.config_hash
-    assert mean.fuser_settings()["label_norm"] == "mean"
-    exact = parse_config(base + ["--top-mass", "none", "--anchor-subset", "8192"])
-    assert (exact.top_mass, exact.anchor_subset) == (None, 8192)
-    assert exact.config_hash != cfg.config_hash and exact.fuser_settings()["anchor_subset"] == 8192
-    assert parse_config(base + ["--anchor-subset", "none"]).anchor_subset is None
+        parse_config(base + ["--deepen-main-top-mass", "0"])
+    mean = parse_config(base + ["--deepen-label-norm", "mean"])
+    assert mean.fuser.label_norm == "mean" and mean.config_hash != cfg.config_hash
+    exact = parse_config(base + ["--deepen-top-mass", "none", "--deepen-anchor-subset", "8192", "--deepen-topk", "32"])
+    assert (exact.fuser.top_mass, exact.fuser.anchor_subset, exact.fuser.topk) == (None, 8192, 32)
+    assert exact.config_hash != cfg.config_hash
+    assert parse_config(base + ["--deepen-anchor-subset", "none"]).fuser.anchor_subset is None
     with pytest.raises(ValueError, match="top_mass must be None or in"):
-        parse_config(base + ["--top-mass", "1.5"])
+        parse_config(base + ["--deepen-top-mass", "1.5"])
     with pytest.raises(ValueError, match="anchor_subset must be None or an integer"):
-        parse_config(base + ["--anchor-subset", "0"])
+        parse_config(base + ["--deepen-anchor-subset", "0"])
+
+def test_fusers_check_and_fit_prompts_in_one_call(bpe_member, bpe_member_qwen):
+    from ensemble.fusers import base, deepen, single, specfuse
+
+    assert single.Single.fit_prompts is deepen.DeePEn.fit_prompts is specfuse.SpecFuse.fit_prompts is base.fit_prompts
+    fuser = specfuse.SpecFuse([bpe_member, bpe_member_qwen])
+    long = "word " * 400
+    fits = fuser.fit_prompts(["short", long, "short"], [None, None, "Be brief."], [8, 8, 500], 200, "error")
+    assert fits[0] == "short"
+    n = len(bpe_member.encode_prompt(long))
+    assert isinstance(fits[1], base.PromptTooLong) and str(fits[1]) == (
+        f"prompt has {n} tokens for member {bpe_member.name}, over the limit of 200 "
+        f"(max_prompt_tokens=200, context window {bpe_member.context_window})")
+    # the limit is also the context window less the row's max_new_tokens (512 - 500 here)
+    assert isinstance(fits[2], base.PromptTooLong) and "over the limit of 12 " in str(fits[2])
+    cut = fuser.fit_prompts([long], [None], [8], 200, "truncate")[0]
+    assert long.startswith(cut) and 0 < len(cut) < len(long)
+    assert all(len(m.encode_prompt(cut)) <= 200 for m in fuser.members)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        fuser.fit_prompts([long], [None], [8], 200, "cut")

@@ -23,126 +23,20 @@ is its own EOS), mean ``KL(q_i || q)``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from enum import Enum
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ensemble.config import DecodeParams, normalise_weights, per_row
+from ensemble.config import DecodeParams, DeePEnConfig, EosPolicy, normalise_weights, per_row
 from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts, normalise_log_scores
 from ensemble.fusers.single import find_stop
 from ensemble.members import Member, RowBatch
 from ensemble.reference import next_logits_uncached
-from ensemble.relative import FuseResult, RelativeEnsemble, RowSource, SearchParams, find_anchors
+from ensemble.relative import FuseResult, RelativeEnsemble, RowSource, find_anchors
 from ensemble.sampling import choose, make_generator
 from ensemble.text import TokenTrack, complete_utf8_prefix
 
 log = logging.getLogger(__name__)
-
-
-class EosPolicy(str, Enum):
-    MAIN = "main"  # stop when the fused token is an EOS of the main member
-    ANY = "any"  # ... or when any member's own top token is one of its EOS ids
-
-
-@dataclass(frozen=True)
-class DeePEnConfig:
-    """DeePEn settings; defaults follow the reference code except where algorithms.md improves on it."""
-
-    main: int = 0
-    """Index of the main member: output tokens come from its vocabulary."""
-    weights: tuple[float, ...] | None = None
-    """Member weights (non-negative, summing to 1); None is uniform (DeePEn-Avg)."""
-    lr: float = 0.15
-    """Search learning rate eta; 0 reproduces the main member."""
-    steps: int = 5
-    """Search steps T."""
-    topk: int = 64
-    """Tokens of each member's distribution that enter the relative space (and the search)."""
-    top_mass: float | None = 0.9
-    """Cumulative-probability cut inside the top-k of the other members; None keeps all k. With 0.9
-    most rows need a few candidates, not 64 (bench/bench_deepen.py measures the effect against the
-    dense computation)."""
-    main_top_mass: float | None = 0.99
-    """The same cut for the main member, whose candidates are the tokens the search can choose."""
-    refine_margin: float = 0.3
-    """Rows whose two best searched candidates are closer than this (logits) are fused again with
-    every member's full top-k (no mass cuts); 0 turns it off. Measured with bench/deepen_mass_sweep.py
-    (the default run's 512 recorded row-steps of the packaged trio replayed against the exact dense
-    picks on a vocabulary slice; row misses as the cost): cuts 0.9 / 0.99 refined below 0.3: 99.2% same
-    token, 15.6k misses (87 rows refined); the same cuts unrefined 98.6%, 12.6k; the previous default
-    0.95 / 0.995 unrefined 98.8%, 16.1k; every member's full top-64 99.4%, 34.4k. The main member's cut
-    matters most (main 0.95 refined: 98.4%; others 0.8 refined: 98.8%)."""
-    tau: float = 100.0
-    """Softmax temperature of the relative rows."""
-    weight_decay: float = 0.01
-    """AdamW weight decay of the search."""
-    min_anchors: int = 100
-    """Fewer shared anchor tokens than this is an error."""
-    anchor_subset: int | None = None
-    """Use only this many anchors (those with the smallest ids over the members); None: all (default).
-    Cheaper rows, but measured harmful: with SmolLM2 + Gemma-3, 8192 or 16384 anchors turned "The
-    capital of France is Paris." into a repetition loop (bench/bench_deepen.py reports the subset's
-    agreement with all anchors when one is set)."""
-    row_cache_size: int = 2048
-    """Relative rows kept per member (LRU); each row holds |A| values of ``row_store``."""
-    row_store: str = "float16"
-    """Precision rows are kept and used in: 'float16' (scaled by |A|, relative error <= 2^-11: half the
-    memory per cached row, so twice the rows fit the same budget; measured: the same sparse-vs-dense
-    agreement as float32) or 'float32' (exact)."""
-    eos_policy: EosPolicy = EosPolicy.MAIN
-    """Which EOS stops a row: 'main' or 'any'."""
-    dense: bool = False
-    """Reference path: dense (V, A) matrices and a search over the whole main vocabulary (small vocabs)."""
-    tail_window: int = 2
-    """Tokens re-encoded at least, back from the end, when another member follows the response."""
-    label_norm: str = "sum"
-    """Labeling score of a choice: 'sum' of the fused log-probabilities of its tokens (algorithms.md)
-    or their 'mean' (length-normalised, as Single and SpecFuse score choices)."""
-
-    def __post_init__(self) -> None:
-        def bad(name, want):
-            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
-
-        if not isinstance(self.main, int) or self.main < 0:
-            bad("main", "an integer >= 0")
-        if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(self.weights))
-        if not (self.lr >= 0):
-            bad("lr", ">= 0")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            bad("steps", "an integer >= 0")
-        if not isinstance(self.topk, int) or self.topk < 1:
-            bad("topk", "an integer >= 1")
-        if self.top_mass is not None and not (0.0 < self.top_mass <= 1.0):
-            bad("top_mass", "None or in (0, 1]")
-        if self.main_top_mass is not None and not (0.0 < self.main_top_mass <= 1.0):
-            bad("main_top_mass", "None or in (0, 1]")
-        if not (self.refine_margin >= 0.0):
-            bad("refine_margin", ">= 0")
-        if not (self.tau > 0):
-            bad("tau", "> 0")
-        if not (self.weight_decay >= 0):
-            bad("weight_decay", ">= 0")
-        if not isinstance(self.min_anchors, int) or self.min_anchors < 1:
-            bad("min_anchors", "an integer >= 1")
-        if self.anchor_subset is not None and (not isinstance(self.anchor_subset, int) or self.anchor_subset < 1):
-            bad("anchor_subset", "None or an integer >= 1")
-        if not isinstance(self.row_cache_size, int) or self.row_cache_size < 0:
-            bad("row_cache_size", "an integer >= 0")
-        if self.row_store not in RowSource.STORES:
-            bad("row_store", f"one of {RowSource.STORES}")
-        if self.eos_policy not in {p.value for p in EosPolicy}:
-            bad("eos_policy", "'main' or 'any'")
-        object.__setattr__(self, "eos_policy", EosPolicy(self.eos_policy))
-        if not isinstance(self.tail_window, int) or self.tail_window < 1:
-            bad("tail_window", "an integer >= 1")
-        if self.label_norm not in ("sum", "mean"):
-            bad("label_norm", "'sum' or 'mean'")
-
-    def search_params(self) -> SearchParams:
-        return SearchParams(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay)
 
 
 def follow_bytes(resp: bytes) -> bytes:
@@ -172,11 +66,10 @@ class DeePEn:
     name = "deepen"
     fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
-    def __init__(self, members: Sequence[Member], main: int = 0, weights: Sequence[float] | None = None,
-                 lr: float = 0.15, steps: int = 5, topk: int = 64, **options):
-        cfg = DeePEnConfig(main=main, weights=None if weights is None else tuple(weights), lr=lr,
-                           steps=steps, topk=topk, **options)
-        self._setup(list(members), cfg)
+    def __init__(self, members: Sequence[Member], **options: Any):
+        """``options``: fields of :class:`~ensemble.config.DeePEnConfig` (main=, weights=, lr=, steps=,
+        topk=, top_mass=, ...); the ones left out keep its defaults."""
+        self._setup(list(members), DeePEnConfig(**options))
 
     @classmethod
     def from_config(cls, members: Sequence[Member], config: DeePEnConfig) -> "DeePEn":

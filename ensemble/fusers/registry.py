@@ -1,32 +1,29 @@
-"""Build a fuser from plain settings (what the job passes): method name, member specs, method knobs.
-The only place that maps method names to fuser classes."""
+"""Build a fuser from what the job passes: the method's name, member specs and the method's config.
+The fuser classes come from the one table of methods, ``ensemble.config.FUSERS``."""
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Sequence
 
+from ensemble.config import DeePEnConfig, SpecFuseConfig, fuser_config, method_spec
 from ensemble.models import load_member
 
 
-def make_fuser(settings: dict[str, Any], *, device: str | None = None):
-    method = settings["method"]
-    members = [load_member(spec, device=device, dtype=settings.get("dtype")) for spec in settings["members"]]
-    if method == "single":
-        from ensemble.fusers.single import Single
+def fuser_class(method: str) -> type:
+    """The fuser class of ``method`` (imported from its ``module:Class`` path)."""
+    module, _, name = method_spec(method).fuser.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-        return Single(members[0])
-    if method == "deepen":
-        from ensemble.fusers.deepen import DeePEn
 
-        # settings the caller left out keep DeePEnConfig's defaults (None is a value here: "no cut")
-        names = {"main": "main", "weights": "weights", "deepen_lr": "lr", "deepen_steps": "steps", "topk": "topk",
-                 "top_mass": "top_mass", "main_top_mass": "main_top_mass", "anchor_subset": "anchor_subset",
-                 "refine_margin": "refine_margin",
-                 "label_norm": "label_norm"}
-        return DeePEn(members, **{name: settings[key] for key, name in names.items() if key in settings})
-    if method == "specfuse":
-        from ensemble.fusers.specfuse import SpecFuse
-
-        return SpecFuse(members, segment_tokens=settings.get("segment_tokens", 10), exit=settings.get("exit", True),
-                        exit_delta=settings.get("exit_delta", 0.5), exit_min_rounds=settings.get("exit_min_rounds", 2),
-                        weights=settings.get("weights"))
-    raise ValueError(f"method must be one of ('single', 'deepen', 'specfuse'), got {method!r}")
+def make_fuser(method: str, members: Sequence[str], config: DeePEnConfig | SpecFuseConfig | None = None, *,
+               dtype: str | None = None, device: str | None = None) -> Any:
+    """Load ``members`` (specs) on ``device`` in ``dtype`` and build ``method``'s fuser with ``config``
+    (None: the method's defaults; Single takes none and exactly one member)."""
+    config = fuser_config(method, config)
+    cls = fuser_class(method)
+    loaded = [load_member(spec, device=device, dtype=dtype) for spec in members]
+    if config is None:
+        if len(loaded) != 1:
+            raise ValueError(f"members must be exactly one member for method {method}, got {list(members)!r}")
+        return cls(loaded[0])
+    return cls.from_config(loaded, config)

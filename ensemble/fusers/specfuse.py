@@ -44,13 +44,12 @@ candidates, ``rounds_active`` rounds it took part in and ``exit_round`` the roun
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ensemble.config import DecodeParams, normalise_weights, per_row
+from ensemble.config import DecodeParams, SpecFuseConfig, normalise_weights, per_row
 from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts
 from ensemble.fusers.single import find_stop
 from ensemble.members import Member, RowBatch
@@ -61,46 +60,6 @@ from ensemble.text import TokenTrack, complete_utf8_prefix
 log = logging.getLogger(__name__)
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # decorrelates the generators of one row's members
-
-
-@dataclass(frozen=True)
-class SpecFuseConfig:
-    """Knobs of SpecFuse (validated; errors name the field and the value)."""
-
-    segment_tokens: int = 10
-    """L: the most tokens a member drafts per round (5-15 is the useful range)."""
-    exit: bool = True
-    """Model exit on or off."""
-    exit_delta: float = 0.5
-    """A member exits when its exit probability is below exit_delta / n_active; in [0, 1] (0: never)."""
-    exit_min_rounds: int = 2
-    """R_min: exits are first considered after this many rounds (and never before round 1)."""
-    weights: tuple[float, ...] | None = None
-    """Member weights for ranking and labeling; None: uniform. Non-negative, summing to 1."""
-    exit_min_temperature: float = 0.05
-    """Floor of the entropy-set exit temperature."""
-    max_rounds: int | None = None
-    """Most rounds per row; None: 2 * max_new_tokens of the row (a guard against rounds that add no
-    main-member tokens)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.segment_tokens, int) or isinstance(self.segment_tokens, bool) or self.segment_tokens < 1:
-            raise ValueError(f"segment_tokens must be >= 1, got {self.segment_tokens!r}")
-        if not isinstance(self.exit, bool):
-            raise ValueError(f"exit must be a bool, got {self.exit!r}")
-        if not (isinstance(self.exit_delta, (int, float)) and 0.0 <= self.exit_delta <= 1.0):
-            raise ValueError(f"exit_delta must be in [0, 1], got {self.exit_delta!r}")
-        if not isinstance(self.exit_min_rounds, int) or isinstance(self.exit_min_rounds, bool) or self.exit_min_rounds < 0:
-            raise ValueError(f"exit_min_rounds must be an integer >= 0, got {self.exit_min_rounds!r}")
-        if self.weights is not None:
-            w = tuple(self.weights)
-            if any(not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 for x in w):
-                raise ValueError(f"weights must be non-negative finite numbers, got {list(w)!r}")
-            object.__setattr__(self, "weights", tuple(float(x) for x in w))
-        if not (isinstance(self.exit_min_temperature, (int, float)) and self.exit_min_temperature > 0):
-            raise ValueError(f"exit_min_temperature must be > 0, got {self.exit_min_temperature!r}")
-        if self.max_rounds is not None and (not isinstance(self.max_rounds, int) or self.max_rounds < 1):
-            raise ValueError(f"max_rounds must be None or an integer >= 1, got {self.max_rounds!r}")
 
 
 @dataclass
@@ -137,27 +96,22 @@ class SpecFuse:
     name = "specfuse"
     fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
-    def __init__(
-        self,
-        members: Sequence[Member],
-        segment_tokens: int = 10,
-        exit: bool = True,
-        exit_delta: float = 0.5,
-        exit_min_rounds: int = 2,
-        weights: Sequence[float] | None = None,
-        *,
-        exit_min_temperature: float = 0.05,
-        max_rounds: int | None = None,
-    ):
-        members = list(members)
+    def __init__(self, members: Sequence[Member], **options: Any):
+        """``options``: fields of :class:`~ensemble.config.SpecFuseConfig` (segment_tokens=, exit=,
+        exit_delta=, exit_min_rounds=, weights=, ...); the ones left out keep its defaults."""
+        self._setup(list(members), SpecFuseConfig(**options))
+
+    @classmethod
+    def from_config(cls, members: Sequence[Member], config: SpecFuseConfig) -> "SpecFuse":
+        self = cls.__new__(cls)
+        self._setup(list(members), config)
+        return self
+
+    def _setup(self, members: list[Member], config: SpecFuseConfig) -> None:
         if not members:
             raise ValueError(f"members must be a non-empty list of Member, got {members!r}")
-        self.config = SpecFuseConfig(
-            segment_tokens=segment_tokens, exit=exit, exit_delta=exit_delta, exit_min_rounds=exit_min_rounds,
-            weights=None if weights is None else tuple(weights), exit_min_temperature=exit_min_temperature,
-            max_rounds=max_rounds,
-        )
-        self.weights = normalise_weights(self.config.weights, len(members))
+        self.config = config
+        self.weights = normalise_weights(config.weights, len(members))
         self._members = members
 
     @property
