@@ -90,7 +90,9 @@ def test_rank_ties_go_to_the_lower_index():
 
 def test_rank_rectangular_for_labeling():
     final, winner = rank([[0.1, 0.3, 0.6], [0.2, 0.2, 0.2]], [0.5, 0.5])
-    assert len(final) == 3 and math.isclose(sum(final), 1.0) and winner == 2
+    # by hand: the rows normalise to [0.1, 0.3, 0.6] and [1/3, 1/3, 1/3], then an even mean
+    assert final == pytest.approx([(0.1 + 1 / 3) / 2, (0.3 + 1 / 3) / 2, (0.6 + 1 / 3) / 2]) and winner == 2
+    assert math.isclose(sum(final), 1.0)
 
 
 def test_rank_rejects_bad_shapes():
