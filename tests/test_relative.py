@@ -86,6 +86,11 @@ def test_rows_follow_the_formula_and_cache_exactly():
     # LRU: capacity holds, recently used rows survive
     src.rows(torch.arange(100, 120))
     assert len(src._slot) == 8 and src._cache.shape[0] <= 8
+    hits = src.hits
+    src.rows(torch.arange(112, 120))  # the last 8 rows used are the ones kept ...
+    assert src.hits - hits == 8
+    src.rows(torch.tensor([3, 111]))  # ... and the earlier ones were evicted
+    assert src.hits - hits == 8
 
 
 def test_rows_do_not_depend_on_what_they_are_computed_with():
