@@ -1,5 +1,6 @@
 """DeePEn math on tiny tokenizers and random tensors: anchors, relative rows (on demand, cached, dense),
 candidates, aggregation, the inverse search against its torch.optim oracle, sparse against dense."""
+import logging
 import math
 
 import pytest
@@ -85,7 +86,7 @@ def test_rows_follow_the_formula_and_cache_exactly():
     assert torch.equal(src.dense()[ids], src.compute(ids))
     # LRU: capacity holds, recently used rows survive
     src.rows(torch.arange(100, 120))
-    assert len(src._slot) == 8 and src._cache.shape[0] <= 8
+    assert len(src.cache) == 8 and src.cache.slab.shape[0] <= 8
     hits = src.hits
     src.rows(torch.arange(112, 120))  # the last 8 rows used are the ones kept ...
     assert src.hits - hits == 8
@@ -107,6 +108,44 @@ def test_rows_do_not_depend_on_what_they_are_computed_with():
         assert torch.equal(src.compute(ids[i : i + 1])[0], together[i]), i
 
 
+@pytest.mark.parametrize("missing", ["oneDNN", "op"])
+def test_rows_without_onednn_use_the_padded_plain_product_logged_once(monkeypatch, caplog, missing):
+    """Where this torch build has no oneDNN (or lacks one of its private ops) the rows come from the
+    plain product, padded to min_block: the same formula, still bitwise independent of the block they
+    are computed in; the fallback is one warning per process, not one per member."""
+    from ensemble.relative import onednn
+
+    torch.manual_seed(3)
+    emb = torch.randn(400, 48)
+    anchors = torch.arange(0, 400, 2)
+    ids = torch.randperm(400)[:75]
+    fast = RowSource(emb, anchors, tau=100.0, cache_rows=0, chunk=32, min_block=16)
+    if torch.backends.mkldnn.is_available():
+        assert fast._packed is not None and fast.min_block == 1  # the other tests exercise oneDNN
+    fast_rows = fast.compute(ids)
+    if missing == "oneDNN":
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    else:
+        def gone(x, packed):
+            raise RuntimeError("mkldnn::_linear_pointwise is not available")
+        monkeypatch.setattr(onednn, "linear", gone)
+    monkeypatch.setattr(onednn, "_warned", False)
+    with caplog.at_level(logging.DEBUG, logger="ensemble.relative"):
+        slow = [RowSource(emb, anchors, tau=100.0, cache_rows=0, chunk=32, min_block=16) for _ in range(3)]
+    notes = [r for r in caplog.records if r.name == "ensemble.relative.onednn"]
+    assert [r.levelno for r in notes] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert ("no oneDNN" if missing == "oneDNN" else "RuntimeError: mkldnn::_linear_pointwise") in notes[0].getMessage()
+    src = slow[0]
+    assert src._packed is None and src.min_block == 16
+    together = src.compute(ids)  # blocks of 32, 32, 11 (padded to 16)
+    torch.testing.assert_close(together, _formula_rows(emb, anchors, 100.0)[ids], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(together, fast_rows, atol=1e-7, rtol=1e-5)
+    for n in (1, 5, 13, 16, 31, 33, 75):
+        assert torch.equal(src.compute(ids[:n]), together[:n]), n
+    for i in (0, 31, 32, 74):
+        assert torch.equal(src.compute(ids[i : i + 1])[0], together[i]), i
+
+
 def test_float16_rows_round_the_same_whether_fresh_or_cached():
     """store='float16': rows within 2^-11 of the exact ones, identical from the cache and fresh, and
     the scaled table mixes / pulls like the probabilities it stands for."""
@@ -118,13 +157,13 @@ def test_float16_rows_round_the_same_whether_fresh_or_cached():
     ids = torch.tensor([5, 17, 250, 3])
     want = exact.rows(ids)
     got = half.rows(ids)
-    assert got.dtype == torch.float32 and half._cache.dtype == torch.float16
+    assert got.dtype == torch.float32 and half.cache.slab.dtype == torch.float16
     torch.testing.assert_close(got, want, rtol=2**-10, atol=1e-8)
     assert not torch.equal(got, want)  # really rounded
     assert torch.equal(half.rows(torch.tensor([250, 3])), got[[2, 3]]) and half.hits == 2
     fresh = RowSource(emb, anchors, tau=100.0, cache_rows=0, store="float16")
     assert torch.equal(fresh.rows(ids), got)
-    assert exact.nbytes - half.nbytes == 2 * exact._cache.numel() > 0  # 2 of 4 bytes saved per cached value
+    assert exact.nbytes - half.nbytes == 2 * exact.cache.slab.numel() > 0  # 2 of 4 bytes saved per cached value
     table = torch.empty(4, 100)
     half.rows_into(ids, table)
     rows = IndexedRows(table, torch.tensor([[0, 1], [3, 3]]), half.scale)
@@ -324,7 +363,7 @@ def test_cosine_schedule_matches_torch():
 @pytest.fixture(scope="module")
 def peaked_members():
     """Tiny members sharpened further so that their next-token distributions are about as peaked as the
-    packaged members' (median top-1 probability measured on SmolLM2 and Gemma-3: ~0.67-0.69)."""
+    packaged members' (their median top-1 probability is in docs/results.md)."""
     members = [tiny.member_bpe(), tiny.member_bpe_qwen(), tiny.member_sp()]
     for m in members:
         tiny.sharpen(m.model, 4.0)

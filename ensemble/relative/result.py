@@ -1,0 +1,63 @@
+"""The result of one DeePEn step (docs/algorithms.md, DeePEn): the searched logits over the main
+member's candidates, the members' relative distributions and their aggregate, with the views the
+fuser reads (greedy token, log-probabilities, per-member KL) and the splice that merges a refined
+sub-batch back in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ensemble.relative.mixing import kl_rows
+
+
+@dataclass
+class FuseResult:
+    """One fusion step for B rows. The fused distribution is ``softmax(z)`` over the main member's
+    candidates ``cand`` plus, in the sparse path, a last "tail" column standing for every other token
+    (it takes probability mass but is never chosen)."""
+
+    cand: torch.Tensor  # (B, k) candidate token ids of the main member
+    valid: torch.Tensor  # (B, k + tail) bool
+    z: torch.Tensor  # (B, k + tail) searched logits
+    q_members: list[torch.Tensor]  # per member (B, A): relative distributions
+    q: torch.Tensor  # (B, A): their aggregate
+
+    def token_logits(self) -> torch.Tensor:
+        """Searched logits of the candidate tokens ``(B, k)``, ``-inf`` where masked."""
+        k = self.cand.shape[1]
+        return self.z[:, :k].masked_fill(~self.valid[:, :k], float("-inf"))
+
+    def logprobs(self) -> torch.Tensor:
+        """Fused log-probabilities of the candidates ``(B, k)`` (normalised with the tail's mass)."""
+        full = torch.log_softmax(self.z.masked_fill(~self.valid, float("-inf")), dim=-1)  # (B, k + tail)
+        return full[:, : self.cand.shape[1]]
+
+    def greedy(self) -> torch.Tensor:
+        pos = self.token_logits().argmax(dim=-1, keepdim=True)  # (B, 1)
+        return self.cand.gather(1, pos)[:, 0]  # (B,)
+
+    def _widened(self, k: int) -> "FuseResult":
+        """The same result with ``k >= self.cand.shape[1]`` candidate slots (masked ones added)."""
+        b, pad = self.cand.shape[0], k - self.cand.shape[1]
+        if pad == 0:
+            return self
+        z = torch.cat([self.z[:, :-1], self.z.new_zeros(b, pad), self.z[:, -1:]], dim=1)
+        valid = torch.cat([self.valid[:, :-1], self.valid.new_zeros(b, pad), self.valid[:, -1:]], dim=1)
+        cand = torch.cat([self.cand, self.cand[:, :1].expand(b, pad)], dim=1)
+        return FuseResult(cand=cand, valid=valid, z=z, q_members=self.q_members, q=self.q)
+
+    def splice(self, rows: torch.Tensor, sub: "FuseResult") -> "FuseResult":
+        """This result with ``rows (r,)`` taken from ``sub`` (a result for those rows only)."""
+        k = max(self.cand.shape[1], sub.cand.shape[1])
+        a, b = self._widened(k), sub._widened(k)
+        out = []
+        for x, y in [(a.cand, b.cand), (a.valid, b.valid), (a.z, b.z), (a.q, b.q)] + list(zip(a.q_members, b.q_members)):
+            x = x.clone()
+            x[rows] = y
+            out.append(x)
+        return FuseResult(cand=out[0], valid=out[1], z=out[2], q=out[3], q_members=out[4:])
+
+    def member_kl(self) -> list[torch.Tensor]:
+        """Per member ``KL(q_i || q)`` per row ``(B,)``."""
+        return [kl_rows(qi, self.q) for qi in self.q_members]
