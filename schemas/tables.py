@@ -1,4 +1,4 @@
-"""Input, output and summary tables (see shared/design/jobs.md).
+"""Input, output and summary tables (see docs/jobs.md).
 
 Nested lists are written with the Parquet-compliant ``element`` naming that Spark and pyarrow read.
 Bump ``SCHEMA_VERSION`` on any change to OUTPUT_SCHEMA.

