@@ -1,4 +1,5 @@
 """The compatibility check (bench/compat.py) and the benchmark task loader (bench/tasks.py)."""
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -63,10 +64,15 @@ def test_task_subsets_are_fixed_and_disjoint():
         assert len(test) == 20 and len(dev) == 10
         assert not {r["id"] for r in test} & {r["id"] for r in dev}
         assert [r["id"] for r in tasks.load(task, 5)] == [r["id"] for r in test[:5]]
+        # the fixed shuffle: items ordered by sha256 of their id, the dev subset right after the test one
+        order = [hashlib.sha256(r["id"].encode()).hexdigest() for r in test + dev]
+        assert order == sorted(order)
         for r in test:
             assert r["prompt"].strip() and r["gold"]
             if task in tasks.LABEL_TASKS:
                 assert r["gold"] in r["choices"]
+            else:  # GSM8K: the gold is a number, and an answer stating it is scored correct
+                assert tasks.final_number(r["gold"]) and tasks.gsm8k_correct(f"The answer is {r['gold']}.", r["gold"])
     with pytest.raises(ValueError, match="task must be one of"):
         tasks.load("nope", 1)
     assert tasks.gsm8k_correct("so the answer is 1,234.", "1234") and not tasks.gsm8k_correct("7", "8")
