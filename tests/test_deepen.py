@@ -175,6 +175,11 @@ def test_label_is_batch_independent_and_reports_stats(bpe_member, bpe_member_qwe
         torch.testing.assert_close(torch.tensor(out.probs), torch.tensor(alone.probs), atol=1e-4, rtol=1e-3)
         for s in out.member_stats:
             assert s.calls >= 2 and s.tokens_in > 0 and s.mean_kl >= 0.0
+        # the main member feeds every choice's tokens, one per forward shared by the row's live choices
+        lengths = [len(bpe_member.encode_text(c)) for c in choices[b]]
+        main = out.member_stats[0]
+        assert main.calls == max(lengths) and 2 <= out.member_stats[1].calls <= main.calls
+        assert main.tokens_in == len(bpe_member.encode_prompt(prompts[b])) + sum(n - 1 for n in lengths)
 
 
 def test_dense_reference_path_runs_and_matches_at_lr_zero(bpe_member, sp_member):
