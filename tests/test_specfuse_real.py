@@ -22,7 +22,7 @@ def test_one_real_member_reproduces_its_greedy_output(trio):
     prompt = "What is the capital of France?"
     want = Single(smol).generate([prompt], DecodeParams(max_new_tokens=16))[0]
     got = SpecFuse([smol], segment_tokens=5).generate([prompt], DecodeParams(max_new_tokens=16))[0]
-    assert got.text == want.text and got.token_count == want.token_count
+    assert got.text == want.text and got.token_count == want.token_count > 0
 
 
 def test_generate_with_the_packaged_trio(trio):
