@@ -54,4 +54,4 @@ def test_packaged_member_loads_from_verified_cache():
     finally:
         weights.write_bytes(data)
     m = load_member("smollm2-135m-instruct")
-    assert m.vocab_size == 49152 and m.eos_ids
+    assert m.vocab_size == 49152 and m.tokenizer.eos_token_id in m.eos_ids
