@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from ensemble import DecodeParams, load_member  # noqa: E402
 from ensemble.fusers.deepen import DeePEn  # noqa: E402
-from jobs.fuse import optional_arg as optional  # noqa: E402
+from jobs.cli import optional_arg as optional  # noqa: E402
 from ensemble.relative import (  # noqa: E402
     RelativeEnsemble, RowSource, aggregate, find_anchors, inverse_search, masked_softmax, mix)
 

@@ -1,33 +1,30 @@
-"""The pure partition function: Arrow record batches of input rows in, output rows out.
+"""The pure partition function: Arrow record batches of prepared rows in, output rows out.
 
-``process_partition(batches, *, make_fuser, config)`` needs no Spark (tests call it directly).
+``process_partition(batches, *, make_fuser, config)`` needs no Spark (tests call it directly on
+batches made by :func:`jobs.rows.prepare`).
 Every input row yields exactly ``n_samples`` output rows for generation or one for labeling and
 errors: bad rows become ``status = error`` rows with a reason; a fuser failure on a micro-batch is
 retried row by row so that one bad row cannot take the others down.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import asdict
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
 from jobs.config import JobConfig
-from jobs.rows import Rejected, Request, derive_seed, iter_raw, row_key, validate
+from jobs.rows import Rejected, Request, derive_seed, requests
 from schemas import OUTPUT_SCHEMA, SCHEMA_VERSION
 from schemas.tables import MEMBER_STATS_FIELDS
 
 log = logging.getLogger(__name__)
 
 
-class RowTooLong(ValueError):
-    pass
-
-
 def _stats_dicts(stats) -> list[dict[str, Any]]:
-    return [{k: v for k, v in asdict(s).items() if k in MEMBER_STATS_FIELDS} for s in stats]
+    return [{k: v for k, v in dataclasses.asdict(s).items() if k in MEMBER_STATS_FIELDS} for s in stats]
 
 
 class PartitionRunner:
@@ -58,38 +55,14 @@ class PartitionRunner:
     def error_row(self, rid: str, reason: str, seed: int | None = None, sample: int = 0) -> dict[str, Any]:
         return self.row(id=rid, sample=sample, status="error", error=reason, finish_reason="error", seed=seed)
 
-    # ---- prompt length ---------------------------------------------------------------------------
-    def fit_prompt(self, req: Request) -> Request:
-        """Enforce max_prompt_tokens (and each member's context window) per config."""
-        cfg = self.config
-        for _ in range(8):
-            worst = 0
-            for m in self.fuser.members:
-                n = len(m.encode_prompt(req.prompt, req.system))
-                limit = cfg.max_prompt_tokens
-                if m.context_window:
-                    limit = min(limit, m.context_window - req.max_new_tokens)
-                worst = max(worst, n / max(limit, 1))
-                if n > limit and cfg.long_prompt == "error":
-                    raise RowTooLong(
-                        f"prompt has {n} tokens for member {m.name}, over the limit of {limit} "
-                        f"(max_prompt_tokens={cfg.max_prompt_tokens}, context window {m.context_window})"
-                    )
-            if worst <= 1:
-                return req
-            keep = int(len(req.prompt) / worst * 0.95)
-            req = Request(req.id, req.prompt[:keep], req.system, req.choices, req.seed, req.max_new_tokens)
-        raise RowTooLong(f"prompt could not be truncated under {cfg.max_prompt_tokens} tokens")
-
     # ---- fusion ----------------------------------------------------------------------------------
-    def run(self, requests: list[Request]) -> list[dict[str, Any]]:
+    def run(self, reqs: list[Request]) -> list[dict[str, Any]]:
+        """Fit the prompts (the fuser checks them against max_prompt_tokens and every member's context
+        window), then label the rows with choices and generate the others."""
         out: list[dict[str, Any]] = []
         fitted: list[Request] = []
-        for req in requests:
-            try:
-                fitted.append(self.fit_prompt(req))
-            except RowTooLong as exc:
-                out.append(self.error_row(req.id, str(exc), req.seed))
+        for r in self._isolated(reqs, self._fit):
+            (fitted if isinstance(r, Request) else out).append(r)
         labels = [r for r in fitted if r.choices is not None]
         gens = [r for r in fitted if r.choices is None]
         if labels:
@@ -98,7 +71,16 @@ class PartitionRunner:
             out += self._isolated(gens, self._generate_rows)
         return out
 
-    def _isolated(self, reqs: list[Request], fn) -> list[dict[str, Any]]:
+    def _fit(self, reqs: list[Request]) -> list[Request | dict[str, Any]]:
+        """Each request with its prompt fitted, or an error row naming the member and the limit."""
+        cfg = self.config
+        fits = self.fuser.fit_prompts([r.prompt for r in reqs], [r.system for r in reqs],
+                                      [r.max_new_tokens for r in reqs], cfg.max_prompt_tokens, cfg.long_prompt)
+        return [dataclasses.replace(r, prompt=f) if isinstance(f, str) else self.error_row(r.id, str(f), r.seed)
+                for r, f in zip(reqs, fits)]
+
+    def _isolated(self, reqs: list[Request], fn: Callable[[list[Request]], list]) -> list:
+        """``fn(reqs)``; when it raises, ``fn`` row by row, and a row that fails alone becomes an error row."""
         try:
             return fn(reqs)
         except Exception as exc:  # a fuser failure must not fail the job: isolate the bad row
@@ -148,19 +130,14 @@ def to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
 def process_partition(
     batches: Iterable[pa.RecordBatch], *, make_fuser: Callable[[], Any], config: JobConfig
 ) -> Iterator[pa.RecordBatch]:
-    """Input batches (typed columns, or a ``value`` column of JSON lines) -> OUTPUT_SCHEMA batches,
-    one per micro-batch of ``config.batch_size`` valid rows (error rows ride along)."""
+    """Prepared batches (PREPARED_SCHEMA, with ``_rank`` when the job ranked duplicates) ->
+    OUTPUT_SCHEMA batches, one per micro-batch of ``config.batch_size`` valid rows (error rows ride along)."""
     runner = PartitionRunner(config, make_fuser)
     seen: set[str] = set()
     pending: list[Request] = []
     ready: list[dict[str, Any]] = []
     for batch in batches:
-        for pos, rank, raw in iter_raw(batch):
-            if "__error__" in raw:
-                ready.append(runner.error_row(row_key(None, pos), raw["__error__"]))
-                continue
-            res = validate(raw, pos=pos, seen=seen, run_seed=config.seed, job_max_new=config.max_new_tokens,
-                           mode=config.mode, rank=rank)
+        for res in requests(batch, seen):
             if isinstance(res, Rejected):
                 ready.append(runner.error_row(res.id, res.reason, res.seed))
             else:

@@ -2,27 +2,24 @@
 
 Per member: rows, calls, calls per row, tokens in/out, mean agreement and KL (DeePEn), win rate
 (share of accepted segments, SpecFuse), exit rate and mean exit round (SpecFuse), tokens/s.
-Plots: exit rounds, win rates, throughput per partition.
+Plots: win rates (or agreement), throughput per partition, and exit rounds when rows exited.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.config import JobConfig
+from jobs.result import RunResult
 from jobs.sink import filesystem
 from schemas import SUMMARY_SCHEMA
-
-if TYPE_CHECKING:
-    from jobs.config import JobConfig
-    from jobs.fuse import RunResult
 
 log = logging.getLogger(__name__)
 
 
-def member_summary(spark, cfg: "JobConfig", data_dir: str, fuser_seconds: float) -> list[dict]:
+def member_summary(spark, cfg: JobConfig, data_dir: str, fuser_seconds: float) -> list[dict]:
     from pyspark.sql import functions as F
 
     df = spark.read.parquet(data_dir).where(F.col("status") == "ok")
@@ -59,7 +56,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_summary(spark, cfg: "JobConfig", result: "RunResult") -> None:
+def write_summary(spark, cfg: JobConfig, result: RunResult) -> None:
     from pyspark.sql import functions as F
 
     fs, root = filesystem(cfg.output)
@@ -78,7 +75,7 @@ def write_summary(spark, cfg: "JobConfig", result: "RunResult") -> None:
              f"method **{cfg.method}**, members {', '.join(f'`{m}`' for m in cfg.members)}, "
              f"config_hash `{cfg.config_hash[:12]}`", "",
              f"rows by status: {dict(sorted(by_status.items()))}; computed this run: "
-             f"{sum(c['rows'] for c in commits)} rows in {result.seconds:.1f}s "
+             f"{result.rows} rows in {result.seconds:.1f}s "
              f"(fuser time {fuser_s:.1f}s){' — resumed, committed rows skipped' if result.skipped_committed else ''}",
              "", "## Members", ""]
     cols = [f.name for f in SUMMARY_SCHEMA if f.name != "run_id"]
@@ -117,16 +114,22 @@ def _plots(cfg, rows, exit_rounds, tput, fs, root) -> list[str]:
         return []
     import io
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     names = [r["member"] for r in rows]
-    axes[0].bar(names, [r["win_rate"] or 0 for r in rows] if any(r["win_rate"] for r in rows)
-                else [r["agreement"] or 0 for r in rows], color="#4a7")
-    axes[0].set_title("win rate" if any(r["win_rate"] for r in rows) else "agreement with fused token")
-    axes[1].hist(exit_rounds, bins=range(0, max(exit_rounds, default=1) + 2), color="#a74")
-    axes[1].set_title(f"exit rounds ({len(exit_rounds)} exits)")
-    axes[2].bar([str(p) for p in tput], list(tput.values()), color="#47a")
-    axes[2].set_title("tokens/s per partition")
-    for ax in axes:
+    wins = any(r["win_rate"] for r in rows)
+    agreement = any(r["agreement"] is not None for r in rows)
+    panels = [  # (title, draw): only the panels with data (no exit rounds for single or DeePEn)
+        ("tokens/s per partition", lambda ax: _bars(ax, tput, list(tput.values()), "#47a")),
+    ]
+    if wins or agreement:
+        panels.insert(0, ("win rate" if wins else "agreement with fused token", lambda ax: _bars(
+            ax, names, [(r["win_rate"] if wins else r["agreement"]) or 0 for r in rows], "#4a7")))
+    if exit_rounds:
+        panels.append((f"exit rounds ({len(exit_rounds)} exits)", lambda ax: ax.hist(
+            exit_rounds, bins=range(0, max(exit_rounds) + 2), color="#a74")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for ax, (title, draw) in zip(axes[0], panels):
+        draw(ax)
+        ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -134,4 +137,10 @@ def _plots(cfg, rows, exit_rounds, tput, fs, root) -> list[str]:
     plt.close(fig)
     with fs.open_output_stream(f"{root}/report.png") as f:
         f.write(buf.getvalue())
-    return ["", "## Plots", "", "![win rates, exit rounds, throughput](report.png)"]
+    return ["", "## Plots", "", f"![{', '.join(title for title, _ in panels)}](report.png)"]
+
+
+def _bars(ax, labels, values, color) -> None:
+    """A bar per label at numeric positions (string positions make matplotlib log about categorical units)."""
+    labels = [str(x) for x in labels]
+    ax.bar(range(len(labels)), values, color=color, tick_label=labels)

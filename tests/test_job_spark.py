@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow]
 def spark():
     from pyspark.sql import SparkSession
 
-    from jobs.fuse import use_driver_python
+    from jobs.driver import use_driver_python
 
     use_driver_python("local[2]")
     s = (SparkSession.builder.master("local[2]").appName("test-job")
@@ -55,7 +55,7 @@ def _cfg(tiny_dir, inp, out, **kw):
 def test_job_writes_one_row_per_input(spark, tiny_dir, sample, tmp_path):
     from pyspark.testing import assertSchemaEqual
 
-    from jobs.fuse import run
+    from jobs.driver import run
 
     inp, n = sample
     result = run(spark, _cfg(tiny_dir, inp, tmp_path / "o", partitions=2, report=True))
@@ -99,7 +99,7 @@ def test_job_writes_one_row_per_input(spark, tiny_dir, sample, tmp_path):
 def test_greedy_output_independent_of_partitioning(spark, tiny_dir, sample, tmp_path):
     from pyspark.testing import assertDataFrameEqual
 
-    from jobs.fuse import run
+    from jobs.driver import run
 
     inp, n = sample
     a = run(spark, _cfg(tiny_dir, inp, tmp_path / "a", partitions=1, batch_size=8))
@@ -111,7 +111,7 @@ def test_greedy_output_independent_of_partitioning(spark, tiny_dir, sample, tmp_
 
 
 def test_fault_injection_then_resume(spark, tiny_dir, sample, tmp_path):
-    from jobs.fuse import run
+    from jobs.driver import run
 
     inp, n = sample
     out = tmp_path / "r"
@@ -138,7 +138,7 @@ def test_fault_injection_then_resume(spark, tiny_dir, sample, tmp_path):
 
 
 def test_rerun_with_other_config_is_refused(spark, tiny_dir, sample, tmp_path):
-    from jobs.fuse import run
+    from jobs.driver import run
 
     inp, _ = sample
     run(spark, _cfg(tiny_dir, inp, tmp_path / "x", partitions=1))

@@ -9,7 +9,7 @@ from ensemble import DecodeParams, Single
 from ensemble.config import DeePEnConfig, SpecFuseConfig
 from jobs.config import JobConfig
 from jobs.partition import process_partition
-from jobs.rows import derive_seed
+from jobs.rows import derive_seed, prepare
 from schemas import OUTPUT_SCHEMA
 
 GOOD = [
@@ -39,6 +39,11 @@ def _lines(rows, extra=()):
     return pa.RecordBatch.from_pydict({"value": lines, "_pos": list(range(len(lines)))})
 
 
+def _prepared(batch, cfg):
+    """What the job's input pass makes of a batch (keyed, parsed once, validated)."""
+    return prepare(batch, run_seed=cfg.seed, job_max_new=cfg.max_new_tokens, mode=cfg.mode)
+
+
 @pytest.fixture()
 def cfg():
     return JobConfig(input="in.jsonl", output="out", members=("tiny",), max_new_tokens=6, batch_size=3,
@@ -47,7 +52,7 @@ def cfg():
 
 def test_every_input_row_has_one_output_row(cfg, bpe_member):
     batch = _lines(GOOD + [r for r, _ in BAD], extra=["{not json", "[1, 2]"])
-    out = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg)))
+    out = pa.Table.from_batches(list(process_partition([_prepared(batch, cfg)], make_fuser=lambda: Single(bpe_member), config=cfg)))
     assert out.schema == OUTPUT_SCHEMA
     rows = out.to_pylist()
     assert len(rows) == len(GOOD) + len(BAD) + 2
@@ -79,7 +84,7 @@ def test_every_input_row_has_one_output_row(cfg, bpe_member):
 def test_long_prompt_truncate(cfg, bpe_member):
     cfg = JobConfig(**{**cfg.__dict__, "long_prompt": "truncate"})
     batch = _lines([{"id": "m", "prompt": "word " * 400}])
-    rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
+    rows = pa.Table.from_batches(list(process_partition([_prepared(batch, cfg)], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
     assert rows[0]["status"] == "ok" and rows[0]["text"]
     # the row is generated from the head of the prompt that fits max_prompt_tokens
     fitted = Single(bpe_member).fit_prompts(["word " * 400], [None], [6], 200, "truncate")[0]
@@ -96,7 +101,7 @@ def test_fuser_failure_is_isolated_to_its_row(cfg, bpe_member):
             return super().generate(prompts, params)
 
     batch = _lines([{"id": "x", "prompt": "fine"}, {"id": "y", "prompt": "boom"}, {"id": "z", "prompt": "also fine"}])
-    rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Flaky(bpe_member), config=cfg))).to_pylist()
+    rows = pa.Table.from_batches(list(process_partition([_prepared(batch, cfg)], make_fuser=lambda: Flaky(bpe_member), config=cfg))).to_pylist()
     by_id = {r["id"]: r for r in rows}
     assert by_id["x"]["status"] == by_id["z"]["status"] == "ok"
     want = Single(bpe_member).generate(["fine", "also fine"], DecodeParams(max_new_tokens=6))
@@ -107,7 +112,7 @@ def test_fuser_failure_is_isolated_to_its_row(cfg, bpe_member):
 def test_n_samples_rows_and_seeds(cfg, bpe_member):
     cfg = JobConfig(**{**cfg.__dict__, "n_samples": 3, "temperature": 1.0})
     batch = _lines([{"id": "s", "prompt": "Once upon a time"}, {"id": "t", "prompt": "x", "choices": ["a", "b"]}])
-    rows = pa.Table.from_batches(list(process_partition([batch], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
+    rows = pa.Table.from_batches(list(process_partition([_prepared(batch, cfg)], make_fuser=lambda: Single(bpe_member), config=cfg))).to_pylist()
     samples = [r for r in rows if r["id"] == "s"]
     assert sorted(r["sample"] for r in samples) == [0, 1, 2]
     assert len({r["seed"] for r in samples}) == 3
@@ -175,7 +180,7 @@ def test_sampled_rows_depend_only_on_seed_and_id(cfg, bpe_member):
 
     def texts(batch_size, order):
         c = JobConfig(**{**cfg.__dict__, "batch_size": batch_size})
-        out = process_partition([_lines([rows[i] for i in order])], make_fuser=lambda: Single(bpe_member), config=c)
+        out = process_partition([_prepared(_lines([rows[i] for i in order]), c)], make_fuser=lambda: Single(bpe_member), config=c)
         return {r["id"]: r["text"] for b in out for r in b.to_pylist()}
 
     a = texts(4, [0, 1, 2, 3])
