@@ -7,7 +7,6 @@ from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 _FUSERS: dict[tuple, Any] = {}
-LOADS = {"count": 0}  # how many times this process built an ensemble (tests read it)
 
 
 def task_device(requested: str = "auto") -> str:

@@ -60,14 +60,15 @@ def commit_partition(
     commit_rows: int,
     fail_after_rows: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Write ``out_batches`` in files of about ``commit_rows`` rows; yield one COMMIT_SCHEMA row per file."""
+    """Write ``out_batches`` in files of about ``commit_rows`` rows; yield one COMMIT_SCHEMA row per file.
+    Each commit logs the partition's progress: rows done of ``total_rows`` and its tokens/s so far."""
     fs, root = filesystem(data_dir)
     buffered: list[pa.RecordBatch] = []
-    n_buffered = done = 0
+    n_buffered = done = done_tokens = 0
     t_start = t_file = time.perf_counter()
 
     def flush() -> pa.RecordBatch:
-        nonlocal buffered, n_buffered, done, t_file
+        nonlocal buffered, n_buffered, done, done_tokens, t_file
         table = pa.Table.from_batches(buffered, schema=OUTPUT_SCHEMA)
         path = write_atomic(fs, root, file_name(partition, table), table)
         ok = pa.compute.sum(pa.compute.equal(table.column("status"), "ok")).as_py() or 0
@@ -76,14 +77,15 @@ def commit_partition(
         fuser_s = sum(set(x for x in table.column("latency_ms").to_pylist() if x is not None)) / 1000
         now = time.perf_counter()
         done += table.num_rows
+        done_tokens += tokens
         elapsed = now - t_start
-        log.info("partition %d: %d of %d rows committed (%s), %.1f tokens/s", partition, done, total_rows,
-                 path.rsplit("/", 1)[-1], tokens / max(now - t_file, 1e-9))
+        log.info("partition %d: %d of %d rows done, %d tokens in %.1fs, %.1f tokens/s (committed %s)",
+                 partition, done, total_rows, done_tokens, elapsed, done_tokens / max(elapsed, 1e-9),
+                 path.rsplit("/", 1)[-1])
         rec = pa.RecordBatch.from_pylist(
             [{"partition": partition, "file": path, "rows": table.num_rows, "ok_rows": ok, "tokens": tokens,
               "fuser_s": fuser_s, "wall_s": now - t_file}], schema=COMMIT_SCHEMA)
         buffered, n_buffered, t_file = [], 0, now
-        del elapsed
         return rec
 
     for batch in out_batches:
