@@ -105,6 +105,10 @@ class Member:
             self._codec = Codec(self.tokenizer)
         return self._codec
 
+    def token_bytes(self, tok: int) -> bytes:
+        """The bytes token ``tok`` adds to the response text (b"" for special tokens)."""
+        return self.codec.token_bytes(tok)
+
     def input_embeddings(self) -> torch.Tensor:
         """The input-embedding matrix ``(V, d)``."""
         return self.model.get_input_embeddings().weight
@@ -210,7 +214,7 @@ class Member:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=state.cache,
+            cache=state.cache,
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )

@@ -12,7 +12,6 @@ Contracts:
   with whitespace, it is cut before its last token that starts with whitespace; if that would leave
   nothing, it is kept whole. The cut is on a token boundary, so the kept tokens are a prefix of the
   draft (a member re-drafting from there reproduces its own greedy output token for token).
-- :func:`valid_utf8`: the response as other vocabularies see it (invalid bytes replaced).
 - :func:`segment_score` ``(logprobs) -> float``: mean token probability ``mean(exp(logprobs))``;
   0.0 for an empty segment.
 - :func:`rank` ``(scores, weights) -> (final, winner)``: ``scores[j][c]`` is verifier j's score of
@@ -42,35 +41,9 @@ from typing import Sequence
 
 import torch
 
+from ensemble.utf8 import ends_inside_char
+
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
-
-
-def _incomplete_utf8_tail(data: bytes) -> bool:
-    """True when ``data`` ends inside a multi-byte UTF-8 character."""
-    n = len(data)
-    for back in range(1, min(4, n) + 1):
-        byte = data[n - back]
-        if byte & 0xC0 == 0x80:
-            continue
-        need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
-        return need > back
-    return n > 0  # only continuation bytes
-
-
-def valid_utf8(data: bytes) -> bytes:
-    """``data`` with invalid UTF-8 replaced by U+FFFD, keeping an incomplete character at the end as
-    raw bytes (it may still complete). Stable under extension: ``valid_utf8(a + b)`` starts with
-    ``valid_utf8(a)`` up to that raw tail. Identity on valid text."""
-    n = len(data)
-    head = n
-    for back in range(1, min(4, n) + 1):
-        byte = data[n - back]
-        if byte & 0xC0 == 0x80:
-            continue
-        need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
-        head = n if need <= back else n - back
-        break
-    return data[:head].decode("utf-8", errors="replace").encode("utf-8") + data[head:]
 
 
 def ends_inside_word(data: bytes) -> bool:
@@ -78,7 +51,7 @@ def ends_inside_word(data: bytes) -> bool:
     UTF-8 character); False for empty text, punctuation and whitespace."""
     if not data:
         return False
-    if _incomplete_utf8_tail(data):
+    if ends_inside_char(data):
         return True
     last = data[-4:].decode("utf-8", errors="ignore")[-1:]
     return last.isalnum() or last == "_"

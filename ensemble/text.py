@@ -19,6 +19,8 @@ import json
 import re
 from functools import lru_cache
 
+from ensemble.utf8 import complete_utf8_prefix, is_char_start
+
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -106,22 +108,6 @@ def canonical_strings(tokenizer) -> dict[str, int]:
     return out
 
 
-def complete_utf8_prefix(data: bytes) -> bytes:
-    """The longest prefix of ``data`` that does not end inside a multi-byte UTF-8 character."""
-    n = len(data)
-    for back in range(1, min(4, n) + 1):
-        byte = data[n - back]
-        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
-            continue
-        need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
-        return data if need <= back else data[: n - back]
-    return data
-
-
-def _is_char_start(data: bytes, off: int) -> bool:
-    return off == 0 or off >= len(data) or data[off] & 0xC0 != 0x80
-
-
 class Codec:
     """A member's tokenizer facts needed for broadcast: bytes of each token, continuation encoding."""
 
@@ -160,7 +146,7 @@ class TokenTrack:
         # back to the start of the last word: a token starting with whitespace, or a byte boundary
         while j > 0 and not self.data[self.offsets[j] : self.offsets[j] + 1].isspace():
             j -= 1
-        while j > 0 and not (_is_char_start(self.data, self.offsets[j]) and self.offsets[j] <= len(target)
+        while j > 0 and not (is_char_start(self.data, self.offsets[j]) and self.offsets[j] <= len(target)
                              and target[: self.offsets[j]] == self.data[: self.offsets[j]]):
             j -= 1
         return j

@@ -1,6 +1,7 @@
 """Member and Single on tiny real transformers models: cached vs uncached, batched vs alone,
 rollback, scoring, sampling determinism, stops and labels."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -77,11 +78,22 @@ def test_max_new_tokens_and_stop_strings(bpe_member):
     short = single.generate([PROMPTS[0]], DecodeParams(max_new_tokens=3))[0]
     assert short.token_count == 3 and short.finish_reason.value == "length"
     assert full.text.startswith(short.text)
-    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
-    if stop.strip():
-        cut = single.generate([PROMPTS[0]], DecodeParams(max_new_tokens=20, stop=(stop,)))[0]
-        assert cut.finish_reason.value == "stop"
-        assert stop not in cut.text and full.text.startswith(cut.text)
+    text = full.text
+    stop = next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1)
+                if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
+    cut = single.generate([PROMPTS[0]], DecodeParams(max_new_tokens=20, stop=(stop, "never seen")))[0]
+    assert cut.finish_reason.value == "stop" and cut.text == text[: text.index(stop)]
+    ref = greedy_uncached(bpe_member, PROMPTS[0], 20)  # the row stops on the first token completing the stop
+    assert cut.token_count == next(n for n in range(1, 21) if stop in bpe_member.decode(ref[:n]))
+
+
+def test_no_deprecation_warnings_from_transformers(bpe_member):
+    """The KV cache goes through the current ``cache`` argument (no FutureWarning per forward)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        Single(bpe_member).generate(PROMPTS[:2], DecodeParams(max_new_tokens=3))
+        state = bpe_member.start(PROMPTS[:1])
+        bpe_member.score(state, [[bpe_member.encode_text(" yes")]])
 
 
 def test_eos_stops_row(bpe_member):

@@ -12,9 +12,7 @@ from ensemble.segments import (
     rank,
     segment_score,
     trim_to_word,
-    valid_utf8,
 )
-from ensemble.text import complete_utf8_prefix
 
 
 def pieces(*texts: str) -> list[bytes]:
@@ -43,15 +41,6 @@ def test_trim_to_word(draft, ended, keep):
 def test_ends_inside_word():
     assert ends_inside_word(b"Par") and ends_inside_word(b"x_1") and ends_inside_word(b"\xe6\x9d")
     assert not ends_inside_word(b"Paris.") and not ends_inside_word(b"a ") and not ends_inside_word(b"")
-
-
-def test_valid_utf8():
-    assert valid_utf8("café 東京".encode()) == "café 東京".encode()
-    assert valid_utf8(b"a\xa1b") == "a\ufffdb".encode()
-    assert valid_utf8(b"ab\xe6\x9d") == b"ab\xe6\x9d"  # incomplete tail kept raw
-    whole = b"x\xa1y \xe6\x9d\xb1z"
-    for cut in range(len(whole) + 1):  # stable under extension, up to an incomplete tail
-        assert valid_utf8(whole).startswith(valid_utf8(complete_utf8_prefix(whole[:cut])))
 
 
 def test_segment_score_is_mean_probability():

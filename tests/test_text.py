@@ -7,10 +7,10 @@ from ensemble.text import (
     Codec,
     TokenTrack,
     canonical_strings,
-    complete_utf8_prefix,
     is_byte_level,
     token_bytes_table,
 )
+from ensemble.utf8 import complete_utf8_prefix
 from tests import tiny
 
 TEXTS = [
@@ -54,14 +54,6 @@ def test_specials_excluded_and_byte_pieces_mapped():
         words = {t: i for t, i in tok.get_vocab().items() if t[:1] == marker and t[1:].isascii() and t[1:].isalpha()}
         assert words, marker
         assert all(c[" " + t[1:]] == i for t, i in words.items())
-
-
-def test_complete_utf8_prefix():
-    s = "a東🙂".encode()
-    assert complete_utf8_prefix(s) == s
-    assert complete_utf8_prefix(s[:-1]) == "a東".encode()
-    assert complete_utf8_prefix(s[:2]) == b"a"
-    assert complete_utf8_prefix(b"") == b""
 
 
 def test_incremental_sync_equals_full_encoding(tokenizer):

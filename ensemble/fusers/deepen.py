@@ -28,23 +28,16 @@ from typing import Any, Sequence
 import torch
 
 from ensemble.config import DecodeParams, DeePEnConfig, EosPolicy, normalise_weights, per_row
-from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts, normalise_log_scores
-from ensemble.fusers.single import find_stop
+from ensemble.fusers.base import FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts, normalise_log_scores
+from ensemble.fusers.stopping import StopChecker, cut_at_stop
 from ensemble.members import Member, RowBatch
 from ensemble.reference import next_logits_uncached
 from ensemble.relative import FuseResult, RelativeEnsemble, RowSource, find_anchors
 from ensemble.sampling import choose, make_generator
-from ensemble.text import TokenTrack, complete_utf8_prefix
+from ensemble.text import TokenTrack
+from ensemble.utf8 import complete_utf8_prefix, valid_utf8
 
 log = logging.getLogger(__name__)
-
-
-def follow_bytes(resp: bytes) -> bytes:
-    """The response as the other members follow it: complete UTF-8, with invalid byte sequences (a main
-    member may emit stray byte tokens) replaced by U+FFFD; an incomplete tail is kept for TokenTrack to
-    hold back. Append-only as the response grows."""
-    done = complete_utf8_prefix(resp)
-    return done.decode("utf-8", errors="replace").encode("utf-8") + resp[len(done):]
 
 
 class _Rows:
@@ -148,7 +141,7 @@ class DeePEn:
                 feeds[i].append([tok])
                 rbs[i].append(0)
             else:
-                rb, new = tr.sync(follow_bytes(st.resp[r]))
+                rb, new = tr.sync(valid_utf8(st.resp[r]))
                 feeds[i].append(new)
                 rbs[i].append(rb)
 
@@ -178,7 +171,7 @@ class DeePEn:
             if self.same_ids[i]:
                 out.append(len(st.out[r]))
             else:
-                tracks[r].sync(follow_bytes(st.resp[r]))
+                tracks[r].sync(valid_utf8(st.resp[r]))
                 out.append(len(tracks[r].ids))
         return out
 
@@ -192,6 +185,8 @@ class DeePEn:
         st = _Rows(self, len(prompts))
         outputs: list[FusedOutput | None] = [None] * len(prompts)
         live = list(range(len(prompts)))
+        checks = [StopChecker(p.stop, p.max_new_tokens, self.main.eos_ids, token_bytes=self.main.token_bytes)
+                  for p in rows]
         while live:
             greedy = torch.tensor([rows[r].greedy for r in live])  # (B,): these rows need only the argmax
             res = self.engine.fuse([s.logits for s in states], greedy_rows=greedy)
@@ -201,27 +196,19 @@ class DeePEn:
             rbs: list[list] = [[] for _ in self.members]
             keep: list[int] = []
             for j, (r, tok) in enumerate(zip(live, picks)):
-                p, finish = rows[r], None
-                if self._is_stop_token(tok, tops, j):
-                    finish = FinishReason.STOP
-                else:
+                stop = checks[r].token(tok, eos=self._is_stop_token(tok, tops, j))
+                if stop is None or not stop.eos:
                     st.out[r].append(tok)
-                    if p.stop and find_stop(self.main.decode(st.out[r]), p.stop) is not None:
-                        finish = FinishReason.STOP
-                    elif len(st.out[r]) >= p.max_new_tokens:
-                        finish = FinishReason.LENGTH
-                    if finish is not None:
-                        st.resp[r] += self.main.codec.token_bytes(tok)
-                if finish is None:
+                if stop is None:
                     keep.append(j)
                     self._broadcast(st, r, tok, feeds, rbs)
                     continue
-                text = self.main.decode(st.out[r])
-                cut = find_stop(text, p.stop) if p.stop else None
+                if not stop.eos:
+                    st.resp[r] += self.main.codec.token_bytes(tok)
                 counts = [(s.calls[j], s.tokens_in[j]) for s in states]
                 outputs[r] = FusedOutput(
-                    text=text if cut is None else text[:cut], token_count=len(st.out[r]), finish_reason=finish,
-                    member_stats=self._stats(st, [r], counts, self._tokens_out(st, r)))
+                    text=cut_at_stop(self.main.decode(st.out[r]), rows[r].stop), token_count=len(st.out[r]),
+                    finish_reason=stop.reason, member_stats=self._stats(st, [r], counts, self._tokens_out(st, r)))
             if not keep:
                 break
             states, live = self._advance(states, live, keep, feeds, rbs)
@@ -299,7 +286,7 @@ class DeePEn:
                 if self.same_ids[i]:
                     ids = prompt_ids[i] + out
                 else:
-                    ids = prompt_ids[i] + m.encode_text(complete_utf8_prefix(follow_bytes(resp)).decode("utf-8"))
+                    ids = prompt_ids[i] + m.encode_text(complete_utf8_prefix(valid_utf8(resp)).decode("utf-8"))
                 logits.append(next_logits_uncached(m, ids)[None])
             res = self.engine.fuse(logits)
             tok = int(res.greedy()[0])

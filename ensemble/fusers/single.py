@@ -2,7 +2,8 @@
 oracle its invariants are checked against (one member, or copies of one, must reproduce it).
 
 generate: batched, KV-cached greedy or sampled decoding with per-row generators; a row stops on
-any of the member's EOS ids, a stop string, or its own max_new_tokens.
+any of the member's EOS ids, a stop string, or its own max_new_tokens (``ensemble/fusers/stopping.py``);
+the text is the member's decode of its tokens, cut before the first stop string.
 label: length-normalised log-likelihood (mean token log-prob) of each choice after the prompt,
 softmax-normalised over the choices.
 """
@@ -21,16 +22,11 @@ from ensemble.fusers.base import (
     fit_prompts,
     normalise_log_scores,
 )
+from ensemble.fusers.stopping import StopChecker, cut_at_stop
 from ensemble.members import Member
 from ensemble.sampling import choose_batch, make_generator
 
 log = logging.getLogger(__name__)
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index of the earliest stop string in text, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 class Single:
@@ -54,26 +50,20 @@ class Single:
         outputs: list[FusedOutput | None] = [None] * len(prompts)
         live = list(range(len(prompts)))  # original row index of each state row
         out_ids: list[list[int]] = [[] for _ in prompts]
+        checks = [StopChecker(p.stop, p.max_new_tokens, m.eos_ids, token_bytes=m.token_bytes) for p in rows]
         while live:
             picks = choose_batch(state.logits, [rows[r] for r in live], [gens[r] for r in live])
             feed: list[list[int]] = []
             keep: list[int] = []
             for i, (r, tok) in enumerate(zip(live, picks)):
-                p = rows[r]
-                finish = None
-                if tok in m.eos_ids:
-                    finish = FinishReason.STOP
-                else:
+                stop = checks[r].token(tok)
+                if stop is None or not stop.eos:
                     out_ids[r].append(tok)
-                    if p.stop and find_stop(m.decode(out_ids[r]), p.stop) is not None:
-                        finish = FinishReason.STOP
-                    elif len(out_ids[r]) >= p.max_new_tokens:
-                        finish = FinishReason.LENGTH
-                if finish is None:
+                if stop is None:
                     keep.append(i)
                     feed.append([tok])
                 else:
-                    outputs[r] = self._finish(state, i, out_ids[r], finish, p)
+                    outputs[r] = self._finish(state, i, out_ids[r], stop.reason, rows[r])
             if not keep:
                 break
             if len(keep) < len(live):
@@ -83,10 +73,7 @@ class Single:
         return outputs  # type: ignore[return-value]
 
     def _finish(self, state, i: int, ids: list[int], finish: FinishReason, p: DecodeParams) -> FusedOutput:
-        text = self.member.decode(ids)
-        cut = find_stop(text, p.stop) if p.stop else None
-        if cut is not None:
-            text = text[:cut]
+        text = cut_at_stop(self.member.decode(ids), p.stop)
         stats = MemberStats(
             name=self.member.name, role="main", weight=1.0,
             calls=state.calls[i], tokens_in=state.tokens_in[i], tokens_out=len(ids),

@@ -51,11 +51,12 @@ import torch
 
 from ensemble.config import DecodeParams, SpecFuseConfig, normalise_weights, per_row
 from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts
-from ensemble.fusers.single import find_stop
+from ensemble.fusers.stopping import StopChecker
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
-from ensemble.segments import exit_mask, rank, segment_score, trim_to_word, valid_utf8
-from ensemble.text import TokenTrack, complete_utf8_prefix
+from ensemble.segments import exit_mask, rank, segment_score, trim_to_word
+from ensemble.text import TokenTrack
+from ensemble.utf8 import complete_utf8_prefix, valid_utf8
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class _Row:
     gens: list[torch.Generator | None]
     active: list[bool]
     max_rounds: int
+    stops: StopChecker
     response: bytes = b""
     rounds: int = 0
     finish: FinishReason | None = None
@@ -168,6 +170,7 @@ class SpecFuse:
                   for i, m in enumerate(self._members)],
             active=[True] * n,
             max_rounds=self.config.max_rounds or 2 * p.max_new_tokens,
+            stops=StopChecker(p.stop, p.max_new_tokens),
             stats=[MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i],
                                proposed=0, accepted=0, rounds_active=0) for i, m in enumerate(self._members)],
             quality=[0.0] * n,
@@ -290,15 +293,15 @@ class SpecFuse:
         if count > p.max_new_tokens:  # a long winner from another vocabulary: cut to the budget
             codec = self._members[0].codec
             data, count = b"".join(codec.token_bytes(t) for t in main.ids[: p.max_new_tokens]), p.max_new_tokens
-        text = data.decode("utf-8", errors="replace")
-        cut = find_stop(text, p.stop) if p.stop else None
-        if cut is not None:
-            text, row.finish = text[:cut], FinishReason.STOP
-        elif winner.eos and data is row.response:
-            row.finish = FinishReason.STOP
-        elif count >= p.max_new_tokens or row.rounds >= row.max_rounds:
+        stop = row.stops.segment(data, count, eos=winner.eos and data is row.response)
+        if stop is not None:
+            row.finish = stop.reason
+        elif row.rounds >= row.max_rounds:
             row.finish = FinishReason.LENGTH
-        row.text, row.token_count = text, count
+        if row.finish is not None:  # decode once, when the row is done
+            text = data.decode("utf-8", errors="replace")
+            row.text = text if stop is None or stop.cut is None else text[: stop.cut]
+        row.token_count = count
 
     def _compact(self, i: int, state: RowBatch, where: list[int], rows: list[_Row]) -> tuple[RowBatch | None, list[int]]:
         """Drop member i's rows that finished or that it exited, saving their counters."""
