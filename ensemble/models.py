@@ -20,9 +20,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import torch
 from filelock import FileLock
@@ -135,17 +136,18 @@ def _convert_gguf(parts: list[Path], target: Path, sha: str) -> None:
                     with p.open("rb") as f:
                         shutil.copyfileobj(f, out, _CHUNK)
         t0 = time.monotonic()
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=gguf_name, dtype=torch.float32, trust_remote_code=False
-        )
-        # transformers refuses to save a GGUF-loaded model while its quantizer marker is set.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        out_dir = work / "model"
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
+        with quiet_progress():
+            tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_dir, gguf_file=gguf_name, dtype=torch.float32, trust_remote_code=False
+            )
+            # transformers refuses to save a GGUF-loaded model while its quantizer marker is set.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            out_dir = work / "model"
+            model.save_pretrained(out_dir, safe_serialization=True)
+            tok.save_pretrained(out_dir)
         weights = sorted(out_dir.glob("*.safetensors"))
         manifest = {
             "source_sha256": sha,
@@ -219,6 +221,22 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No transformers progress bars (the per-load "Loading weights" bar, "Writing model shards")
+    inside the block; the previous setting is restored after it. Warnings and errors are still
+    logged. The GGUF reader's own tqdm bar (once per conversion) is not transformers' and still shows."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_member(
     spec: str,
     *,
@@ -239,12 +257,11 @@ def load_member(
             raise ValueError(f"dtype must name a torch dtype, got {dtype!r}")
         dtype = getattr(torch, dtype)
     t0 = time.monotonic()
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False
-    ).to(dev)
+    with quiet_progress():
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        ).to(dev)
     log.info("loaded member %s from %s on %s/%s in %.1fs", member_name, model_dir, dev, dtype, time.monotonic() - t0)
     return Member(model, tok, name=name or member_name)
 
-
-LoadFn = Callable[[str], Member]

@@ -38,6 +38,22 @@ def test_hf_dir_without_safetensors_is_refused(tmp_path):
         resolve(str(tmp_path))
 
 
+def test_load_shows_no_progress_bar_and_restores_the_setting(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from tests import tiny
+
+    src = tiny.member_bpe()
+    src.model.save_pretrained(tmp_path)
+    src.tokenizer.save_pretrained(tmp_path)
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    m = load_member(str(tmp_path), device="cpu")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # scoped to the load, not switched off for good
+    assert m.vocab_size == src.vocab_size and m.eos_ids == src.eos_ids
+
+
 @pytest.mark.slow
 def test_packaged_member_loads_from_verified_cache():
     name, path = resolve("smollm2-135m-instruct")
