@@ -12,7 +12,8 @@ most rows refined) and SpecFuse's drafts are meaningless text. EOS is switched o
         [--batches 8 32 64] [--new-tokens 32] [--repeats 3] [--methods deepen specfuse] [--deadline-s 300]
     python bench/bench_gpu.py bench --members tiny --device cpu --batches 2 --new-tokens 4 --out x.jsonl
     python bench/bench_gpu.py spark --out DIR [--discovery scripts/getGpusResources.sh] [--device auto]
-    python bench/bench_gpu.py report --jsonl gpu.jsonl [--md bench/results/gpu.md] [--json bench/results/gpu.json]
+    python bench/bench_gpu.py report --jsonl run1.jsonl [run2.jsonl ...] [--md bench/results/gpu.md]
+        [--json bench/results/gpu.json] [--header header.md] [--extra extra.json]
 
 ``--members-dir`` holds one folder per member alias with ``config.json`` and the tokenizer files
 (``bench/gpu_check.sh`` unpacks them from ``.gpu_carry/members.tar.gz``); ``--members tiny`` uses the
@@ -135,7 +136,8 @@ def meta(args, members: list[Member]) -> dict:
             "python": platform.python_version(), "new_tokens": args.new_tokens, "repeats": args.repeats,
             "batches": args.batches, "members": [m.name for m in members],
             "params_m": [round(sum(p.numel() for p in m.model.parameters()) / 1e6, 1) for m in members],
-            "vocab": [m.vocab_size for m in members], "eos": "off (Member.eos_ids emptied)"}
+            "vocab": [m.vocab_size for m in members], "eos": "off (Member.eos_ids emptied)",
+            "workaround": "DeePEn: greedy_rows mask moved to the logits' device (see _place_greedy_rows)"}
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
@@ -176,6 +178,28 @@ def fused(make: Callable[[], object], prompts: list[str], params: DecodeParams, 
     i = walls.index(statistics.median_low(walls))
     return {"wall_s": walls, "build_s": builds, "median_wall_s": walls[i], "tokens": sum(tokens[i]),
             "tokens_min": min(map(min, tokens)), "tokens_max": max(map(max, tokens))}
+
+
+def make_fuser(method: str, members: list[Member]):
+    fuser = METHODS[method](members)
+    if method == "deepen":
+        _place_greedy_rows(fuser)
+    return fuser
+
+
+def _place_greedy_rows(fuser) -> None:
+    """Work-around, for this benchmark only: DeePEn.generate passes RelativeEnsemble.fuse a CPU
+    ``greedy_rows`` mask, which the refinement indexes with the rows' CUDA indices (RuntimeError on a GPU;
+    found by bench/gpu_check.sh). Moving the mask to the logits' device changes no value; drop this once
+    the library places the mask itself."""
+    fuse = fuser.engine.fuse
+
+    def placed(logits, extra=None, greedy_rows=None):
+        if greedy_rows is not None:
+            greedy_rows = greedy_rows.to(logits[0].device)
+        return fuse(logits, extra, greedy_rows=greedy_rows)
+
+    fuser.engine.fuse = placed
 
 
 def bench(args) -> int:
@@ -224,7 +248,7 @@ def bench(args) -> int:
             if over_deadline(item):
                 continue
             try:
-                r = fused(lambda: METHODS[method](members), prompts, params, args.fused_repeats, dev)
+                r = fused(lambda: make_fuser(method, members), prompts, params, args.fused_repeats, dev)
                 step = r["median_wall_s"] * B / r["tokens"]  # seconds per token of each row
                 r.update(fused_tok_s=r["tokens"] / r["median_wall_s"], step_s=step)
                 if floor_step is not None:
@@ -269,49 +293,66 @@ def spark(args) -> int:
                                        f"-Dspark.worker.resource.gpu.discoveryScript={discovery}")
     conf = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
             "spark.executor.resource.gpu.discoveryScript": discovery, "spark.executor.cores": "1"}
-    t0 = time.monotonic()
+    t0, t0_wall = time.monotonic(), time.time()
     try:
         with standalone_cluster(workers=1, cores=1) as url:
             done = submit(["--input", str(SAMPLE), "--output", str(out / "job"), "--method", "single",
                            "--members", str(member_dir), "--max-new-tokens", "8", "--device", args.device,
                            "--partitions", "1"], master=url, conf=conf, timeout=args.timeout,
                           log_path=out / "spark-submit.log")
-        rows = pq.read_table(out / "job").num_rows if (out / "job").exists() else None
+        rows = pq.read_table(out / "job" / "data").num_rows
         rec.write({"kind": "spark", "ok": True, "seconds": round(time.monotonic() - t0, 1), "rows": rows,
-                   "conf": conf, "stdout_tail": done.stdout[-1500:]})
+                   "conf": conf, **_executor_evidence(t0_wall), "stdout_tail": done.stdout[-800:]})
         return 0
     except Exception as exc:  # noqa: BLE001  -- recorded for the report, exit code says it failed
         rec.write({"kind": "spark", "ok": False, "error": repr(exc), "traceback": traceback.format_exc()})
         return 1
 
 
+def _executor_evidence(since: float) -> dict:
+    """What the executors of standalone clusters started since ``since`` were given (their resources
+    file) and which device their tasks built the ensemble on (jobs/runtime.py logs it)."""
+    import glob
+    import os
+    import re
+    import tempfile
+
+    resources, devices = [], []
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "spark-standalone-*")):
+        if os.path.getmtime(d) < since - 5:
+            continue
+        for f in glob.glob(os.path.join(d, "work*", "app-*", "*", "resource-executor-*.json")):
+            resources += json.loads(Path(f).read_text())
+        for f in glob.glob(os.path.join(d, "work*", "app-*", "*", "stderr")):
+            devices += re.findall(r"building \S+ ensemble of .* on (\S+)", Path(f).read_text(errors="replace"))
+    return {"executor_resources": resources, "task_devices": devices}
+
+
 # ---- report ------------------------------------------------------------------------------------
 def report(args) -> int:
-    lines = [json.loads(x) for x in Path(args.jsonl).read_text().splitlines() if x.strip()]
-    meta_ = next((x for x in lines if x["kind"] == "meta"), {})
-    own = [x for x in lines if x["kind"] == "own"]
-    fused_ = [x for x in lines if x["kind"] == "fused"]
-    errors = [x for x in lines if x["kind"] == "error"]
-    skipped = [x for x in lines if x["kind"] == "skipped"]
+    """gpu.json (every line, tagged with its run: the position of its file in --jsonl) and the tables."""
+    lines = []
+    for run, path in enumerate(args.jsonl, 1):
+        lines += [{"run": run, **json.loads(x)} for x in Path(path).read_text().splitlines() if x.strip()]
+    by_kind = {k: [x for x in lines if x["kind"] == k] for k in ("meta", "own", "fused", "error", "skipped", "done")}
     extra = json.loads(Path(args.extra).read_text()) if args.extra else {}
-    Path(args.json).write_text(json.dumps({"meta": meta_, "own": own, "fused": fused_, "errors": errors,
-                                           "skipped": skipped, **extra}, indent=1) + "\n")
-    md = ["| method | batch | fused tok/s | floor tok/s | ratio (fused / floor time per step) | tokens per row |",
-          "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for x in fused_:
+    Path(args.json).write_text(json.dumps({**by_kind, **extra}, indent=1) + "\n")
+    md = ["| method | batch | fused tok/s | floor tok/s | ratio (fused / floor time per step) | fused s/step | tokens per row | run |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for x in sorted(by_kind["fused"], key=lambda x: (x["method"], x["batch"])):
         floor = f"{x['floor_tok_s']:.0f}" if "floor_tok_s" in x else "n/a"
         ratio = f"{x['ratio']:.2f}" if "ratio" in x else "n/a"
         md.append(f"| {x['method']} | {x['batch']} | {x['fused_tok_s']:.0f} | {floor} | {ratio} | "
-                  f"{x['tokens_min']}-{x['tokens_max']} |")
-    md += ["", "| member | batch | own s/step (prefill share incl.) | decode s/step | prefill s |",
-           "| --- | ---: | ---: | ---: | ---: |"]
-    for x in own:
+                  f"{x['step_s'] * 1e3:.0f} ms | {x['tokens_min']}-{x['tokens_max']} | {x['run']} |")
+    md += ["", "| member | batch | own s/step (prefill share incl.) | decode s/step | prefill | run |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for x in sorted(by_kind["own"], key=lambda x: (x["member"], x["batch"], x["run"])):
         md.append(f"| {x['member']} | {x['batch']} | {x['step_s'] * 1e3:.1f} ms | {x['decode_step_s'] * 1e3:.1f} ms "
-                  f"| {x['prefill_s'] * 1e3:.1f} ms |")
-    if errors or skipped:
+                  f"| {x['prefill_s'] * 1e3:.1f} ms | {x['run']} |")
+    if by_kind["error"] or by_kind["skipped"]:
         md += ["", "Not measured:", ""]
-        md += [f"- {x.get('method') or x.get('member') or x.get('what')} batch {x.get('batch', '-')}: "
-               f"{x.get('error') or x.get('why')}" for x in errors + skipped]
+        md += [f"- run {x['run']}, {x.get('method') or x.get('member') or x.get('what')} batch {x.get('batch', '-')}: "
+               f"{x.get('error') or x.get('why')}" for x in by_kind["error"] + by_kind["skipped"]]
     table = "\n".join(md)
     if args.md:
         header = Path(args.header).read_text() if args.header else ""
@@ -342,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--timeout", type=float, default=300)
     r = sub.add_parser("report", help="gpu.json and the markdown tables from a bench JSON-lines file")
-    r.add_argument("--jsonl", required=True)
+    r.add_argument("--jsonl", nargs="+", required=True, help="one file per run, in run order")
     r.add_argument("--json", default=str(REPO / "bench" / "results" / "gpu.json"))
     r.add_argument("--md", default=None, help="write the tables (after --header's text) to this file")
     r.add_argument("--header", default=None, help="markdown placed before the tables")

@@ -7,7 +7,9 @@
 #   bash bench/gpu_check.sh [OUT_DIR]      on the CUDA machine (OUT_DIR defaults to $OUT, else
 #                                          bench/results/gpu-run)
 #
-# Steps, each under its own time limit (seconds, from the environment):
+# Steps, each under its own time limit (seconds, from the environment); GPU_CHECK_STEPS names the steps
+# to run (default "tests spark bench"; the CUDA check and the install always run), GPU_BENCH_METHODS,
+# GPU_BENCH_BATCHES and GPU_BENCH_TOKENS narrow the bench:
 #   0. CUDA: exits 3 at once, saying so, when torch sees no CUDA device (nothing else runs);
 #   1. install: the carried wheels (.whl/*.whl) into a private target folder on PYTHONPATH (falls back to
 #      the machine's own packages, saying so, if they do not import), else pip for transformers>=5.20;
@@ -55,6 +57,7 @@ STEPS=$OUT_DIR/steps.json
 T_TESTS=${GPU_CHECK_TESTS_S:-120}
 T_SPARK=${GPU_CHECK_SPARK_S:-240}
 T_BENCH=${GPU_CHECK_BENCH_S:-300}
+STEPS_TO_RUN=" ${GPU_CHECK_STEPS:-tests spark bench} "  # a rerun may name fewer (install always runs)
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$LOG") 2>&1
 say() { echo "gpu_check: $*"; }
@@ -113,18 +116,23 @@ fi
 $PY -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|huggingface.hub|safetensors|pyarrow|pyspark|pytest) ' || true
 
 # ---- 2. tests ----------------------------------------------------------------------------------------
-say "tests (limit ${T_TESTS}s)"
-timeout -k 10 "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs > "$OUT_DIR/tests.txt" 2>&1
-rc=$?
-cat "$OUT_DIR/tests.txt"
-record tests "rc=$rc ($(tail -1 "$OUT_DIR/tests.txt"))"
-failed=$(( rc != 0 ))
+failed=0
+if [[ $STEPS_TO_RUN == *" tests "* ]]; then
+  say "tests (limit ${T_TESTS}s)"
+  timeout -k 10 "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs > "$OUT_DIR/tests.txt" 2>&1
+  rc=$?
+  cat "$OUT_DIR/tests.txt"
+  record tests "rc=$rc ($(tail -1 "$OUT_DIR/tests.txt"))"
+  (( rc == 0 )) || failed=1
+fi
 
 # ---- 3. the job on one GPU executor (Spark resource scheduling) ---------------------------------------
 has_spark=no; has_java=no
 $PY -c "import pyspark" 2>/dev/null && has_spark=yes
 command -v java > /dev/null 2>&1 && has_java=yes
-if [[ $has_spark == yes && $has_java == yes ]]; then
+if [[ $STEPS_TO_RUN != *" spark "* ]]; then
+  :
+elif [[ $has_spark == yes && $has_java == yes ]]; then
   say "spark (limit ${T_SPARK}s)"
   timeout -k 10 "$T_SPARK" $PY bench/bench_gpu.py spark --out /tmp/gpu_spark --device auto --timeout $((T_SPARK - 30))
   rc=$?
@@ -141,13 +149,15 @@ if [[ -z "$members" && -f .gpu_carry/members.tar.gz ]]; then
   members=$(mktemp -d /tmp/gpu_members.XXXX)
   tar -C "$members" -xzf .gpu_carry/members.tar.gz
 fi
-if [[ -z "$members" ]]; then
+if [[ $STEPS_TO_RUN != *" bench "* ]]; then
+  :
+elif [[ -z "$members" ]]; then
   record bench "SKIPPED: no member configs (.gpu_carry/members.tar.gz from --prepare, or GPU_MEMBERS_DIR)"
   failed=1
 else
   say "bench (limit ${T_BENCH}s)"
   timeout -k 10 "$T_BENCH" $PY bench/bench_gpu.py bench --members-dir "$members" --out "$OUT_DIR/gpu.jsonl" \
-    --device cuda --dtype bfloat16 --batches ${GPU_BENCH_BATCHES:-8 32 64} --new-tokens ${GPU_BENCH_TOKENS:-32} \
+    --device cuda --dtype bfloat16 --methods ${GPU_BENCH_METHODS:-deepen specfuse} --batches ${GPU_BENCH_BATCHES:-8 32 64} --new-tokens ${GPU_BENCH_TOKENS:-32} \
     --deadline-s $((T_BENCH - ${GPU_BENCH_MARGIN_S:-60}))
   rc=$?
   record bench "rc=$rc$( ((rc == 124)) && echo ' (time limit: the lines written so far are kept)')"
