@@ -350,7 +350,7 @@ def report(args) -> int:
         md.append(f"| {x['member']} | {x['batch']} | {x['step_s'] * 1e3:.1f} ms | {x['decode_step_s'] * 1e3:.1f} ms "
                   f"| {x['prefill_s'] * 1e3:.1f} ms | {x['run']} |")
     if by_kind["error"] or by_kind["skipped"]:
-        md += ["", "Not measured:", ""]
+        md += ["", "Errors and skipped items, as recorded:", ""]
         md += [f"- run {x['run']}, {x.get('method') or x.get('member') or x.get('what')} batch {x.get('batch', '-')}: "
                f"{x.get('error') or x.get('why')}" for x in by_kind["error"] + by_kind["skipped"]]
     table = "\n".join(md)
