@@ -45,6 +45,12 @@ def top_candidates(logits: torch.Tensor, k: int, top_mass: float | None = None,
     return idx, valid
 
 
+def _take(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """``x[rows]`` for an optional per-row tensor, which may live on another device than the row
+    indices (callers pass CPU masks and token ids alongside device logits)."""
+    return None if x is None else x[rows.to(x.device)]
+
+
 @dataclass(frozen=True)
 class MemberCandidates:
     """One member's part of a sparse step: its candidates plus one tail pseudo-token (the rest of the
@@ -173,8 +179,7 @@ class RelativeEnsemble:
         if rows.numel() == 0:
             return res
         self.refined += rows.numel()
-        sub = self._fuse([lg[rows] for lg in logits], None if extra is None else extra[rows], (None, None),
-                         None if greedy_rows is None else greedy_rows[rows])
+        sub = self._fuse([lg[rows] for lg in logits], _take(extra, rows), (None, None), _take(greedy_rows, rows))
         return res.splice(rows, sub)
 
     def _fuse(self, logits, extra, masses, greedy_rows) -> FuseResult:
