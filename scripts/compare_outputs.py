@@ -22,16 +22,16 @@ STATS = ("name", "role", "weight", "calls", "tokens_in", "tokens_out", "agreemen
 log = logging.getLogger("compare_outputs")
 
 
-def load_rows(output_dir: str) -> dict[tuple[str | None, int], dict]:
+def load_rows(output_dir: str) -> dict[tuple[str | None, int], list[dict]]:
+    """(id, sample) -> the rows with that key (more than one where the input repeats an id: the
+    duplicates' error rows), in a canonical order."""
     table = pq.read_table(f"{output_dir.rstrip('/')}/data")
-    rows: dict[tuple[str | None, int], dict] = {}
+    rows: dict[tuple[str | None, int], list[dict]] = {}
     for r in table.to_pylist():
-        key = (r["id"], r["sample"])
-        if key in rows:
-            raise ValueError(f"{output_dir}: duplicate row {key}")
-        rows[key] = {f: r[f] for f in FIELDS}
-        rows[key]["member_stats"] = [{k: m.get(k) for k in STATS} for m in (r["member_stats"] or [])]
-    return rows
+        row = {f: r[f] for f in FIELDS}
+        row["member_stats"] = [{k: m.get(k) for k in STATS} for m in (r["member_stats"] or [])]
+        rows.setdefault((r["id"], r["sample"]), []).append(row)
+    return {k: sorted(v, key=repr) for k, v in rows.items()}
 
 
 def compare(before: dict, after: dict) -> list[str]:
@@ -42,9 +42,12 @@ def compare(before: dict, after: dict) -> list[str]:
         elif key not in before:
             diffs.append(f"{key}: new after")
         else:
-            for f, old in before[key].items():
-                if after[key][f] != old:
-                    diffs.append(f"{key}.{f}: {old!r:.200} -> {after[key][f]!r:.200}")
+            old_rows, new_rows = before[key], after[key]
+            if len(old_rows) != len(new_rows):
+                diffs.append(f"{key}: {len(old_rows)} rows before, {len(new_rows)} after")
+                continue
+            for old, new in zip(old_rows, new_rows):
+                diffs += [f"{key}.{f}: {old[f]!r:.200} -> {new[f]!r:.200}" for f in old if new[f] != old[f]]
     return diffs
 
 
