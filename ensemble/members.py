@@ -7,7 +7,7 @@ Contract:
 - ``feed(state, new, rollback)`` discards the last ``rollback[b]`` live tokens of row ``b`` and appends
   ``new[b]``. Discarded cache slots are not removed: they are zeroed in the 2-D attention mask and the
   new tokens get explicit ``position_ids``, so each row of a batch may roll back a different amount
-  (measured equal to a clean forward within 2e-5, see shared/design/algorithms.md).
+  (measured equal to a clean forward within 2e-5, see docs/algorithms.md).
 - ``score(state, conts)`` returns the per-token log-probabilities of candidate continuations of each
   row's live prefix, in one batched forward over a copy of the cached prefix; ``state`` is unchanged.
 - ``select(state, rows)`` keeps a subset of rows (to drop finished ones).

@@ -42,7 +42,7 @@ class ModelSourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A real model shipped as GGUF inside PyPI packages (see shared/design/models.md)."""
+    """A real model shipped as GGUF inside PyPI packages (see docs/models.md)."""
 
     alias: str
     sha256: str

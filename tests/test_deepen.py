@@ -1,5 +1,5 @@
 """DeePEn on tiny real transformers members with different tokenizers (byte-level BPE with two
-vocabularies, SentencePiece with byte fallback): the invariants of shared/design/algorithms.md, the
+vocabularies, SentencePiece with byte fallback): the invariants of docs/algorithms.md, the
 cached incremental broadcast against the uncached re-encoding oracle, labeling, stops and config."""
 import logging
 import re

@@ -1,5 +1,5 @@
 """SpecFuse: segment-level propose, verify, rank and broadcast, with model exit
-(Lv et al., arXiv 2412.07380; specification in shared/design/algorithms.md).
+(Lv et al., arXiv 2412.07380; specification in docs/algorithms.md).
 
 generate(prompts, params) runs rounds over each row's shared response until the row stops:
 
