@@ -44,7 +44,7 @@ from airflow.sdk import Param, task
 log = logging.getLogger(__name__)
 
 # Copies of ensemble.config.METHODS / MAX_SEED and jobs.config.DEFAULT_MEMBERS: this file imports no
-# project code (the Airflow environment does not have it); tests/test_cli.py checks that they agree.
+# project code (the Airflow environment does not have it); tests/jobs/test_cli.py checks that they agree.
 METHODS = ("single", "deepen", "specfuse")
 PACKAGED_MEMBERS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m")
 MAX_SEED = 2**63 - 1

@@ -13,7 +13,7 @@
 #   0. CUDA: exits 3 at once, saying so, when torch sees no CUDA device (nothing else runs);
 #   1. install: the carried wheels (.whl/*.whl) into a private target folder on PYTHONPATH (falls back to
 #      the machine's own packages, saying so, if they do not import), else pip for transformers>=5.20;
-#   2. tests: pytest -m gpu tests/test_gpu.py                                   (GPU_CHECK_TESTS_S, 120)
+#   2. tests: pytest -m gpu tests/ensemble/test_gpu.py                                   (GPU_CHECK_TESTS_S, 120)
 #   3. spark: the job on one GPU executor through Spark's resource scheduling (discovery script
 #      scripts/getGpusResources.sh, one GPU per executor and per task), when pyspark and java are both
 #      present; otherwise skipped, and the reason recorded                      (GPU_CHECK_SPARK_S, 240)
@@ -119,7 +119,7 @@ $PY -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|huggingf
 failed=0
 if [[ $STEPS_TO_RUN == *" tests "* ]]; then
   say "tests (limit ${T_TESTS}s)"
-  timeout -k 10 "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs > "$OUT_DIR/tests.txt" 2>&1
+  timeout -k 10 "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -m gpu tests/ensemble/test_gpu.py -rs > "$OUT_DIR/tests.txt" 2>&1
   rc=$?
   cat "$OUT_DIR/tests.txt"
   record tests "rc=$rc ($(tail -1 "$OUT_DIR/tests.txt"))"

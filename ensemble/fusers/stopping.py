@@ -9,7 +9,7 @@ response's. Stop strings that span tokens are found because that tail is kept; a
 over tokens is held back until the next token completes it (for the search its bytes read as U+FFFD,
 as a full decode shows them).
 
-Contract (``tests/test_stopping.py`` checks it against :func:`first_stop` over a full re-decode):
+Contract (``tests/ensemble/test_stopping.py`` checks it against :func:`first_stop` over a full re-decode):
 
 - :meth:`StopChecker.token` (Single, DeePEn): one chosen token. An EOS id (or ``eos=True``, the
   caller's own EOS rule) stops the row without adding the token: ``Stop('stop', eos=True)``.

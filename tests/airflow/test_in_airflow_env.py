@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("AIRFLOW_VENV", REPO / ".venv-airflow"))
 END_TO_END = "test_end_to_end_synthetic_generation_on_local_spark"
 

@@ -21,7 +21,7 @@ from jobs import cli
 from jobs.cli import build_parser, field_docs, job_flags, parse_config
 from jobs.config import DEFAULT_MEMBERS, GROUPS, JobConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BASE = ["--input", "i", "--output", "o"]
 DEEPEN = BASE + ["--method", "deepen", "--members", "a", "b"]
 SPECFUSE = BASE + ["--method", "specfuse", "--members", "a", "b"]

@@ -15,7 +15,7 @@ import torch
 from ensemble import DecodeParams, DeePEn, Member, Single, SpecFuse, load_member
 from tests import tiny
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bench/gpu_check.sh runs these on one)")
 PROMPTS = ["The capital of France is", "Two plus two is", "Once upon a time", "def add(a, b):"]

@@ -351,7 +351,7 @@ def test_broadcast_extends_caches_incrementally(mixed, monkeypatch):
 def test_reencoding_ablation_matches_cached_rounds(mixed):
     """bench_specfuse's cache-reuse ablation (every member re-encoded after each round) decodes the
     same text as the cached rounds, with more tokens fed: the benchmark compares like with like."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from bench_specfuse import ReencodingSpecFuse
 
     params = DecodeParams(max_new_tokens=24)
