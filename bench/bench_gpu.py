@@ -136,8 +136,7 @@ def meta(args, members: list[Member]) -> dict:
             "python": platform.python_version(), "new_tokens": args.new_tokens, "repeats": args.repeats,
             "batches": args.batches, "members": [m.name for m in members],
             "params_m": [round(sum(p.numel() for p in m.model.parameters()) / 1e6, 1) for m in members],
-            "vocab": [m.vocab_size for m in members], "eos": "off (Member.eos_ids emptied)",
-            "workaround": "DeePEn: greedy_rows mask moved to the logits' device (see _place_greedy_rows)"}
+            "vocab": [m.vocab_size for m in members], "eos": "off (Member.eos_ids emptied)"}
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
@@ -181,25 +180,7 @@ def fused(make: Callable[[], object], prompts: list[str], params: DecodeParams, 
 
 
 def make_fuser(method: str, members: list[Member]):
-    fuser = METHODS[method](members)
-    if method == "deepen":
-        _place_greedy_rows(fuser)
-    return fuser
-
-
-def _place_greedy_rows(fuser) -> None:
-    """Work-around, for this benchmark only: DeePEn.generate passes RelativeEnsemble.fuse a CPU
-    ``greedy_rows`` mask, which the refinement indexes with the rows' CUDA indices (RuntimeError on a GPU;
-    found by bench/gpu_check.sh). Moving the mask to the logits' device changes no value; drop this once
-    the library places the mask itself."""
-    fuse = fuser.engine.fuse
-
-    def placed(logits, extra=None, greedy_rows=None):
-        if greedy_rows is not None:
-            greedy_rows = greedy_rows.to(logits[0].device)
-        return fuse(logits, extra, greedy_rows=greedy_rows)
-
-    fuser.engine.fuse = placed
+    return METHODS[method](members)
 
 
 def bench(args) -> int:
