@@ -3,8 +3,10 @@
 ``process_partition(batches, *, make_fuser, config)`` needs no Spark (tests call it directly on
 batches made by :func:`jobs.rows.prepare`).
 Every input row yields exactly ``n_samples`` output rows for generation or one for labeling and
-errors: bad rows become ``status = error`` rows with a reason; a fuser failure on a micro-batch is
-retried row by row so that one bad row cannot take the others down.
+errors: bad rows become ``status = error`` rows with a reason and ``error_kind = input``; a fuser
+failure on a micro-batch is retried row by row so that one bad row cannot take the others down, and a
+row that fails alone becomes an ``error_kind = fuser`` row (the driver's error budget counts those:
+docs/jobs.md).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pyarrow as pa
 from jobs.config import JobConfig
 from jobs.rows import Rejected, Request, derive_seed, requests
 from schemas import OUTPUT_SCHEMA, SCHEMA_VERSION
-from schemas.tables import MEMBER_STATS_FIELDS
+from schemas.tables import ERROR_KINDS, MEMBER_STATS_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,11 @@ class PartitionRunner:
         out.update(fields)
         return out
 
-    def error_row(self, rid: str, reason: str, seed: int | None = None, sample: int = 0) -> dict[str, Any]:
-        return self.row(id=rid, sample=sample, status="error", error=reason, finish_reason="error", seed=seed)
+    def error_row(self, rid: str, reason: str, kind: str, seed: int | None = None) -> dict[str, Any]:
+        """An error row; ``kind`` is ``input`` (a bad row) or ``fuser`` (the fuser raised on it)."""
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"error kind must be one of {ERROR_KINDS}, got {kind!r}")
+        return self.row(id=rid, status="error", error=reason, error_kind=kind, finish_reason="error", seed=seed)
 
     # ---- fusion ----------------------------------------------------------------------------------
     def run(self, reqs: list[Request]) -> list[dict[str, Any]]:
@@ -76,17 +81,17 @@ class PartitionRunner:
         cfg = self.config
         fits = self.fuser.fit_prompts([r.prompt for r in reqs], [r.system for r in reqs],
                                       [r.max_new_tokens for r in reqs], cfg.max_prompt_tokens, cfg.long_prompt)
-        return [dataclasses.replace(r, prompt=f) if isinstance(f, str) else self.error_row(r.id, str(f), r.seed)
-                for r, f in zip(reqs, fits)]
+        return [dataclasses.replace(r, prompt=f) if isinstance(f, str)
+                else self.error_row(r.id, str(f), "input", r.seed) for r, f in zip(reqs, fits)]
 
     def _isolated(self, reqs: list[Request], fn: Callable[[list[Request]], list]) -> list:
-        """``fn(reqs)``; when it raises, ``fn`` row by row, and a row that fails alone becomes an error row."""
+        """``fn(reqs)``; when it raises, ``fn`` row by row, and a row that fails alone becomes a fuser error row."""
         try:
             return fn(reqs)
-        except Exception as exc:  # a fuser failure must not fail the job: isolate the bad row
+        except Exception as exc:  # a fuser failure must not fail the task: isolate the bad row (budget: driver)
             if len(reqs) == 1:
                 log.warning("row %s failed: %s", reqs[0].id, exc, exc_info=True)
-                return [self.error_row(reqs[0].id, f"{type(exc).__name__}: {exc}", reqs[0].seed)]
+                return [self.error_row(reqs[0].id, f"{type(exc).__name__}: {exc}", "fuser", reqs[0].seed)]
             log.warning("micro-batch of %d rows failed (%s); retrying row by row", len(reqs), exc)
             return [r for req in reqs for r in self._isolated([req], fn)]
 
@@ -139,7 +144,7 @@ def process_partition(
     for batch in batches:
         for res in requests(batch, seen):
             if isinstance(res, Rejected):
-                ready.append(runner.error_row(res.id, res.reason, res.seed))
+                ready.append(runner.error_row(res.id, res.reason, "input", res.seed))
             else:
                 pending.append(res)
             if len(pending) >= config.batch_size:

@@ -1,13 +1,17 @@
 """Input, output and summary tables (see docs/jobs.md).
 
 Nested lists are written with the Parquet-compliant ``element`` naming that Spark and pyarrow read.
-Bump ``SCHEMA_VERSION`` on any change to OUTPUT_SCHEMA.
+Bump ``SCHEMA_VERSION`` on any change to OUTPUT_SCHEMA: it is part of ``config_hash``, so a run
+never resumes into an output directory written with another schema (version 2 added ``error_kind``).
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ERROR_KINDS = ("input", "fuser")
+"""``error_kind`` of an error row: a bad input row, or a fuser failure (its micro-batch and its own retry
+raised). Only fuser errors count against the run's error budget (docs/jobs.md)."""
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -55,6 +59,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("finish_reason", pa.string()),  # stop | length | error
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error", pa.string()),  # reason, null when ok
+        pa.field("error_kind", pa.string()),  # input | fuser (ERROR_KINDS), null when ok
         pa.field("token_count", pa.int32()),
         pa.field("latency_ms", pa.float64()),  # fuser wall time of the row's micro-batch (shared by its rows)
         pa.field("seed", pa.int64()),

@@ -74,6 +74,7 @@ def test_every_input_row_has_one_output_row(cfg, bpe_member):
     assert ok["a"]["seed"] == derive_seed(cfg.seed, "a")
     errors = [r for r in rows if r["status"] == "error"]
     assert all(r["error"] and r["finish_reason"] == "error" and r["config_hash"] == cfg.config_hash for r in errors)
+    assert {r["error_kind"] for r in errors} == {"input"} and {r["error_kind"] for r in ok.values()} == {None}
     for _, reason in BAD:
         assert sum(reason in r["error"] for r in errors) >= 1, reason
     assert sum("not valid JSON" in r["error"] for r in errors) == 1
@@ -107,6 +108,7 @@ def test_fuser_failure_is_isolated_to_its_row(cfg, bpe_member):
     want = Single(bpe_member).generate(["fine", "also fine"], DecodeParams(max_new_tokens=6))
     assert [by_id["x"]["text"], by_id["z"]["text"]] == [o.text for o in want] and all(o.text for o in want)
     assert by_id["y"]["status"] == "error" and "boom in the fuser" in by_id["y"]["error"]
+    assert (by_id["y"]["error_kind"], by_id["x"]["error_kind"]) == ("fuser", None)
 
 
 def test_n_samples_rows_and_seeds(cfg, bpe_member):
