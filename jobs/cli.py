@@ -196,19 +196,28 @@ def parse_config(argv: list[str] | None = None, prog: str = "python -m jobs.fuse
     return JobConfig(**settings)
 
 
+EXIT_BAD_CONFIG = 2
+EXIT_ERROR_BUDGET = 3  # the run's fuser errors are over --max-fuser-error-rate: rows committed, no _SUCCESS
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.fuse") -> int:
-    """The job: flags -> JobConfig -> a Spark session -> the driver's run -> where the output is."""
+    """The job: flags -> JobConfig -> a Spark session -> the driver's run -> where the output is.
+    Exits 0, :data:`EXIT_BAD_CONFIG` or :data:`EXIT_ERROR_BUDGET` (docs/jobs.md)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = parse_config(argv, prog)
     except (ValueError, TypeError) as exc:
         log.error("bad configuration: %s", exc)
-        return 2
+        return EXIT_BAD_CONFIG
+    from jobs.budget import ErrorBudgetExceeded
     from jobs.driver import run, spark_session
 
     spark = spark_session(cfg)
     try:
         result = run(spark, cfg)
+    except ErrorBudgetExceeded as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR_BUDGET
     finally:
         spark.stop()
     print_where(result)

@@ -79,6 +79,11 @@ class JobConfig:
     """auto (the GPU Spark assigned to the task, else CPU), cpu or cuda."""
     dtype: str | None = knob(None, group=EXECUTION)
     """torch dtype name; default float32 on CPU, bfloat16 on CUDA."""
+    max_fuser_error_rate: float = knob(0.01, group=EXECUTION, hashed=False)
+    """Error budget: the most fuser errors (a row whose micro-batch and own retry raised) allowed, as a
+    share of the rows the fuser attempted (ok and fuser-error rows, one per prompt; input errors never
+    count), over every row committed in the output directory. Above it the run writes no _SUCCESS and
+    exits 3; 0: any fuser error fails the run."""
     fail_after_rows: int | None = knob(None, group=EXECUTION, hashed=False)
     """Fault injection for tests: a task dies after committing this many rows."""
 
@@ -109,6 +114,10 @@ class JobConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise bad(name, f"an integer >= {lo}")
+        rate = self.max_fuser_error_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise bad("max_fuser_error_rate", "a number in [0, 1]")
+        object.__setattr__(self, "max_fuser_error_rate", float(rate))
         if self.fail_after_rows is not None and (not isinstance(self.fail_after_rows, int) or self.fail_after_rows < 0):
             raise bad("fail_after_rows", "None or an integer >= 0")
         if self.run_id is not None and (not isinstance(self.run_id, str) or not self.run_id.strip()

@@ -1,6 +1,7 @@
 """The job's driver (see docs/jobs.md): the SparkSession, the run manifest, the input pass that keys
 every row once, the resume join, and :func:`run`, which hands the rows to the executor tasks
-(jobs/task.py) and writes the summary and ``_SUCCESS``."""
+(jobs/task.py), holds the output to its error budget (jobs/budget.py) and writes the summary and,
+within the budget, ``_SUCCESS``."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,7 @@ import time
 
 import pyarrow as pa
 
+from jobs.budget import ErrorBudgetExceeded, outcome
 from jobs.config import JobConfig
 from jobs.result import RunResult
 from jobs.rows import KEY_COLUMN, POS_COLUMN, PREPARED_SCHEMA, RANK_COLUMN
@@ -95,20 +97,31 @@ def check_run_manifest(cfg: JobConfig) -> None:
         fs.delete_file(success)
 
 
-def committed_counts(spark, data_dir: str):
-    """(id, n) of rows already committed in this run's output (sample 0 only), or None."""
+def committed(spark, data_dir: str):
+    """The rows committed in ``data_dir`` as a DataFrame, or None when there are none."""
     fs, root = filesystem(data_dir)
     info = fs.get_file_info(pa.fs.FileSelector(root, allow_not_found=True))
     if not any(i.path.endswith(".parquet") for i in info):
         return None
+    return spark.read.parquet(data_dir)
+
+
+def committed_counts(spark, data_dir: str):
+    """(id, n) of rows already committed in this run's output (sample 0 only), or None. Error rows
+    of either kind count: a committed fuser error is not retried (docs/jobs.md)."""
+    data = committed(spark, data_dir)
+    if data is None:
+        return None
     from pyspark.sql import functions as F
 
-    done = spark.read.parquet(data_dir).where(F.col("sample") == 0)
+    done = data.where(F.col("sample") == 0)
     return done.groupBy(F.col("id").alias("_done_id")).agg(F.count("*").alias("_done_n"))
 
 
 def run(spark, cfg: JobConfig) -> RunResult:
-    """Run the job on an existing SparkSession."""
+    """Run the job on an existing SparkSession. Raises :class:`jobs.budget.ErrorBudgetExceeded` (after
+    committing every row and writing the report, without ``_SUCCESS``) when the output's fuser errors
+    are over ``cfg.max_fuser_error_rate``."""
     t0 = time.perf_counter()
     check_run_manifest(cfg)
     data_dir = cfg.output.rstrip("/") + "/data"
@@ -128,14 +141,17 @@ def run(spark, cfg: JobConfig) -> RunResult:
     commits = [r.asDict() for r in df.mapInArrow(task, spark_schema(COMMIT_SCHEMA)).collect()]
     seconds = time.perf_counter() - t0
     result = RunResult(cfg.output, data_dir, commits, done is not None, seconds)
+    held = outcome(committed(spark, data_dir), cfg.max_fuser_error_rate)
     if cfg.report:
         from jobs.report import write_summary
 
-        write_summary(spark, cfg, result)
+        write_summary(spark, cfg, result, held)
+    log.info("run %s: %d rows computed (%d ok) in %.1fs, %d tokens, %.1f tokens/s; output in %s: rows by "
+             "(status, error_kind) %s; %s", cfg.effective_run_id, result.rows, sum(c["ok_rows"] for c in commits),
+             seconds, result.tokens, result.tokens / max(seconds, 1e-9), cfg.output, held.tally(), held.describe())
+    if held.exceeded:
+        raise ErrorBudgetExceeded(held.message(cfg.output), held, result)
     fs, root = filesystem(cfg.output)
     with fs.open_output_stream(f"{root}/_SUCCESS") as f:
         f.write(b"")
-    log.info("run %s: %d rows computed (%d ok) in %.1fs, %d tokens, %.1f tokens/s; output in %s",
-             cfg.effective_run_id, result.rows, sum(c["ok_rows"] for c in commits), seconds, result.tokens,
-             result.tokens / max(seconds, 1e-9), cfg.output)
     return result

@@ -1,7 +1,8 @@
 """Run summary (Parquet, SUMMARY_SCHEMA) and a human-readable report (Markdown + PNG plots).
 
 Per member: rows, calls, calls per row, tokens in/out, mean agreement and KL (DeePEn), win rate
-(share of accepted segments, SpecFuse), exit rate and mean exit round (SpecFuse), tokens/s.
+(share of accepted segments, SpecFuse), exit rate and mean exit round (SpecFuse), tokens/s. For the
+run: rows by status and error kind, and the error budget's verdict (jobs/budget.py).
 Plots: win rates (or agreement), throughput per partition, and exit rounds when rows exited.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.budget import Outcome
 from jobs.config import JobConfig
 from jobs.result import RunResult
 from jobs.sink import filesystem
@@ -56,7 +58,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_summary(spark, cfg: JobConfig, result: RunResult) -> None:
+def write_summary(spark, cfg: JobConfig, result: RunResult, held: Outcome) -> None:
+    """summary.parquet and report.md (+ report.png); ``held`` is the output's :class:`Outcome`."""
     from pyspark.sql import functions as F
 
     fs, root = filesystem(cfg.output)
@@ -65,8 +68,8 @@ def write_summary(spark, cfg: JobConfig, result: RunResult) -> None:
     rows = member_summary(spark, cfg, result.data_dir, fuser_s)
     pq.write_table(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA), f"{root}/summary.parquet", filesystem=fs)
     data = spark.read.parquet(result.data_dir)
-    by_status = {r["status"]: r["count"] for r in data.groupBy("status").count().collect()}
-    errors = data.where(F.col("status") == "error").groupBy("error").count().orderBy(F.desc("count")).limit(10).collect()
+    errors = (data.where(F.col("status") == "error").groupBy("error_kind", "error").count()
+              .orderBy(F.desc("count"), "error").limit(10).collect())
     examples = data.where((F.col("status") == "ok")).orderBy("id", "sample").limit(5).collect()
     exit_rounds = [r["m"]["exit_round"] for r in data.select(F.explode("member_stats").alias("m"))
                    .where(F.col("m.exit_round").isNotNull()).select("m").limit(100000).collect()]
@@ -74,9 +77,11 @@ def write_summary(spark, cfg: JobConfig, result: RunResult) -> None:
     lines = [f"# Run `{cfg.effective_run_id}`", "",
              f"method **{cfg.method}**, members {', '.join(f'`{m}`' for m in cfg.members)}, "
              f"config_hash `{cfg.config_hash[:12]}`", "",
-             f"rows by status: {dict(sorted(by_status.items()))}; computed this run: "
+             f"rows by status and kind: {held.tally()}; computed this run: "
              f"{result.rows} rows in {result.seconds:.1f}s "
              f"(fuser time {fuser_s:.1f}s){' — resumed, committed rows skipped' if result.skipped_committed else ''}",
+             "", f"error budget: {held.describe()}: "
+             + ("**exceeded, the run failed (no `_SUCCESS`)**" if held.exceeded else "within budget"),
              "", "## Members", ""]
     cols = [f.name for f in SUMMARY_SCHEMA if f.name != "run_id"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -91,8 +96,8 @@ def write_summary(spark, cfg: JobConfig, result: RunResult) -> None:
         tput[p] = sum(c["tokens"] for c in cs) / wall if wall else 0.0
         lines.append(f"| {p} | {len(cs)} | {sum(c['rows'] for c in cs)} | {sum(c['tokens'] for c in cs)} | {tput[p]:.1f} |")
     if errors:
-        lines += ["", "## Errors", "", "| reason | rows |", "|---|---|"]
-        lines += [f"| {e['error']} | {e['count']} |" for e in errors]
+        lines += ["", "## Errors", "", "| kind | reason | rows |", "|---|---|---|"]
+        lines += [f"| {e['error_kind']} | {e['error']} | {e['count']} |" for e in errors]
     if examples:
         lines += ["", "## Examples", ""]
         for e in examples:
