@@ -17,7 +17,7 @@ _DAG_FOLDER = str(Path(__file__).resolve().parent)
 if _DAG_FOLDER not in sys.path:  # Airflow puts the DAG bundle on sys.path; a bare DagBag does not
     sys.path.append(_DAG_FOLDER)
 
-from fuse_submit import common_params, fuse_dag  # noqa: E402
+from fuse_submit import common_params, dag_params, fuse_dag  # noqa: E402
 
 LABELS = Asset(name="ensemble_fuse.labels", uri="ensemble-fuse://labels")
 
@@ -25,7 +25,7 @@ dag = fuse_dag(
     dag_id="ensemble_labeling",
     description="Ensemble labeling of a dataset (choose among given labels, with probabilities)",
     mode="label",
-    params=common_params(max_new_tokens=16),
+    params=dag_params(common_params(max_new_tokens=16)),
     asset=LABELS,
     tags=["ensemble", "spark", "labeling"],
     doc_md=__doc__,

@@ -4,10 +4,13 @@ functions that turn validated Params into the ``spark-submit jobs/fuse.py ...`` 
 Contract:
 - Imports only the standard library and ``airflow.sdk``: no torch, transformers, ``ensemble``,
   ``jobs`` or Spark, and nothing here reads a Variable, a connection or a file at import time.
-- Per-field rules live in the Params' JSON schemas, so a trigger with a bad value is refused when
-  the run is created (API 400, ``ParamValidationError``). The one rule a per-field schema cannot
-  state (method ``single`` takes exactly one member, DeePEn and SpecFuse at least two) is checked
-  by ``plan``, the first task, before anything is submitted.
+- Every rule on the Params lives in their JSON schemas, so a trigger that breaks one is refused
+  when the run is created (API 400, ``ParamValidationError``), before any task exists. Airflow
+  validates each Param on its own, so the rule across method and members (``single`` takes exactly
+  one member, DeePEn and SpecFuse at least two) needs both in one Param: ``ensemble``, an object
+  ``{"method": ..., "members": [...]}`` whose schema states the rule as if/then conditionals
+  (:func:`dag_params`). ``plan``, the first task, checks again (:func:`check_params`) and refuses
+  conf keys that are not Params (Airflow accepts and ignores them), before anything is submitted.
 - The output of a run is the partition ``{output_root}/ds={YYYY-MM-DD}`` of the run's logical date
   with ``--run-id {dag_id}__{YYYYMMDD}``: a retry or a rerun of the same date writes the same
   directory with the same config, which the job resumes (it skips ids already committed and
@@ -34,7 +37,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,9 @@ PACKAGED_MEMBERS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gem
 MAX_SEED = 2**63 - 1
 # A value that becomes one argv element: never empty, never starting with '-' (no flag injection).
 ARG_PATTERN = r"^[^-\s].*$"
+# How many members each method takes (JobConfig's rule, jobs/config.py): (fewest, most).
+MAX_MEMBERS = 8
+MEMBERS_PER_METHOD = {"single": (1, 1), "deepen": (2, MAX_MEMBERS), "specfuse": (2, MAX_MEMBERS)}
 
 CONF_VARIABLE = "ensemble_spark_conf"
 ENV_VARIABLE = "ensemble_spark_env"
@@ -61,7 +67,9 @@ RUN_MANIFEST = "_run.json"
 
 # ---- Params ---------------------------------------------------------------------------------------
 def common_params(*, max_new_tokens: int) -> dict[str, Param]:
-    """Params both DAGs take. Defaults must be valid: scheduled runs use them."""
+    """The job settings both DAGs take, one Param (a per-field schema) each, flat as :func:`job_args`
+    takes them. A DAG's Params are :func:`dag_params` of these (method and members grouped into
+    ``ensemble``). Defaults must be valid: scheduled runs use them."""
     return {
         "input": Param(
             None, type=["null", "string"], minLength=1, pattern=ARG_PATTERN,
@@ -74,7 +82,7 @@ def common_params(*, max_new_tokens: int) -> dict[str, Param]:
         "method": Param("single", type="string", enum=list(METHODS), title="Method",
                         description="single needs exactly one member; deepen and specfuse at least two."),
         "members": Param(
-            [PACKAGED_MEMBERS[0]], type="array", minItems=1, maxItems=8, uniqueItems=True,
+            [PACKAGED_MEMBERS[0]], type="array", minItems=1, maxItems=MAX_MEMBERS, uniqueItems=True,
             items={"type": "string", "minLength": 1, "pattern": ARG_PATTERN},
             examples=[list(PACKAGED_MEMBERS)], title="Members",
             description="Member specs: packaged aliases (" + ", ".join(PACKAGED_MEMBERS) + "), HF model "
@@ -93,6 +101,10 @@ def common_params(*, max_new_tokens: int) -> dict[str, Param]:
         "overwrite": Param(False, type="boolean", title="Delete this date's partition before the run",
                            description="Needed when a date is rerun with different settings (the job refuses "
                            "to mix two configurations in one directory)."),
+        "max_fuser_error_rate": Param(
+            None, type=["null", "number"], minimum=0, maximum=1, title="Error budget: share of fuser errors",
+            description="Above it the job writes no _SUCCESS and fails, and no Asset is published (input "
+            "errors never count). Null: the job's default (0.01) or the config file's."),
     }
 
 
@@ -106,14 +118,68 @@ def sampling_params() -> dict[str, Param]:
     }
 
 
+def _members_rule(method: str) -> str:
+    lo, hi = MEMBERS_PER_METHOD[method]
+    return f"exactly {lo} member" if lo == hi == 1 else f"at least {lo} members"
+
+
+def dag_params(settings: dict[str, Param]) -> dict[str, Param]:
+    """A DAG's Params: ``settings`` (:func:`common_params` and the DAG's own) with ``method`` and
+    ``members`` replaced by the one Param ``ensemble`` (in method's place). Its schema holds both
+    fields' schemas and, as if/then conditionals, how many members each method takes, so that a
+    trigger breaking that rule is refused when the run is created."""
+    method, members = settings["method"], settings["members"]
+    per_method = [
+        {"if": {"properties": {"method": {"const": m}}, "required": ["method"]},
+         "then": {"properties": {"members": {"minItems": lo, "maxItems": hi,
+                                             "description": f"method {m} takes {_members_rule(m)}"}}}}
+        for m, (lo, hi) in MEMBERS_PER_METHOD.items()]
+    ensemble = Param(
+        {"method": method.value, "members": list(members.value)}, type="object",
+        properties={"method": method.schema, "members": members.schema}, required=["method", "members"],
+        additionalProperties=False, allOf=per_method, title="Ensemble: method and members",
+        description="{\"method\": " + " | ".join(METHODS) + ", \"members\": [...]}: "
+        + "; ".join(f"{m} takes {_members_rule(m)}" for m in MEMBERS_PER_METHOD) + ". "
+        + (members.description or ""))
+    out: dict[str, Param] = {}
+    for name, param in settings.items():
+        if name == "method":
+            out["ensemble"] = ensemble
+        elif name != "members":
+            out[name] = param
+    return out
+
+
 # ---- pure functions (tested without a scheduler) --------------------------------------------------
+def settings_of(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's Params -> the flat settings :func:`job_args` takes (``ensemble`` unpacked)."""
+    flat = {k: v for k, v in params.items() if k != "ensemble"}
+    flat["method"], flat["members"] = params["ensemble"]["method"], list(params["ensemble"]["members"])
+    return flat
+
+
 def check_params(params: Mapping[str, Any]) -> None:
-    """Cross-field rules a per-field JSON schema cannot state. Raises ValueError naming the Param."""
+    """How many members the method takes (the rule ``ensemble``'s schema states), on flat settings.
+    Raises ValueError naming the Param."""
     method, members = params["method"], list(params["members"])
-    if method == "single" and len(members) != 1:
-        raise ValueError(f"members must be exactly one member for method single, got {members!r}")
-    if method != "single" and len(members) < 2:
-        raise ValueError(f"members must be at least two members for method {method}, got {members!r}")
+    if method not in MEMBERS_PER_METHOD:
+        raise ValueError(f"method must be one of {list(MEMBERS_PER_METHOD)}, got {method!r}")
+    lo, hi = MEMBERS_PER_METHOD[method]
+    if not lo <= len(members) <= hi:
+        raise ValueError(f"members must be {_members_rule(method)} for method {method}, got {members!r}")
+
+
+def check_conf(conf: Mapping[str, Any] | None, declared: Iterable[str]) -> None:
+    """Refuse conf keys that are not Params: Airflow accepts them and nothing reads them, so a typo
+    (or the earlier top-level ``method`` / ``members``) would silently run the defaults."""
+    declared = set(declared)
+    unknown = sorted(set(conf or {}) - declared)
+    if not unknown:
+        return
+    hint = ""
+    if {"method", "members"} & set(unknown) and "ensemble" in declared:
+        hint = ('; method and members are set together: {"ensemble": {"method": ..., "members": [...]}}')
+    raise ValueError(f"conf keys {unknown} are not Params of this DAG (its Params: {sorted(declared)}){hint}")
 
 
 def date_key(logical_date: datetime) -> tuple[str, str]:
@@ -127,7 +193,8 @@ def partition_dir(output_root: str, ds: str) -> str:
 
 def job_args(params: Mapping[str, Any], *, mode: str, input_path: str, output: str, run_id: str,
              seed: int) -> list[str]:
-    """The job's command line (after the application) for validated ``params``."""
+    """The job's command line (after the application) for validated flat settings (:func:`settings_of`
+    a run's Params)."""
     args = ["--input", input_path, "--output", output, "--run-id", run_id, "--mode", mode,
             "--method", params["method"], "--members", *params["members"],
             "--max-new-tokens", str(params["max_new_tokens"]),
@@ -135,6 +202,8 @@ def job_args(params: Mapping[str, Any], *, mode: str, input_path: str, output: s
             "--seed", str(seed), "--partitions", str(params["partitions"]),
             "--batch-size", str(params["batch_size"]),
             "--report" if params["report"] else "--no-report"]
+    if params.get("max_fuser_error_rate") is not None:
+        args += ["--max-fuser-error-rate", repr(float(params["max_fuser_error_rate"]))]
     if params.get("config_file"):
         args = ["--config", params["config_file"], *args]
     if mode == "generate":
@@ -206,7 +275,9 @@ def plan(mode: str, **context: Any) -> dict[str, Any]:
     """Check the Params across fields, resolve the deployment settings and build the submission."""
     from airflow.sdk import Variable
 
-    params, dag_id = context["params"], context["dag"].dag_id
+    dag_id = context["dag"].dag_id
+    check_conf(context["dag_run"].conf, context["dag"].params)
+    params = settings_of(context["params"])
     check_params(params)
     ds, ds_nodash = date_key(_logical_date(context))
     input_path = params["input"] or Variable.get(f"{dag_id}_input", default=None)

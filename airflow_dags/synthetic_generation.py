@@ -18,7 +18,7 @@ _DAG_FOLDER = str(Path(__file__).resolve().parent)
 if _DAG_FOLDER not in sys.path:  # Airflow puts the DAG bundle on sys.path; a bare DagBag does not
     sys.path.append(_DAG_FOLDER)
 
-from fuse_submit import common_params, fuse_dag, sampling_params  # noqa: E402
+from fuse_submit import common_params, dag_params, fuse_dag, sampling_params  # noqa: E402
 
 SYNTHETIC = Asset(name="ensemble_fuse.synthetic", uri="ensemble-fuse://synthetic")
 
@@ -26,7 +26,7 @@ dag = fuse_dag(
     dag_id="synthetic_generation",
     description="Bulk synthetic data generation with an ensemble (sampled text, per-row seeds)",
     mode="generate",
-    params={**common_params(max_new_tokens=256), **sampling_params()},
+    params=dag_params({**common_params(max_new_tokens=256), **sampling_params()}),
     asset=SYNTHETIC,
     tags=["ensemble", "spark", "generation"],
     doc_md=__doc__,

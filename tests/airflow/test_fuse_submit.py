@@ -1,13 +1,16 @@
-"""The pure half of airflow_dags/fuse_submit.py: the spark-submit arguments built from Params,
-the cross-field check, the date-keyed partition, and the commit check that guards publishing."""
+"""The pure half of airflow_dags/fuse_submit.py: the DAG's Params and the flat settings they
+unpack to, the spark-submit arguments built from them (and accepted by the job's parser, in the main
+environment), the cross-field check, the conf-key check, the date-keyed partition, and the commit
+check that guards publishing."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from datetime import datetime, timezone
 
 import pytest
-from conftest import DAG_FOLDER
+from conftest import DAG_FOLDER, REPO, main_python
 
 sys.path.insert(0, str(DAG_FOLDER))
 import fuse_submit as fs  # noqa: E402
@@ -43,7 +46,9 @@ def test_label_args():
     assert f["--mode"] == ["label"] and f["--method"] == ["deepen"] and f["--members"] == ["a-1", "b-2"]
     assert f["--run-id"] == ["ensemble_labeling__20250304"] and f["--seed"] == ["20250304"]
     assert f["--max-new-tokens"] == ["5"] and f["--partitions"] == ["3"] and "--no-report" in f
-    assert not {"--temperature", "--top-p", "--n-samples", "--top-k", "--config"} & set(f)
+    assert not {"--temperature", "--top-p", "--n-samples", "--top-k", "--config", "--max-fuser-error-rate"} & set(f)
+    f = flags(fs.job_args(p | {"max_fuser_error_rate": 0}, mode="label", input_path="i", output="o", run_id="r", seed=1))
+    assert f["--max-fuser-error-rate"] == ["0.0"]
 
 
 def test_generate_args_carry_sampling():
@@ -98,3 +103,64 @@ def test_delete_partition_only_touches_its_own_date(tmp_path):
 def test_default_application_is_the_repo_job():
     assert fs.default_application().endswith("jobs/fuse.py")
     assert (DAG_FOLDER.parent / "jobs" / "fuse.py").is_file()
+
+
+@pytest.mark.parametrize("dag_id", ["ensemble_labeling", "synthetic_generation"])
+def test_dag_params_are_the_settings_with_method_and_members_grouped(dagbag, dag_id):
+    """What job_args gets from a DAG's defaults is common_params' (and sampling_params') defaults:
+    the settings tests/jobs/test_cli.py feeds the job's parser are the ones the DAG submits."""
+    params = dagbag.dags[dag_id].params
+    assert "ensemble" in params and not {"method", "members"} & set(params)
+    settings = fs.settings_of(params.validate())
+    expected = defaults(sampling=dag_id == "synthetic_generation")
+    expected["max_new_tokens"] = 16 if dag_id == "ensemble_labeling" else 256
+    assert settings == expected
+    assert list(params)[:3] == ["input", "output_root", "ensemble"]  # the form keeps method's place
+
+
+def test_check_conf_refuses_keys_that_are_not_params():
+    declared = ["input", "ensemble", "seed"]
+    fs.check_conf(None, declared)
+    fs.check_conf({"input": "x", "ensemble": {}}, declared)
+    with pytest.raises(ValueError, match=r"conf keys \['sed'\] are not Params of this DAG"):
+        fs.check_conf({"sed": 1}, declared)
+    with pytest.raises(ValueError, match=r"\['members', 'method'\] .*set together: \{\"ensemble\""):
+        fs.check_conf({"method": "deepen", "members": ["a", "b"]}, declared)
+
+
+def _all_optional_settings(dag) -> dict:
+    """A DAG's defaults with every optional flag switched on."""
+    settings = fs.settings_of(dag.params.validate())
+    settings |= {"method": "deepen", "members": ["a", "b"], "seed": 5, "config_file": "/etc/ens.yaml",
+                 "report": False, "max_fuser_error_rate": 0.25}
+    if "top_k" in settings:
+        settings |= {"top_k": 40, "n_samples": 2}
+    return settings
+
+
+@pytest.mark.parametrize("dag_id, mode", [("ensemble_labeling", "label"), ("synthetic_generation", "generate")])
+def test_every_flag_a_dag_passes_is_accepted_by_the_job(dagbag, dag_id, mode, tmp_path):
+    """The job's own parser (jobs.cli.parse_config, in the main environment) reads the arguments a
+    DAG submits with every optional flag on, and gets back the settings."""
+    py = main_python()
+    if not py.exists():
+        pytest.skip(f"main environment {py} not found (set ENSEMBLE_MAIN_PYTHON)")
+    config = tmp_path / "job.yaml"
+    config.write_text("max_prompt_tokens: 99\n")
+    settings = _all_optional_settings(dagbag.dags[dag_id]) | {"config_file": str(config)}
+    fs.check_params(settings)
+    args = fs.job_args(settings, mode=mode, input_path="/in/x.jsonl", output="/out/ds=2025-01-02",
+                       run_id=f"{dag_id}__20250102", seed=settings["seed"])
+    code = ("import json, sys; from jobs.cli import parse_config; c = parse_config(sys.argv[1:]); "
+            "print(json.dumps({k: getattr(c, k) for k in ('mode', 'method', 'members', 'max_new_tokens', "
+            "'max_prompt_tokens', 'seed', 'partitions', 'batch_size', 'report', 'max_fuser_error_rate', "
+            "'temperature', 'top_p', 'top_k', 'n_samples', 'run_id')}, default=list))")
+    proc = subprocess.run([str(py), "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cfg["mode"] == mode and cfg["method"] == "deepen" and cfg["members"] == ["a", "b"]
+    assert cfg["max_prompt_tokens"] == settings["max_prompt_tokens"]  # the flag after --config wins
+    assert cfg["max_fuser_error_rate"] == 0.25 and cfg["report"] is False and cfg["seed"] == 5
+    assert cfg["run_id"] == f"{dag_id}__20250102"
+    if mode == "generate":
+        assert (cfg["temperature"], cfg["top_p"], cfg["top_k"], cfg["n_samples"]) == (0.8, 0.95, 40, 2)

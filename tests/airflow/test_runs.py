@@ -1,7 +1,9 @@
 """DAG runs through ``dag.test()`` (a scheduler-free run of the real tasks against the test DB):
-the cross-field check stops a run before Spark, the Asset is published only for a committed
-partition, and one real end to end run submits jobs/fuse.py to local Spark with a packaged member
-and writes the date-keyed Parquet partition; a rerun of the same date leaves it as it was."""
+conf keys that are not Params stop a run before Spark, the Asset is published only for a committed
+partition, a job that fails publishes nothing, and real end to end runs submit jobs/fuse.py to
+local Spark with a packaged member and write the date-keyed Parquet partition: generation (a rerun
+of the same date leaves it as it was) and labeling (labels among the choices, probabilities summing
+to 1, one row per input row)."""
 from __future__ import annotations
 
 import json
@@ -45,10 +47,12 @@ def xcom(dr, task_id: str, key: str):
         return XComModel.deserialize_value(row)
 
 
-def test_members_that_do_not_fit_the_method_stop_the_run_before_spark(load_dag, airflow_db, tmp_path):
+def test_conf_keys_that_are_not_params_stop_the_run_before_spark(load_dag, airflow_db, tmp_path):
+    """Airflow accepts conf keys it has no Param for; plan refuses them (here the top-level method
+    and members that ensemble replaced), so that they do not silently run the defaults."""
     dag = load_dag("ensemble_labeling")
     dr = dag.test(logical_date=LOGICAL, run_conf={"input": str(tmp_path / "in.jsonl"), "output_root": str(tmp_path),
-                                                  "method": "deepen", "members": [MEMBER]})
+                                                  "method": "deepen", "members": [MEMBER, "gemma3-270m"]})
     assert str(dr.state) == "failed"
     assert states(dr) == {"plan": "failed", "fuse": "upstream_failed", "publish": "upstream_failed"}
     assert list(tmp_path.iterdir()) == []
@@ -84,12 +88,20 @@ def test_no_asset_without_a_committed_partition(load_dag, airflow_db, tmp_path, 
                                         "spark.executor.resource.gpu.amount": "1"}
 
 
-def _input(tmp_path: Path) -> tuple[Path, list[str]]:
+def sample_rows(*, choices: bool, n: int) -> list[dict]:
     rows = [json.loads(line) for line in (REPO / "data" / "sample.jsonl").read_text().splitlines() if line.strip()]
-    prompts = [r for r in rows if not r.get("choices")][:3]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    return path, [r["id"] for r in prompts]
+    return [r for r in rows if bool(r.get("choices")) is choices][:n]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _input(tmp_path: Path) -> tuple[Path, list[str]]:
+    prompts = sample_rows(choices=False, n=3)
+    return write_jsonl(tmp_path / "prompts.jsonl", prompts), [r["id"] for r in prompts]
 
 
 @pytest.mark.slow
@@ -98,7 +110,7 @@ def test_end_to_end_synthetic_generation_on_local_spark(load_dag, spark_deployme
 
     src, ids = _input(tmp_path)
     root = tmp_path / "out"
-    conf = {"input": str(src), "output_root": str(root), "method": "single", "members": [MEMBER],
+    conf = {"input": str(src), "output_root": str(root), "ensemble": {"method": "single", "members": [MEMBER]},
             "max_new_tokens": 4, "temperature": 0.8, "top_p": 0.95, "n_samples": 2, "seed": 11,
             "partitions": 1, "batch_size": 4, "report": False}
     dag = load_dag("synthetic_generation")
@@ -140,3 +152,75 @@ def test_end_to_end_synthetic_generation_on_local_spark(load_dag, spark_deployme
     assert pq.read_table(partition / "data").to_pylist() == rows
     assert len(asset_events("ensemble_fuse.synthetic", dr2.run_id)) == 1
     print(f"end to end: first run {first_s:.0f}s, rerun {second_s:.0f}s")
+
+
+@pytest.mark.slow
+def test_end_to_end_labeling_on_local_spark(load_dag, spark_deployment, tmp_path):
+    """ensemble_labeling through Spark: the input path's {ds} is the run's date, every input row has
+    one output row, a labeled row's label is one of its choices with one probability per choice
+    summing to 1, a row without choices is an input error row (label mode), which does not stop the
+    run from committing and publishing."""
+    import pyarrow.parquet as pq
+
+    labeled = sample_rows(choices=True, n=3)
+    unlabeled = sample_rows(choices=False, n=1)
+    write_jsonl(tmp_path / "prompts" / "2025-03-04.jsonl", labeled + unlabeled)
+    root = tmp_path / "out"
+    conf = {"input": str(tmp_path / "prompts" / "{ds}.jsonl"), "output_root": str(root),
+            "ensemble": {"method": "single", "members": [MEMBER]}, "partitions": 1, "batch_size": 4,
+            "max_prompt_tokens": 512}
+    t0 = time.perf_counter()
+    dr = load_dag("ensemble_labeling").test(logical_date=LOGICAL, run_conf=conf)
+    seconds = time.perf_counter() - t0
+    assert states(dr) == {"plan": "success", "fuse": "success", "publish": "success"}, states(dr)
+
+    partition = root / "ds=2025-03-04"
+    assert (partition / "_SUCCESS").is_file() and (partition / "summary.parquet").is_file()
+    rows = {r["id"]: r for r in pq.read_table(partition / "data").to_pylist()}
+    assert sorted(rows) == sorted(r["id"] for r in labeled + unlabeled)  # one row per input row
+    for src in labeled:
+        row = rows[src["id"]]
+        assert row["status"] == "ok", row["error"]
+        assert row["label"] in src["choices"]
+        assert len(row["label_probs"]) == len(src["choices"])
+        assert sum(row["label_probs"]) == pytest.approx(1.0, abs=1e-6)
+        assert all(0.0 <= p <= 1.0 for p in row["label_probs"])
+        assert row["label"] == src["choices"][max(range(len(src["choices"])), key=row["label_probs"].__getitem__)]
+        assert row["text"] is None and row["run_id"] == "ensemble_labeling__20250304"
+        assert row["method"] == "single" and row["members"] == [MEMBER]
+    missing = rows[unlabeled[0]["id"]]
+    assert missing["status"] == "error" and missing["label"] is None and "choices" in missing["error"]
+    manifest = json.loads((partition / "_run.json").read_text())
+    assert manifest["config"]["mode"] == "label" and manifest["config"]["seed"] == 20250304
+
+    events = asset_events("ensemble_fuse.labels", dr.run_id)
+    assert events == [{"path": str(partition), "data": str(partition / "data"), "ds": "2025-03-04",
+                       "run_id": "ensemble_labeling__20250304", "config_hash": manifest["config_hash"]}]
+    print(f"labeling end to end: {seconds:.0f}s")
+
+
+@pytest.mark.slow
+def test_a_failed_job_publishes_nothing(load_dag, spark_deployment, tmp_path):
+    """A run over its error budget: the member cannot be built, so the fuser fails on every row; the
+    job commits them as fuser error rows, writes no _SUCCESS and exits non-zero. fuse fails, publish
+    does not run and no Asset event is emitted. The test runs fuse once (the DAG's retries resume the
+    partition, whose committed fuser errors are not retried, and fail the same way)."""
+    import pyarrow.parquet as pq
+
+    src = write_jsonl(tmp_path / "prompts.jsonl", sample_rows(choices=True, n=2))
+    root = tmp_path / "out"
+    conf = {"input": str(src), "output_root": str(root), "partitions": 1, "max_fuser_error_rate": 0,
+            "ensemble": {"method": "single", "members": [str(tmp_path / "missing-member.gguf")]}}
+    dag = load_dag("ensemble_labeling")
+    assert dag.get_task("fuse").retries >= 1
+    dag.get_task("fuse").retries = 0
+    dr = dag.test(logical_date=LOGICAL, run_conf=conf)
+    assert str(dr.state) == "failed"
+    assert states(dr) == {"plan": "success", "fuse": "failed", "publish": "upstream_failed"}
+    args = xcom(dr, "plan", "args")
+    assert args[args.index("--max-fuser-error-rate") + 1] == "0.0"
+    partition = root / "ds=2025-03-04"
+    assert not (partition / "_SUCCESS").exists()
+    rows = pq.read_table(partition / "data").to_pylist()
+    assert len(rows) == 2 and {(r["status"], r["error_kind"]) for r in rows} == {("error", "fuser")}
+    assert asset_events("ensemble_fuse.labels", dr.run_id) == []
