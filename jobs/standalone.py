@@ -53,13 +53,19 @@ def _wait_for_log(path: Path, needle: str, proc: subprocess.Popen, timeout: floa
 
 
 @contextlib.contextmanager
-def standalone_cluster(workers: int = 2, cores: int = 1, memory: str = "6g") -> Iterator[str]:
-    """A master and ``workers`` workers (``cores`` each) on 127.0.0.1; yields the master URL."""
+def standalone_cluster(workers: int = 2, cores: int = 1, memory: str = "6g",
+                       log_dir: Path | None = None) -> Iterator[str]:
+    """A master and ``workers`` workers (``cores`` each) on 127.0.0.1; yields the master URL.
+
+    The master's and workers' logs go to ``log_dir`` (default: a new temporary directory), and each
+    worker ``i``'s executors run in ``log_dir/work<i>/<app id>/<executor id>/`` with their ``stderr``
+    there (the job's executor-side logs: Python workers inherit it)."""
     home = spark_home()
     spark_class = str(Path(home) / "bin" / "spark-class")
     port = _free_port()
     url = f"spark://127.0.0.1:{port}"
-    logs = Path(tempfile.mkdtemp(prefix="spark-standalone-"))
+    logs = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="spark-standalone-"))
+    logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     env = _env()
     try:
