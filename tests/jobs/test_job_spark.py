@@ -1,12 +1,15 @@
 """The Spark job in local mode on a tiny saved model: schema, one row per input, determinism across
-partitionings, fault injection and resume without duplicates or recomputation."""
+partitionings, fault injection and resume without duplicates or recomputation, the error budget
+with a fault injected into the fuser."""
 import json
 import shutil
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 
 from ensemble import DecodeParams, Single, load_member
+from jobs.budget import ErrorBudgetExceeded
 from jobs.config import JobConfig
 from jobs.sink import InjectedFailure
 from schemas import OUTPUT_SCHEMA, spark_schema
@@ -32,6 +35,19 @@ def spark():
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-model")
     m = tiny.member_bpe()
+    m.model.save_pretrained(d, safe_serialization=True)
+    m.tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def broken_dir(tmp_path_factory):
+    """A fault injected into the fuser: a saved member whose embedding table (4 rows) is smaller than
+    its tokenizer's vocabulary, so every forward raises IndexError (a checkpoint that does not match its
+    tokenizer): every micro-batch and every row's retry fail, while prompts still fit."""
+    d = tmp_path_factory.mktemp("broken-model")
+    m = tiny.member_bpe()
+    m.model.resize_token_embeddings(4)
     m.model.save_pretrained(d, safe_serialization=True)
     m.tokenizer.save_pretrained(d)
     return str(d)
@@ -64,6 +80,8 @@ def test_job_writes_one_row_per_input(spark, tiny_dir, sample, tmp_path):
     rows = df.collect()
     assert len(rows) == n
     errors = {r["id"]: r["error"] for r in rows if r["status"] == "error"}
+    n_errors = len(errors)
+    assert Counter(r["error_kind"] for r in rows) == {None: n - n_errors, "input": n_errors}
     assert "empty or blank" in errors.pop("bad-1")
     assert "not valid JSON" in errors.pop(next(k for k in errors if k.startswith("__noid__")))
     # the duplicate "gen-00" row and the long BoolQ passages (the tiny model's context is 512 tokens)
@@ -90,6 +108,10 @@ def test_job_writes_one_row_per_input(spark, tiny_dir, sample, tmp_path):
     for r, w in zip(lab, labels):
         assert r["label"] == w.label and r["label_probs"] == pytest.approx(w.probs, abs=1e-4), r["id"]
     assert (tmp_path / "o" / "_SUCCESS").exists() and (tmp_path / "o" / "report.md").exists()
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert f"rows by status and kind: ok {len(ok)}, error/input {n_errors};" in report
+    assert f"error budget: 0 of {len(ok)} rows the fuser attempted failed (rate 0 <= --max-fuser-error-rate 0.01): " \
+           "within budget" in report
     summary = pq.read_table(tmp_path / "o" / "summary.parquet").to_pylist()
     assert summary[0]["rows"] == len(ok) and summary[0]["calls"] == sum(r["member_stats"][0]["calls"] for r in ok) > 0
     names = sorted(p.name for p in (tmp_path / "o" / "data").iterdir())
@@ -144,3 +166,36 @@ def test_rerun_with_other_config_is_refused(spark, tiny_dir, sample, tmp_path):
     run(spark, _cfg(tiny_dir, inp, tmp_path / "x", partitions=1))
     with pytest.raises(ValueError, match="use a new output directory"):
         run(spark, _cfg(tiny_dir, inp, tmp_path / "x", partitions=1, seed=3))
+
+
+def test_fuser_failing_on_every_batch_fails_the_run(spark, broken_dir, sample, tmp_path):
+    from jobs.driver import run
+
+    inp, n = sample
+    out = tmp_path / "f"
+    with pytest.raises(ErrorBudgetExceeded) as info:
+        run(spark, _cfg(broken_dir, inp, out, partitions=2, batch_size=4, report=True))
+    held, msg = info.value.outcome, str(info.value)
+    assert not (out / "_SUCCESS").exists()
+    rows = pq.read_table(out / "data").to_pylist()
+    assert len(rows) == n == info.value.result.rows  # every row committed, none ok
+    kinds = Counter(r["error_kind"] for r in rows)
+    assert set(kinds) == {"input", "fuser"} and all(r["status"] == "error" for r in rows)
+    fuser = sorted((r["id"], r["error"]) for r in rows if r["error_kind"] == "fuser")
+    assert all(e == "IndexError: index out of range in self" for _, e in fuser)
+    # the rate counts only the rows the fuser attempted: the input errors are not in it
+    assert held.fuser_errors == held.attempted == kinds["fuser"] == len(fuser) > 0 and held.rate == 1.0
+    assert msg.startswith(f"fuser error budget exceeded: {len(fuser)} of {len(fuser)} rows the fuser attempted "
+                          "failed (rate 1 > --max-fuser-error-rate 0.01)")
+    assert "First errors: " + "; ".join(f"{i!r}: {e}" for i, e in fuser[:3]) + ". " in msg
+    report = (out / "report.md").read_text()
+    assert f"error/input {kinds['input']}, error/fuser {kinds['fuser']}" in report and "**exceeded" in report
+    # a rerun skips the committed rows, error rows included (not retried), and reaches the same verdict
+    with pytest.raises(ErrorBudgetExceeded) as again:
+        run(spark, _cfg(broken_dir, inp, out, partitions=2, batch_size=4))
+    assert again.value.result.rows == 0 and str(again.value) == msg
+    assert not (out / "_SUCCESS").exists()
+    # the budget is not part of config_hash: a rerun with a larger one accepts the output as it is
+    accepted = run(spark, _cfg(broken_dir, inp, out, partitions=2, max_fuser_error_rate=1.0))
+    assert accepted.rows == 0 and (out / "_SUCCESS").exists()
+    assert pq.read_table(out / "data").num_rows == n
