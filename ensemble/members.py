@@ -8,13 +8,20 @@ Contract:
   ``new[b]``. Discarded cache slots are not removed: they are zeroed in the 2-D attention mask and the
   new tokens get explicit ``position_ids``, so each row of a batch may roll back a different amount
   (measured equal to a clean forward within 2e-5, see docs/algorithms.md).
-- ``score(state, conts)`` returns the per-token log-probabilities of candidate continuations of each
-  row's live prefix, in one batched forward over a copy of the cached prefix; ``state`` is unchanged.
+- ``score(state, conts, max_batch_tokens=...)`` returns the per-token log-probabilities of candidate
+  continuations of each row's live prefix, in batched forwards over copies of the cached prefixes (as
+  many as ``max_batch_tokens`` asks, see below); ``state`` is unchanged.
 - ``select(state, rows)`` keeps a subset of rows (to drop finished ones).
 - ``rewind(state, counts, logits)`` drops the last ``counts[b]`` live tokens of row b without a forward
   pass, given the next-token logits the caller saved for the kept prefix (SpecFuse discards drafts).
 
 Per-row counters on the state (``calls``, ``tokens_in``) feed the per-member statistics.
+
+Memory (``ensemble.config.MAX_BATCH_TOKENS``): ``score`` packs its candidates with
+``ensemble.config.pack`` so that a forward covers at most ``max_batch_tokens`` token slots (candidates
+times the cached prefix plus the longest candidate) and full-vocabulary logits are computed only at the
+candidates' own positions (``logits_to_keep`` as a mask), for at most ``logit_rows(max_batch_tokens)``
+positions per forward; a longer candidate is fed in slices. The fusers group their prompts the same way.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ensemble.config import MAX_BATCH_TOKENS, logit_rows, pack
 from ensemble.text import Codec
 
 log = logging.getLogger(__name__)
@@ -179,7 +187,7 @@ class Member:
         """Roll back ``rollback[b]`` live tokens of row b, then append ``new[b]``, in one forward.
 
         Updates ``state.logits`` for rows that received tokens. With ``all_logits`` returns, per row,
-        the logits after each fed token ``(n_b, V)``.
+        the logits after each fed token ``(n_b, V)``, computed at the fed positions only (no padding).
         """
         B = state.size
         if len(new) != B:
@@ -216,21 +224,24 @@ class Member:
             position_ids=position_ids,
             cache=state.cache,
             use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
+            logits_to_keep=chunk_mask.bool() if all_logits else 1,  # a mask: the fed positions, row by row
         )
         state.mask = attention_mask
         lens_t = torch.tensor(lens, device=self.device)
         state.next_pos = state.next_pos + lens_t
         fed = lens_t > 0  # (B,)
-        state.logits = torch.where(fed[:, None], out.logits[:, -1].float(), state.logits)  # (B, V)
         for b, toks in enumerate(new):
             if toks:
                 state.ids[b].extend(toks)
                 state.calls[b] += 1
                 state.tokens_in[b] += len(toks)
-        if all_logits:
-            return [out.logits[b, T - n:].float() for b, n in enumerate(lens)]
-        return None
+        if not all_logits:
+            state.logits = torch.where(fed[:, None], out.logits[:, -1].float(), state.logits)  # (B, V)
+            return None
+        fed_logits = list(out.logits.float().split(lens))  # (sum n_b, V) -> (n_b, V) per row
+        state.logits = torch.stack([x[-1] if n else state.logits[b]
+                                    for b, (x, n) in enumerate(zip(fed_logits, lens))])  # (B, V)
+        return fed_logits
 
     @torch.inference_mode()
     def rewind(self, state: RowBatch, counts: list[int], logits: torch.Tensor) -> None:
@@ -265,33 +276,56 @@ class Member:
         )
 
     @torch.inference_mode()
-    def score(self, state: RowBatch, conts: list[list[list[int]]]) -> list[list[torch.Tensor]]:
+    def score(self, state: RowBatch, conts: list[list[list[int]]], *,
+              max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[list[torch.Tensor]]:
         """Per-token log-probs of candidate continuations: ``conts[b][c]`` is a token list scored
         after row b's live prefix. Returns ``out[b][c]`` of shape ``(len(conts[b][c]),)``.
 
-        All candidates of all rows go through one forward over a gathered copy of the cached
-        prefixes; ``state`` itself is not modified, except that each row with candidates counts one
-        call and its fed tokens.
+        The candidates go through batched forwards over gathered copies of the cached prefixes, packed
+        by ``ensemble.config.pack`` within ``max_batch_tokens`` (one forward when they fit); logits are
+        computed at the candidates' positions only and reduced to the forced tokens' log-probs forward
+        by forward. ``state`` itself is not modified, except that each row with candidates counts one
+        call (however many forwards the bound splits it into) and its fed tokens.
         """
         pairs = [(b, c) for b in range(state.size) for c in range(len(conts[b]))]
         result: list[list[torch.Tensor]] = [[None] * len(conts[b]) for b in range(state.size)]  # type: ignore[list-item]
         if not pairs:
             return result
-        copy = self.select(state, [b for b, _ in pairs])
-        logits = self.feed(copy, [conts[b][c][:-1] for b, c in pairs], all_logits=True)
-        assert logits is not None
-        for i, (b, c) in enumerate(pairs):
-            toks = conts[b][c]
-            if not toks:
-                result[b][c] = torch.zeros(0, device=self.device)
-                continue
-            steps = torch.cat([state.logits[b][None], logits[i]], dim=0)  # (n, V)
-            logp = torch.log_softmax(steps, dim=-1)
-            result[b][c] = logp.gather(1, torch.tensor(toks, device=self.device)[:, None]).squeeze(1)
+        first = torch.log_softmax(state.logits.float(), dim=-1)  # (B, V): the first token of every candidate
+        for b, c in pairs:
+            toks = torch.tensor(conts[b][c], dtype=torch.long, device=self.device)
+            result[b][c] = first[b].gather(0, toks[:1])  # (0,) or (1,)
+        del first
+        rest = [(b, c) for b, c in pairs if len(conts[b][c]) > 1]
+        width = state.mask.shape[1]
+        fed = [len(conts[b][c]) - 1 for b, c in rest]
+        for group in pack([width + n for n in fed], max_batch_tokens, logits=fed):
+            chosen = [rest[i] for i in group]
+            for (b, c), lp in zip(chosen, self._forced(state, chosen, conts, logit_rows(max_batch_tokens))):
+                result[b][c] = torch.cat([result[b][c], lp])
         for b in {b for b, _ in pairs}:
             state.calls[b] += 1
             state.tokens_in[b] += sum(max(len(t) - 1, 0) for t in conts[b])
         return result
+
+    def _forced(self, state: RowBatch, chosen: list[tuple[int, int]], conts: list[list[list[int]]],
+                cap: int) -> list[torch.Tensor]:
+        """Log-probs of tokens 1.. of each chosen candidate, teacher-forced on a copy of its row: one
+        forward, or slices of ``cap`` positions for a lone candidate longer than ``cap``."""
+        copy = self.select(state, [b for b, _ in chosen])
+        toks = [conts[b][c] for b, c in chosen]
+        longest = max(len(t) - 1 for t in toks)
+        step = longest if len(chosen) > 1 else cap  # pack() keeps a group of several within cap
+        out: list[list[torch.Tensor]] = [[] for _ in chosen]
+        for at in range(0, longest, step):
+            logits = self.feed(copy, [t[at:min(at + step, len(t) - 1)] for t in toks], all_logits=True)
+            assert logits is not None
+            for k, (t, lg) in enumerate(zip(toks, logits)):
+                if len(lg):
+                    want = torch.tensor(t[at + 1:at + 1 + len(lg)], device=self.device)  # (n,)
+                    out[k].append(torch.log_softmax(lg, dim=-1).gather(1, want[:, None]).squeeze(1))
+            del logits
+        return [torch.cat(o) for o in out]
 
 
 def _check_drop(state: RowBatch, b: int, r: int, verb: str) -> None:
