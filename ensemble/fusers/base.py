@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, Sequence
 
-from ensemble.config import DecodeParams
+from ensemble.config import DecodeParams, pack
 
 
 class FinishReason(str, Enum):
@@ -77,6 +77,22 @@ class Fuser(Protocol):
 
     def fit_prompts(self, prompts: Sequence[str], systems: Sequence[str | None], max_new_tokens: Sequence[int],
                     max_prompt_tokens: int, policy: str = "error") -> list[str | PromptTooLong]: ...
+
+
+def encode_prompts(members: Sequence, prompts: Sequence[str], systems: Sequence[str | None]) -> list[list[list[int]]]:
+    """Every member's prompt ids, ``[member][row]``."""
+    return [[m.encode_prompt(p, s) for p, s in zip(prompts, systems)] for m in members]
+
+
+def in_groups(lengths: Sequence[int], max_batch_tokens: int, run, *, widths: Sequence[int] | None = None) -> list:
+    """One output per row: ``run(group)`` (row indices -> their outputs, in order) on each group that
+    ``ensemble.config.pack`` makes of rows of these padded ``lengths`` and ``widths`` (state rows each)
+    within ``max_batch_tokens``; how fusers bound their memory."""
+    out: list = [None] * len(lengths)
+    for group in pack(lengths, max_batch_tokens, widths=widths):
+        for r, o in zip(group, run(group)):
+            out[r] = o
+    return out
 
 
 def normalise_log_scores(scores: Sequence[float]) -> list[float]:

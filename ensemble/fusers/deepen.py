@@ -15,6 +15,10 @@ label: each choice is teacher-forced in the main member's tokenisation (the othe
 text); at each position the forced token's log-probability under the fused ``softmax(z)`` (its
 candidates include the forced token) is summed; the sums are softmax-normalised over the choices.
 
+generate and label take the prompts in consecutive groups within ``max_batch_tokens``
+(``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``, or plus
+the longest choice once per choice, as label holds one state row per choice; ``ensemble.config.pack``).
+
 Per-member statistics per row: calls, tokens in (prompt and re-tokenisation included), tokens out (the
 member's tokenisation of the final response), agreement (fraction of steps where the member's own top
 token and the fused token are, in bytes, one a prefix of the other; for an EOS step: the member's top
@@ -27,8 +31,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ensemble.config import DecodeParams, DeePEnConfig, EosPolicy, normalise_weights, per_row
-from ensemble.fusers.base import FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts, normalise_log_scores
+from ensemble.config import (MAX_BATCH_TOKENS, DecodeParams, DeePEnConfig, EosPolicy, check_batch_tokens,
+                             normalise_weights, per_row)
+from ensemble.fusers.base import (FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts, fit_prompts,
+                                  in_groups, normalise_log_scores)
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
 from ensemble.members import Member, RowBatch
 from ensemble.reference import next_logits_uncached
@@ -59,18 +65,21 @@ class DeePEn:
     name = "deepen"
     fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
-    def __init__(self, members: Sequence[Member], **options: Any):
+    def __init__(self, members: Sequence[Member], *, max_batch_tokens: int = MAX_BATCH_TOKENS, **options: Any):
         """``options``: fields of :class:`~ensemble.config.DeePEnConfig` (main=, weights=, lr=, steps=,
-        topk=, top_mass=, ...); the ones left out keep its defaults."""
-        self._setup(list(members), DeePEnConfig(**options))
+        topk=, top_mass=, ...); the ones left out keep its defaults. ``max_batch_tokens``: the memory
+        bound (``ensemble.config.MAX_BATCH_TOKENS``)."""
+        self._setup(list(members), DeePEnConfig(**options), max_batch_tokens)
 
     @classmethod
-    def from_config(cls, members: Sequence[Member], config: DeePEnConfig) -> "DeePEn":
+    def from_config(cls, members: Sequence[Member], config: DeePEnConfig, *,
+                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> "DeePEn":
         self = cls.__new__(cls)
-        self._setup(list(members), config)
+        self._setup(list(members), config, max_batch_tokens)
         return self
 
-    def _setup(self, members: list[Member], cfg: DeePEnConfig) -> None:
+    def _setup(self, members: list[Member], cfg: DeePEnConfig, max_batch_tokens: int) -> None:
+        self.max_batch_tokens = check_batch_tokens(max_batch_tokens)
         if not members:
             raise ValueError("DeePEn needs at least one member")
         if cfg.main >= len(members):
@@ -178,13 +187,18 @@ class DeePEn:
     # ---- generate ---------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], params: DecodeParams | Sequence[DecodeParams]) -> list[FusedOutput]:
         rows = per_row(params, len(prompts))
-        if not prompts:
-            return []
-        states = [m.start(list(prompts), [p.system for p in rows]) for m in self.members]
+        encoded = encode_prompts(self.members, prompts, [p.system for p in rows])
+        lengths = [max(len(e[r]) for e in encoded) + p.max_new_tokens for r, p in enumerate(rows)]
+        return in_groups(lengths, self.max_batch_tokens,
+                         lambda g: self._generate([[e[r] for r in g] for e in encoded], [rows[r] for r in g]))
+
+    def _generate(self, encoded: list[list[list[int]]], rows: list[DecodeParams]) -> list[FusedOutput]:
+        """One group: ``encoded[member][row]`` prompt ids, decoded together."""
+        states = [m.start_ids(e) for m, e in zip(self.members, encoded)]
         gens = [None if p.greedy else make_generator(p.seed, self.main.device) for p in rows]
-        st = _Rows(self, len(prompts))
-        outputs: list[FusedOutput | None] = [None] * len(prompts)
-        live = list(range(len(prompts)))
+        st = _Rows(self, len(rows))
+        outputs: list[FusedOutput | None] = [None] * len(rows)
+        live = list(range(len(rows)))
         checks = [StopChecker(p.stop, p.max_new_tokens, self.main.eos_ids, token_bytes=self.main.token_bytes)
                   for p in rows]
         while live:
@@ -218,12 +232,25 @@ class DeePEn:
     def label(self, prompts: Sequence[str], choices: Sequence[Sequence[str]],
               systems: Sequence[str | None] | None = None) -> list[LabelOutput]:
         check_choices(choices, len(prompts))
-        pairs = [(b, c) for b in range(len(prompts)) for c in range(len(choices[b]))]
-        forced = [self.main.encode_text(choices[b][c]) for b, c in pairs]
-        for (b, c), toks in zip(pairs, forced):
-            if not toks:
-                raise ValueError(f"choice {c} of row {b} encodes to no tokens: {choices[b][c]!r}")
-        states = [m.start(list(prompts), list(systems) if systems else None) for m in self.members]
+        forced_all = [[self.main.encode_text(c) for c in cs] for cs in choices]
+        for b, fs in enumerate(forced_all):
+            for c, toks in enumerate(fs):
+                if not toks:
+                    raise ValueError(f"choice {c} of row {b} encodes to no tokens: {choices[b][c]!r}")
+        encoded = encode_prompts(self.members, prompts, list(systems) if systems else [None] * len(prompts))
+        lengths = [max(len(e[b]) for e in encoded) + max(map(len, fs)) for b, fs in enumerate(forced_all)]
+
+        def run(g: list[int]) -> list[LabelOutput]:
+            return self._label([[e[b] for b in g] for e in encoded], [choices[b] for b in g], [forced_all[b] for b in g])
+
+        return in_groups(lengths, self.max_batch_tokens, run, widths=[len(cs) for cs in choices])
+
+    def _label(self, encoded: list[list[list[int]]], choices: list[Sequence[str]],
+               forced_all: list[list[list[int]]]) -> list[LabelOutput]:
+        """One group: every choice of every row teacher-forced together (one state row per choice)."""
+        pairs = [(b, c) for b in range(len(choices)) for c in range(len(choices[b]))]
+        forced = [forced_all[b][c] for b, c in pairs]
+        states = [m.start_ids(e) for m, e in zip(self.members, encoded)]
         n_prompt = [list(s.n_prompt) for s in states]
         states = [m.select(s, [b for b, _ in pairs]) for m, s in zip(self.members, states)]
         st = _Rows(self, len(pairs))
@@ -251,7 +278,8 @@ class DeePEn:
             if not keep:
                 break
             states, live = self._advance(states, live, keep, feeds, rbs)
-        return [self._label_row(b, choices[b], pairs, score, forced, counters, st, n_prompt) for b in range(len(prompts))]
+        return [self._label_row(b, choices[b], pairs, score, forced, counters, st, n_prompt)
+                for b in range(len(choices))]
 
     def _label_row(self, b, cs, pairs, score, forced, counters, st, n_prompt) -> LabelOutput:
         mine = [p for p, (pb, _) in enumerate(pairs) if pb == b]

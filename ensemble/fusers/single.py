@@ -6,20 +6,25 @@ any of the member's EOS ids, a stop string, or its own max_new_tokens (``ensembl
 the text is the member's decode of its tokens, cut before the first stop string.
 label: length-normalised log-likelihood (mean token log-prob) of each choice after the prompt,
 softmax-normalised over the choices.
+
+Both take the prompts in consecutive groups within ``max_batch_tokens`` (``ensemble.config``:
+prompt plus ``max_new_tokens``, or plus the longest choice, per row; ``ensemble.config.pack``).
 """
 from __future__ import annotations
 
 import logging
 from typing import Sequence
 
-from ensemble.config import DecodeParams, per_row
+from ensemble.config import MAX_BATCH_TOKENS, DecodeParams, check_batch_tokens, per_row
 from ensemble.fusers.base import (
     FinishReason,
     FusedOutput,
     LabelOutput,
     MemberStats,
     check_choices,
+    encode_prompts,
     fit_prompts,
+    in_groups,
     normalise_log_scores,
 )
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
@@ -35,21 +40,28 @@ class Single:
     name = "single"
     fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
-    def __init__(self, member: Member):
+    def __init__(self, member: Member, *, max_batch_tokens: int = MAX_BATCH_TOKENS):
         self.member = member
+        self.max_batch_tokens = check_batch_tokens(max_batch_tokens)
 
     @property
     def members(self) -> list[Member]:
         return [self.member]
 
     def generate(self, prompts: Sequence[str], params: DecodeParams | Sequence[DecodeParams]) -> list[FusedOutput]:
-        m = self.member
         rows = per_row(params, len(prompts))
-        state = m.start(list(prompts), [p.system for p in rows])
+        [encoded] = encode_prompts([self.member], prompts, [p.system for p in rows])
+        return in_groups([len(e) + r.max_new_tokens for e, r in zip(encoded, rows)], self.max_batch_tokens,
+                         lambda g: self._generate([encoded[r] for r in g], [rows[r] for r in g]))
+
+    def _generate(self, encoded: list[list[int]], rows: list[DecodeParams]) -> list[FusedOutput]:
+        """One group: batched, KV-cached decoding of the encoded prompts."""
+        m = self.member
+        state = m.start_ids(encoded)
         gens = [None if p.greedy else make_generator(p.seed, m.device) for p in rows]
-        outputs: list[FusedOutput | None] = [None] * len(prompts)
-        live = list(range(len(prompts)))  # original row index of each state row
-        out_ids: list[list[int]] = [[] for _ in prompts]
+        outputs: list[FusedOutput | None] = [None] * len(rows)
+        live = list(range(len(rows)))  # the group's row index of each state row
+        out_ids: list[list[int]] = [[] for _ in rows]
         checks = [StopChecker(p.stop, p.max_new_tokens, m.eos_ids, token_bytes=m.token_bytes) for p in rows]
         while live:
             picks = choose_batch(state.logits, [rows[r] for r in live], [gens[r] for r in live])
@@ -88,13 +100,21 @@ class Single:
     ) -> list[LabelOutput]:
         check_choices(choices, len(prompts))
         m = self.member
-        state = m.start(list(prompts), list(systems) if systems else None)
+        [encoded] = encode_prompts([m], prompts, list(systems) if systems else [None] * len(prompts))
         conts = [[m.encode_text(c) for c in cs] for cs in choices]
-        logps = m.score(state, conts)
+        lengths = [len(e) + max(map(len, cs)) for e, cs in zip(encoded, conts)]
+        return in_groups(lengths, self.max_batch_tokens,
+                         lambda g: self._label([encoded[r] for r in g], [choices[r] for r in g], [conts[r] for r in g]))
+
+    def _label(self, encoded: list[list[int]], choices: Sequence[Sequence[str]],
+               conts: list[list[list[int]]]) -> list[LabelOutput]:
+        """One group: the prompts prefilled together, their choices scored."""
+        m = self.member
+        state = m.start_ids(encoded)
+        logps = m.score(state, conts, max_batch_tokens=self.max_batch_tokens)
         results = []
         for b, cs in enumerate(choices):
-            mean_lp = [float(lp.mean()) for lp in logps[b]]
-            probs = normalise_log_scores(mean_lp)
+            probs = normalise_log_scores([float(lp.mean()) for lp in logps[b]])
             best = max(range(len(cs)), key=lambda i: (probs[i], -i))
             stats = MemberStats(name=m.name, role="main", weight=1.0, calls=state.calls[b], tokens_in=state.tokens_in[b])
             results.append(LabelOutput(label=cs[best], probs=probs, member_stats=[stats]))

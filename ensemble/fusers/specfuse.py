@@ -32,6 +32,10 @@ label(prompts, choices): the choices are the candidates of one verification roun
 member (mean token probability after the prompt); per-member normalisation and the weighted mean
 give the label probabilities.
 
+generate and label take the prompts in consecutive groups within ``max_batch_tokens``
+(``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``, or plus the
+longest choice; ``ensemble.config.pack``); verification scores within the same bound.
+
 Statistics per row and member (``MemberStats``): ``calls`` counts *member calls*, i.e. invocations of
 the member for this row: one to propose and one to verify in each round it is active (a lone active
 member has nothing to verify and is invoked once), so with exit disabled a round costs 2N member calls.
@@ -49,8 +53,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ensemble.config import DecodeParams, SpecFuseConfig, normalise_weights, per_row
-from ensemble.fusers.base import FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, fit_prompts
+from ensemble.config import (MAX_BATCH_TOKENS, DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
+                             per_row)
+from ensemble.fusers.base import (FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts,
+                                  fit_prompts, in_groups)
 from ensemble.fusers.stopping import StopChecker
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
@@ -98,18 +104,21 @@ class SpecFuse:
     name = "specfuse"
     fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
 
-    def __init__(self, members: Sequence[Member], **options: Any):
+    def __init__(self, members: Sequence[Member], *, max_batch_tokens: int = MAX_BATCH_TOKENS, **options: Any):
         """``options``: fields of :class:`~ensemble.config.SpecFuseConfig` (segment_tokens=, exit=,
-        exit_delta=, exit_min_rounds=, weights=, ...); the ones left out keep its defaults."""
-        self._setup(list(members), SpecFuseConfig(**options))
+        exit_delta=, exit_min_rounds=, weights=, ...); the ones left out keep its defaults.
+        ``max_batch_tokens``: the memory bound (``ensemble.config.MAX_BATCH_TOKENS``)."""
+        self._setup(list(members), SpecFuseConfig(**options), max_batch_tokens)
 
     @classmethod
-    def from_config(cls, members: Sequence[Member], config: SpecFuseConfig) -> "SpecFuse":
+    def from_config(cls, members: Sequence[Member], config: SpecFuseConfig, *,
+                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> "SpecFuse":
         self = cls.__new__(cls)
-        self._setup(list(members), config)
+        self._setup(list(members), config, max_batch_tokens)
         return self
 
-    def _setup(self, members: list[Member], config: SpecFuseConfig) -> None:
+    def _setup(self, members: list[Member], config: SpecFuseConfig, max_batch_tokens: int) -> None:
+        self.max_batch_tokens = check_batch_tokens(max_batch_tokens)
         if not members:
             raise ValueError(f"members must be a non-empty list of Member, got {members!r}")
         self.config = config
@@ -121,14 +130,19 @@ class SpecFuse:
         return list(self._members)
 
     # ---- generate ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], params: DecodeParams | Sequence[DecodeParams]) -> list[FusedOutput]:
+        params = per_row(params, len(prompts))
+        encoded = encode_prompts(self._members, prompts, [p.system for p in params])
+        lengths = [max(len(e[r]) for e in encoded) + p.max_new_tokens for r, p in enumerate(params)]
+        return in_groups(lengths, self.max_batch_tokens,
+                         lambda g: self._generate([[e[r] for r in g] for e in encoded], [params[r] for r in g]))
+
+    @torch.inference_mode()
+    def _generate(self, encoded: list[list[list[int]]], params: list[DecodeParams]) -> list[FusedOutput]:
+        """One group: ``encoded[member][row]`` prompt ids, in rounds until every row stops."""
         n = len(self._members)
-        rows = [self._new_row(p) for p in per_row(params, len(prompts))]
-        if not rows:
-            return []
-        systems = [r.params.system for r in rows]
-        states: list[RowBatch | None] = [m.start(list(prompts), systems) for m in self._members]
+        rows = [self._new_row(p) for p in params]
+        states: list[RowBatch | None] = [m.start_ids(e) for m, e in zip(self._members, encoded)]
         where: list[list[int]] = [list(range(len(rows))) for _ in range(n)]  # state row -> prompt row
         outputs: list[FusedOutput | None] = [None] * len(rows)
         while any(o is None for o in outputs):
@@ -246,7 +260,7 @@ class SpecFuse:
 
     def _score(self, j: int, state: RowBatch, conts: list[list[list[int]]]) -> list[list[torch.Tensor]]:
         """Member j's per-token log-probs of ``conts[b][c]`` after row b's cached prefix (one forward)."""
-        return self._members[j].score(state, conts)
+        return self._members[j].score(state, conts, max_batch_tokens=self.max_batch_tokens)
 
     def _settle(self, row: _Row, cands: dict[int, _Candidate], verdicts: dict[tuple[int, int], float]) -> None:
         """Rank one row's candidates, update statistics and exits, extend the response, decide the stop."""
@@ -322,15 +336,23 @@ class SpecFuse:
         systems: Sequence[str | None] | None = None,
     ) -> list[LabelOutput]:
         check_choices(choices, len(prompts))
-        if not prompts:
-            return []
+        encoded = encode_prompts(self._members, prompts, list(systems) if systems else [None] * len(prompts))
+        conts = [[[m.encode_text(c) for c in cs] for cs in choices] for m in self._members]  # [member][row][choice]
+        lengths = [max(len(e[b]) + max(map(len, cs[b])) for e, cs in zip(encoded, conts))
+                   for b in range(len(prompts))]
+        return in_groups(lengths, self.max_batch_tokens, lambda g: self._label(
+            [[e[b] for b in g] for e in encoded], [choices[b] for b in g], [[cs[b] for b in g] for cs in conts]))
+
+    def _label(self, encoded: list[list[list[int]]], choices: list[Sequence[str]],
+               conts: list[list[list[list[int]]]]) -> list[LabelOutput]:
+        """One group: ``encoded[member][row]``, ``conts[member][row][choice]``; each member scores all."""
         per_member: list[list[list[float]]] = []  # [member][row][choice] mean token probability
-        stats: list[list[MemberStats]] = [[] for _ in prompts]
+        stats: list[list[MemberStats]] = [[] for _ in choices]
         for i, m in enumerate(self._members):
-            state = m.start(list(prompts), list(systems) if systems else None)
-            logps = m.score(state, [[m.encode_text(c) for c in cs] for cs in choices])
+            state = m.start_ids(encoded[i])
+            logps = m.score(state, conts[i], max_batch_tokens=self.max_batch_tokens)
             per_member.append([[segment_score(lp) for lp in row] for row in logps])
-            for b in range(len(prompts)):
+            for b in range(len(choices)):
                 stats[b].append(MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i],
                                             calls=1, tokens_in=state.tokens_in[b], rounds_active=1))
         results = []

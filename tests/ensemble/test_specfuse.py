@@ -74,6 +74,12 @@ class Scripted:
     def _refresh(self, state: FakeState, b: int) -> None:
         state.logits[b] = self.dist(state.prompts[b], state.ids[b])
 
+    def encode_prompt(self, prompt: str, system=None) -> list[int]:
+        return list(prompt.encode())  # the prompt's bytes: start_ids recovers the prompt
+
+    def start_ids(self, encoded) -> FakeState:
+        return self.start([bytes(e).decode() for e in encoded])
+
     def start(self, prompts, systems=None) -> FakeState:
         self.log.append(("start", tuple(prompts)))
         st = FakeState(list(prompts), [[] for _ in prompts], torch.zeros(len(prompts), V),
@@ -107,7 +113,7 @@ class Scripted:
                          state.logits[rows].clone(), [0] * len(rows), [state.calls[r] for r in rows],
                          [state.tokens_in[r] for r in rows])
 
-    def score(self, state: FakeState, conts):
+    def score(self, state: FakeState, conts, *, max_batch_tokens=None):
         self.log.append(("score", tuple(p for p, cs in zip(state.prompts, conts) if cs)))
         out = []
         for b, cs in enumerate(conts):
@@ -305,9 +311,9 @@ def test_batched_verification_equals_scoring_each_candidate_separately(mixed, fo
     for m, count in zip(mixed, forwards):
         orig = m.score
 
-        def score(state, conts, m=m, orig=orig, count=count):
+        def score(state, conts, m=m, orig=orig, count=count, **kw):
             before = count[0]
-            out = orig(state, conts)
+            out = orig(state, conts, **kw)
             assert count[0] == before + 1, "one batched forward per verifier and round"
             for b, cs in enumerate(conts):
                 for c, toks in enumerate(cs):
