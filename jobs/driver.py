@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
+def partitioned(df, cfg: JobConfig):
+    """The rows to fuse in ``cfg.partitions`` partitions by row key, each in input order."""
+    return df.repartition(cfg.partitions, KEY_COLUMN).sortWithinPartitions(POS_COLUMN)
+
+
 def spark_session(cfg: JobConfig):
     """The SparkSession of a run: the configured master, else local[*] unless spark-submit set one."""
     from pyspark.sql import SparkSession
@@ -38,6 +43,10 @@ def spark_session(cfg: JobConfig):
         builder = builder.master("local[*]")
     builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", str(max(cfg.batch_size, 64)))
     builder = builder.config("spark.ui.showConsoleProgress", "false")
+    # --partitions must hold: when spark.sql.shuffle.partitions equals it, Spark drops the job's
+    # repartition as redundant with the duplicate ranking's shuffle, and adaptive execution would then
+    # merge that shuffle's small partitions (prompt data is far below its 64 MB target) into one task
+    builder = builder.config("spark.sql.adaptive.coalescePartitions.enabled", "false")
     logging.getLogger("py4j").setLevel(logging.WARNING)  # its INFO lines are connection chatter
     use_driver_python(cfg.master)
     return builder.getOrCreate()
@@ -136,9 +145,8 @@ def run(spark, cfg: JobConfig) -> RunResult:
     log.info("run %s: %s over %s, input %s, %d partitions%s", cfg.effective_run_id, cfg.method,
              ", ".join(cfg.members), cfg.input, cfg.partitions,
              " (resuming: rows already committed are skipped)" if done is not None else "")
-    df = df.repartition(cfg.partitions, KEY_COLUMN).sortWithinPartitions(POS_COLUMN)
     task = functools.partial(fuse_task, config=cfg, data_dir=data_dir)
-    commits = [r.asDict() for r in df.mapInArrow(task, spark_schema(COMMIT_SCHEMA)).collect()]
+    commits = [r.asDict() for r in partitioned(df, cfg).mapInArrow(task, spark_schema(COMMIT_SCHEMA)).collect()]
     seconds = time.perf_counter() - t0
     result = RunResult(cfg.output, data_dir, commits, done is not None, seconds)
     held = outcome(committed(spark, data_dir), cfg.max_fuser_error_rate)

@@ -199,3 +199,18 @@ def test_fuser_failing_on_every_batch_fails_the_run(spark, broken_dir, sample, t
     accepted = run(spark, _cfg(broken_dir, inp, out, partitions=2, max_fuser_error_rate=1.0))
     assert accepted.rows == 0 and (out / "_SUCCESS").exists()
     assert pq.read_table(out / "data").num_rows == n
+
+
+def test_partitions_hold_when_shuffle_partitions_equal_them(spark, tiny_dir, sample, tmp_path):
+    """With spark.sql.shuffle.partitions == --partitions, Spark drops the job's repartition as
+    redundant and adaptive execution merged the small shuffle into one task: --partitions 2 ran as 1."""
+    from jobs.driver import run, spark_session
+
+    cfg = _cfg(tiny_dir, sample[0], tmp_path / "o", partitions=2)
+    spark.conf.set("spark.sql.shuffle.partitions", "2")
+    try:
+        result = run(spark_session(cfg), cfg)  # the job's own session settings, applied to this session
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", "4")
+    rows = {c["partition"]: c["rows"] for c in result.commits}
+    assert sorted(rows) == [0, 1] and sum(rows.values()) == sample[1], rows
