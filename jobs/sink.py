@@ -11,6 +11,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import Counter
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -40,6 +41,19 @@ def file_name(partition: int, table: pa.Table) -> str:
     keys = sorted(f"{i}\x1f{s}" for i, s in zip(table.column("id").to_pylist(), table.column("sample").to_pylist()))
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
     return f"part-{partition:05d}-{digest}.parquet"
+
+
+def committed_counts(data_dir: str, partition: int) -> Counter:
+    """How many rows of each id (sample 0) the partition's committed files hold: what an earlier
+    attempt of its task committed before it died (and, on a resumed run, what earlier runs did)."""
+    fs, root = filesystem(data_dir)
+    prefix = f"part-{partition:05d}-"
+    counts: Counter = Counter()
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.base_name.startswith(prefix) and info.base_name.endswith(".parquet"):
+            t = pq.read_table(info.path, columns=["id", "sample"], filesystem=fs)
+            counts.update(i for i, s in zip(t.column("id").to_pylist(), t.column("sample").to_pylist()) if s == 0)
+    return counts
 
 
 def write_atomic(fs: pafs.FileSystem, directory: str, name: str, table: pa.Table) -> str:

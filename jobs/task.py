@@ -10,8 +10,8 @@ from typing import Iterator
 import pyarrow as pa
 
 from jobs.config import JobConfig
-from jobs.rows import prepare
-from jobs.sink import commit_partition
+from jobs.rows import KEY_COLUMN, RANK_COLUMN, prepare
+from jobs.sink import commit_partition, committed_counts
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def fuse_task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir:
     ctx = TaskContext.get()
     partition = ctx.partitionId() if ctx else 0
     inputs = list(batches)  # prompts are small; knowing the total lets us log progress
+    inputs = _uncommitted(inputs, data_dir, partition)
     total = sum(b.num_rows for b in inputs)
     if total == 0:  # e.g. a resumed run whose rows here are all committed: nothing to load
         return
@@ -45,3 +46,19 @@ def fuse_task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir:
     out = process_partition(inputs, make_fuser=make, config=config)
     yield from commit_partition(out, data_dir=data_dir, partition=partition, total_rows=total,
                                 commit_rows=config.commit_rows, fail_after_rows=config.fail_after_rows)
+
+
+def _uncommitted(inputs: list[pa.RecordBatch], data_dir: str, partition: int) -> list[pa.RecordBatch]:
+    """The rows an earlier attempt of this task has not committed: a retried task (its Python worker
+    or executor died) skips them by the resume rule, the k-th occurrence of an id (``_rank``) being
+    done when k rows of it are committed. Committed rows are a prefix of the partition's sorted rows,
+    so the retry's files start where the earlier attempt's stopped."""
+    done = committed_counts(data_dir, partition)
+    if not done:
+        return inputs
+    kept = [b.filter(pa.array([r > done[k] for k, r in zip(b.column(KEY_COLUMN).to_pylist(),
+                                                          b.column(RANK_COLUMN).to_pylist())]))
+            for b in inputs]
+    skipped = sum(b.num_rows for b in inputs) - sum(b.num_rows for b in kept)
+    log.info("partition %d: %d rows already committed by an earlier attempt are skipped", partition, skipped)
+    return kept

@@ -209,8 +209,6 @@ def test_killed_mid_run_the_job_finishes_with_every_row_once(killed_run, job_inp
     assert sum(r["status"] == "ok" for r in table) == N_ROWS
 
 
-@pytest.mark.xfail(strict=True, reason="jobs/task.py: a retried task recomputes its whole partition and rewrites the "
-                   "files an earlier attempt committed (issue 18, point 3)")
 def test_killed_mid_run_committed_rows_are_not_recomputed(killed_run):
     out, part, total, before = killed_run["out"], killed_run["part"], killed_run["total"], killed_run["before"]
     before_ids = killed_run["before_ids"]
