@@ -49,7 +49,9 @@ plus the row's budget, ``max_new_tokens`` or its longest choice). ``generate`` a
 prompts in consecutive groups that fit (a single longer row runs alone), and ``Member.score`` runs its
 candidates in as many forwards as needed, each over at most this many slots (cached prefix included).
 Full-vocabulary logit vectors are held for at most ``max_batch_tokens // LOGIT_SHARE`` (row, position)
-pairs at once. The default keeps a job micro-batch of 8 rows of up to ~1,900 prompt tokens in one group.
+pairs at once. Rolled-back tokens stay in the KV cache as dead slots (SpecFuse's rewound drafts,
+DeePEn's re-tokenised tails), so those methods' caches can outgrow the estimate by about twice the
+response. The default keeps a job micro-batch of 8 rows of up to ~1,900 prompt tokens in one group.
 Grouping changes float rounding only (each row's tokens do not depend on its batch, docs/algorithms.md)
 and no per-row statistic."""
 

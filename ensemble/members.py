@@ -291,11 +291,10 @@ class Member:
         result: list[list[torch.Tensor]] = [[None] * len(conts[b]) for b in range(state.size)]  # type: ignore[list-item]
         if not pairs:
             return result
-        first = torch.log_softmax(state.logits.float(), dim=-1)  # (B, V): the first token of every candidate
-        for b, c in pairs:
-            toks = torch.tensor(conts[b][c], dtype=torch.long, device=self.device)
-            result[b][c] = first[b].gather(0, toks[:1])  # (0,) or (1,)
-        del first
+        for b in sorted({b for b, _ in pairs}):  # the first token of each candidate: the row's saved logits
+            first = torch.log_softmax(state.logits[b].float(), dim=-1)  # (V,)
+            for c, toks in enumerate(conts[b]):
+                result[b][c] = first.gather(0, torch.tensor(toks[:1], dtype=torch.long, device=self.device))
         rest = [(b, c) for b, c in pairs if len(conts[b][c]) > 1]
         width = state.mask.shape[1]
         fed = [len(conts[b][c]) - 1 for b, c in rest]
