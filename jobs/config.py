@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ensemble.config import (FUSERS, METHODS, OUTPUTS_VERSION, DecodeParams, DeePEnConfig, SpecFuseConfig,
+from ensemble.config import (FUSERS, MAX_BATCH_TOKENS, METHODS, OUTPUTS_VERSION, DecodeParams, DeePEnConfig, SpecFuseConfig,
                              check_choice, flag_of, fuser_config, hashed_fields, knob, normalise_weights)
 from schemas import SCHEMA_VERSION
 
@@ -71,6 +71,9 @@ class JobConfig:
     """Spark partitions of the input (tasks)."""
     batch_size: int = knob(8, group=EXECUTION, hashed=False)
     """Rows per fuser call (micro-batch): bounds memory."""
+    max_batch_tokens: int = knob(MAX_BATCH_TOKENS, group=EXECUTION, hashed=False)
+    """The library's memory bound inside a fuser call: token slots per member per forward (rows times
+    padded length); a micro-batch over it is run in groups that fit (ensemble.config.MAX_BATCH_TOKENS)."""
     commit_rows: int = knob(64, group=EXECUTION, hashed=False)
     """Rows per committed output file (a task's progress is durable at this granularity)."""
     master: str | None = knob(None, group=EXECUTION, hashed=False)
@@ -110,7 +113,7 @@ class JobConfig:
                      top_k=self.top_k, seed=self.seed, stop=self.stop)
         object.__setattr__(self, "stop", tuple(self.stop))
         for name, lo in (("n_samples", 1), ("max_prompt_tokens", 1), ("batch_size", 1), ("commit_rows", 1),
-                         ("partitions", 1)):
+                         ("partitions", 1), ("max_batch_tokens", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise bad(name, f"an integer >= {lo}")

@@ -52,13 +52,15 @@ def pin_threads() -> None:
             torch.set_num_threads(n)
 
 
-def build_fuser(method: str, members: Sequence[str], config: Any, dtype: str | None, device: str):
+def build_fuser(method: str, members: Sequence[str], config: Any, dtype: str | None, max_batch_tokens: int,
+                device: str):
     """Build (or reuse) ``method``'s fuser of ``members`` with its ``config`` (a frozen fuser config
-    from ``JobConfig.fuser``, or None) in ``dtype`` on ``device``."""
-    key = (method, tuple(members), config, dtype, device)
+    from ``JobConfig.fuser``, or None) in ``dtype`` with the memory bound ``max_batch_tokens`` on ``device``."""
+    key = (method, tuple(members), config, dtype, max_batch_tokens, device)
     if key not in _FUSERS:
         from ensemble.fusers.registry import make_fuser
 
         log.info("building %s ensemble of %s on %s", method, list(members), device)
-        _FUSERS[key] = make_fuser(method, members, config, dtype=dtype, device=device)
+        _FUSERS[key] = make_fuser(method, members, config, dtype=dtype, device=device,
+                                  max_batch_tokens=max_batch_tokens)
     return _FUSERS[key]

@@ -42,7 +42,8 @@ def fuse_task(batches: Iterator[pa.RecordBatch], *, config: JobConfig, data_dir:
     if device == "cpu":
         pin_threads()
     log.info("partition %d: %d rows to fuse on %s", partition, total, device)
-    make = functools.partial(build_fuser, config.method, config.members, config.fuser, config.dtype, device)
+    make = functools.partial(build_fuser, config.method, config.members, config.fuser, config.dtype,
+                             config.max_batch_tokens, device)
     out = process_partition(inputs, make_fuser=make, config=config)
     yield from commit_partition(out, data_dir=data_dir, partition=partition, total_rows=total,
                                 commit_rows=config.commit_rows, fail_after_rows=config.fail_after_rows)

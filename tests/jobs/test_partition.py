@@ -195,14 +195,22 @@ def test_fuser_is_built_once_per_worker(monkeypatch):
     from jobs import runtime
 
     built = []
-    monkeypatch.setattr(registry, "make_fuser", lambda *args, **kw: built.append(args) or object())
+    monkeypatch.setattr(registry, "make_fuser", lambda *args, **kw: built.append((args, kw)) or object())
     job = JobConfig(input="i", output="o", method="deepen", members=("x", "y"))
-    first = runtime.build_fuser(job.method, job.members, job.fuser, job.dtype, "cpu")
+    first = runtime.build_fuser(job.method, job.members, job.fuser, job.dtype, job.max_batch_tokens, "cpu")
     same = JobConfig(input="i2", output="o2", method="deepen", members=["x", "y"], fuser={"topk": 64})
-    assert runtime.build_fuser(same.method, same.members, same.fuser, same.dtype, "cpu") is first
-    assert built == [("deepen", ("x", "y"), job.fuser)]
+    assert runtime.build_fuser(same.method, same.members, same.fuser, same.dtype, same.max_batch_tokens,
+                               "cpu") is first
+    assert built == [(("deepen", ("x", "y"), job.fuser),
+                      {"dtype": None, "device": "cpu", "max_batch_tokens": job.max_batch_tokens})]
     other = dataclasses.replace(job.fuser, topk=8)
-    assert runtime.build_fuser(job.method, job.members, other, job.dtype, "cpu") is not first
+    assert runtime.build_fuser(job.method, job.members, other, job.dtype, job.max_batch_tokens, "cpu") is not first
+    smaller = JobConfig(input="i", output="o", method="deepen", members=("x", "y"), max_batch_tokens=512)
+    assert smaller.config_hash == job.config_hash  # a memory bound, not an output setting
+    assert runtime.build_fuser(job.method, job.members, job.fuser, job.dtype, 512, "cpu") is not first
+    assert built[-1][1]["max_batch_tokens"] == 512
+    with pytest.raises(ValueError, match="max_batch_tokens must be an integer >= 1, got 0"):
+        JobConfig(input="i", output="o", max_batch_tokens=0)
     runtime._FUSERS.clear()
 
 
