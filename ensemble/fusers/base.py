@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-from ensemble.config import DecodeParams, pack
+from ensemble.config import MAX_BATCH_TOKENS, DecodeParams, pack
 
 
 class FinishReason(str, Enum):
@@ -158,3 +158,24 @@ def _fit_one(members, prompt: str, system: str | None, max_new_tokens: int, max_
             return prompt
         prompt = prompt[:int(len(prompt) / worst * 0.95)]
     return PromptTooLong(f"prompt could not be truncated under {max_prompt_tokens} tokens")
+
+
+class ConfiguredFuser:
+    """The two constructors of a fuser whose settings are a config dataclass (``config_class``):
+    ``Fuser(members, **options)`` with the config's fields as keywords (those left out keep its
+    defaults) and ``Fuser.from_config(members, config)``; both take ``max_batch_tokens``, the memory
+    bound (``ensemble.config.MAX_BATCH_TOKENS``). Subclasses implement ``_setup``."""
+
+    config_class: type
+
+    def __init__(self, members: Sequence[Any], *, max_batch_tokens: int = MAX_BATCH_TOKENS, **options: Any):
+        self._setup(list(members), self.config_class(**options), max_batch_tokens)
+
+    @classmethod
+    def from_config(cls, members: Sequence[Any], config: Any, *, max_batch_tokens: int = MAX_BATCH_TOKENS):
+        self = cls.__new__(cls)
+        self._setup(list(members), config, max_batch_tokens)
+        return self
+
+    def _setup(self, members: list, config: Any, max_batch_tokens: int) -> None:
+        raise NotImplementedError

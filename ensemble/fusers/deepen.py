@@ -27,13 +27,13 @@ is its own EOS), mean ``KL(q_i || q)``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from ensemble.config import (MAX_BATCH_TOKENS, DecodeParams, DeePEnConfig, EosPolicy, check_batch_tokens,
+from ensemble.config import (DecodeParams, DeePEnConfig, EosPolicy, check_batch_tokens,
                              normalise_weights, per_row)
-from ensemble.fusers.base import (FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts, fit_prompts,
+from ensemble.fusers.base import (ConfiguredFuser, FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts, fit_prompts,
                                   in_groups, normalise_log_scores)
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
 from ensemble.members import Member, RowBatch
@@ -59,24 +59,15 @@ class _Rows:
         self.steps = [0] * n
 
 
-class DeePEn:
-    """DeePEn over heterogeneous members behind the fuser interface (see module docstring)."""
+class DeePEn(ConfiguredFuser):
+    """DeePEn over heterogeneous members behind the fuser interface (see module docstring).
+
+    ``DeePEn(members, main=, weights=, lr=, steps=, topk=, top_mass=, ..., max_batch_tokens=)``: the
+    keywords are :class:`~ensemble.config.DeePEnConfig`'s fields; ``DeePEn.from_config(members, config)``."""
 
     name = "deepen"
+    config_class = DeePEnConfig
     fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
-
-    def __init__(self, members: Sequence[Member], *, max_batch_tokens: int = MAX_BATCH_TOKENS, **options: Any):
-        """``options``: fields of :class:`~ensemble.config.DeePEnConfig` (main=, weights=, lr=, steps=,
-        topk=, top_mass=, ...); the ones left out keep its defaults. ``max_batch_tokens``: the memory
-        bound (``ensemble.config.MAX_BATCH_TOKENS``)."""
-        self._setup(list(members), DeePEnConfig(**options), max_batch_tokens)
-
-    @classmethod
-    def from_config(cls, members: Sequence[Member], config: DeePEnConfig, *,
-                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> "DeePEn":
-        self = cls.__new__(cls)
-        self._setup(list(members), config, max_batch_tokens)
-        return self
 
     def _setup(self, members: list[Member], cfg: DeePEnConfig, max_batch_tokens: int) -> None:
         self.max_batch_tokens = check_batch_tokens(max_batch_tokens)

@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from ensemble.config import (MAX_BATCH_TOKENS, DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
+from ensemble.config import (DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
                              per_row)
-from ensemble.fusers.base import (FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts,
+from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts,
                                   fit_prompts, in_groups)
 from ensemble.fusers.stopping import StopChecker
 from ensemble.members import Member, RowBatch
@@ -98,24 +98,16 @@ class _Row:
     score_sum: list[float] = field(default_factory=list)
 
 
-class SpecFuse:
-    """Segment-level ensemble of heterogeneous members with model exit (see the module docstring)."""
+class SpecFuse(ConfiguredFuser):
+    """Segment-level ensemble of heterogeneous members with model exit (see the module docstring).
+
+    ``SpecFuse(members, segment_tokens=, exit=, exit_delta=, exit_min_rounds=, weights=, ...,
+    max_batch_tokens=)``: the keywords are :class:`~ensemble.config.SpecFuseConfig`'s fields;
+    ``SpecFuse.from_config(members, config)``."""
 
     name = "specfuse"
+    config_class = SpecFuseConfig
     fit_prompts = fit_prompts  # ensemble.fusers.base.fit_prompts as a method
-
-    def __init__(self, members: Sequence[Member], *, max_batch_tokens: int = MAX_BATCH_TOKENS, **options: Any):
-        """``options``: fields of :class:`~ensemble.config.SpecFuseConfig` (segment_tokens=, exit=,
-        exit_delta=, exit_min_rounds=, weights=, ...); the ones left out keep its defaults.
-        ``max_batch_tokens``: the memory bound (``ensemble.config.MAX_BATCH_TOKENS``)."""
-        self._setup(list(members), SpecFuseConfig(**options), max_batch_tokens)
-
-    @classmethod
-    def from_config(cls, members: Sequence[Member], config: SpecFuseConfig, *,
-                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> "SpecFuse":
-        self = cls.__new__(cls)
-        self._setup(list(members), config, max_batch_tokens)
-        return self
 
     def _setup(self, members: list[Member], config: SpecFuseConfig, max_batch_tokens: int) -> None:
         self.max_batch_tokens = check_batch_tokens(max_batch_tokens)
