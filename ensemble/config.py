@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import Enum
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 MAX_SEED = 2**63 - 1
 """Largest seed (a run's or a row's): seeds are non-negative 64-bit integers."""
@@ -48,52 +48,18 @@ A fuser call holds at most this many token slots per member: rows times their pa
 plus the row's budget, ``max_new_tokens`` or its longest choice). ``generate`` and ``label`` take their
 prompts in consecutive groups that fit (a single longer row runs alone), and ``Member.score`` runs its
 candidates in as many forwards as needed, each over at most this many slots (cached prefix included).
-Full-vocabulary logit vectors are held for at most ``max_batch_tokens // LOGIT_SHARE`` (row, position)
+Full-vocabulary logit vectors are held for at most ``max_batch_tokens // batching.LOGIT_SHARE`` (row, position)
 pairs at once. Rolled-back tokens stay in the KV cache as dead slots (SpecFuse's rewound drafts,
 DeePEn's re-tokenised tails), so those methods' caches can outgrow the estimate by about twice the
 response. The default keeps a job micro-batch of 8 rows of up to ~1,900 prompt tokens in one group.
 Grouping changes float rounding only (each row's tokens do not depend on its batch, docs/algorithms.md)
 and no per-row statistic."""
 
-LOGIT_SHARE = 64
-"""Token slots per full-vocabulary logit vector in the memory bound: one logit vector of a 150k-260k
-vocabulary costs about as much as 25-30 KV-cache slots of the packaged members, so logits stay within
-about half of the KV cache's share."""
-
-
 def check_batch_tokens(value: Any) -> int:
     """``value`` as a ``max_batch_tokens`` setting, or ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_batch_tokens must be an integer >= 1, got {value!r}")
     return value
-
-
-def logit_rows(max_batch_tokens: int) -> int:
-    """Most (row, position) pairs whose full-vocabulary logits are held at once."""
-    return max(1, max_batch_tokens // LOGIT_SHARE)
-
-
-def pack(lengths: Sequence[int], max_batch_tokens: int, *, widths: Sequence[int] | None = None,
-         logits: Sequence[int] | None = None) -> list[list[int]]:
-    """Consecutive groups of item indices (rows, or candidates) that one batch holds together.
-
-    Item ``i`` takes ``widths[i]`` batch rows (default 1) of padded length ``lengths[i]`` and needs
-    ``logits[i]`` full-vocabulary logit vectors (default: its rows). A group keeps its rows times its
-    longest length within ``max_batch_tokens`` and its logits within ``logit_rows(max_batch_tokens)``;
-    an item over either bound forms a group alone. Order is kept, so outputs reassemble by index.
-    """
-    widths = [1] * len(lengths) if widths is None else widths
-    logits = widths if logits is None else logits
-    cap = logit_rows(max_batch_tokens)
-    groups: list[list[int]] = []
-    rows = longest = need = 0  # of the open group
-    for i, (n, w, k) in enumerate(zip(lengths, widths, logits)):
-        if not groups or (rows + w) * max(longest, n) > max_batch_tokens or need + k > cap:
-            groups.append([])
-            rows = longest = need = 0
-        groups[-1].append(i)
-        rows, longest, need = rows + w, max(longest, n), need + k
-    return groups
 
 
 def knob(default: Any = MISSING, *, flag: str | None = None, choices: tuple | None = None,
@@ -393,8 +359,8 @@ def hashed_fields(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "DecodeParams", "DeePEnConfig", "EosPolicy", "FUSERS", "LABEL_NORMS", "LOGIT_SHARE", "MAX_BATCH_TOKENS",
+    "DecodeParams", "DeePEnConfig", "EosPolicy", "FUSERS", "LABEL_NORMS", "MAX_BATCH_TOKENS",
     "MAX_SEED", "METHODS", "Method", "OUTPUTS_VERSION", "ROW_STORES", "SpecFuseConfig", "WEIGHT_TOL",
-    "check_batch_tokens", "flag_of", "fuser_config", "hashed_fields", "knob", "logit_rows", "normalise_weights",
+    "check_batch_tokens", "flag_of", "fuser_config", "hashed_fields", "knob", "normalise_weights",
     "pack", "per_row",
 ]

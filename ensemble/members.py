@@ -18,7 +18,7 @@ Contract:
 Per-row counters on the state (``calls``, ``tokens_in``) feed the per-member statistics.
 
 Memory (``ensemble.config.MAX_BATCH_TOKENS``): ``score`` packs its candidates with
-``ensemble.config.pack`` so that a forward covers at most ``max_batch_tokens`` token slots (candidates
+``ensemble.batching.pack`` so that a forward covers at most ``max_batch_tokens`` token slots (candidates
 times the cached prefix plus the longest candidate) and full-vocabulary logits are computed only at the
 candidates' own positions (``logits_to_keep`` as a mask), for at most ``logit_rows(max_batch_tokens)``
 positions per forward; a longer candidate is fed in slices. The fusers group their prompts the same way.
@@ -33,7 +33,8 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ensemble.config import MAX_BATCH_TOKENS, logit_rows, pack
+from ensemble.batching import logit_rows, pack
+from ensemble.config import MAX_BATCH_TOKENS
 from ensemble.text import Codec
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ class Member:
         after row b's live prefix. Returns ``out[b][c]`` of shape ``(len(conts[b][c]),)``.
 
         The candidates go through batched forwards over gathered copies of the cached prefixes, packed
-        by ``ensemble.config.pack`` within ``max_batch_tokens`` (one forward when they fit); logits are
+        by ``ensemble.batching.pack`` within ``max_batch_tokens`` (one forward when they fit); logits are
         computed at the candidates' positions only and reduced to the forced tokens' log-probs forward
         by forward. ``state`` itself is not modified, except that each row with candidates counts one
         call (however many forwards the bound splits it into) and its fed tokens.

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, Sequence
 
-from ensemble.config import MAX_BATCH_TOKENS, DecodeParams, pack
+from ensemble.batching import pack
+from ensemble.config import MAX_BATCH_TOKENS, DecodeParams
 
 
 class FinishReason(str, Enum):
@@ -86,7 +87,7 @@ def encode_prompts(members: Sequence, prompts: Sequence[str], systems: Sequence[
 
 def in_groups(lengths: Sequence[int], max_batch_tokens: int, run, *, widths: Sequence[int] | None = None) -> list:
     """One output per row: ``run(group)`` (row indices -> their outputs, in order) on each group that
-    ``ensemble.config.pack`` makes of rows of these padded ``lengths`` and ``widths`` (state rows each)
+    ``ensemble.batching.pack`` makes of rows of these padded ``lengths`` and ``widths`` (state rows each)
     within ``max_batch_tokens``; how fusers bound their memory."""
     out: list = [None] * len(lengths)
     for group in pack(lengths, max_batch_tokens, widths=widths):

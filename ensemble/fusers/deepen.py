@@ -17,7 +17,7 @@ candidates include the forced token) is summed; the sums are softmax-normalised 
 
 generate and label take the prompts in consecutive groups within ``max_batch_tokens``
 (``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``, or plus
-the longest choice once per choice, as label holds one state row per choice; ``ensemble.config.pack``).
+the longest choice once per choice, as label holds one state row per choice; ``ensemble.batching.pack``).
 
 Per-member statistics per row: calls, tokens in (prompt and re-tokenisation included), tokens out (the
 member's tokenisation of the final response), agreement (fraction of steps where the member's own top

@@ -8,7 +8,7 @@ label: length-normalised log-likelihood (mean token log-prob) of each choice aft
 softmax-normalised over the choices.
 
 Both take the prompts in consecutive groups within ``max_batch_tokens`` (``ensemble.config``:
-prompt plus ``max_new_tokens``, or plus the longest choice, per row; ``ensemble.config.pack``).
+prompt plus ``max_new_tokens``, or plus the longest choice, per row; ``ensemble.batching.pack``).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ give the label probabilities.
 
 generate and label take the prompts in consecutive groups within ``max_batch_tokens``
 (``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``, or plus the
-longest choice; ``ensemble.config.pack``); verification scores within the same bound.
+longest choice; ``ensemble.batching.pack``); verification scores within the same bound.
 
 Statistics per row and member (``MemberStats``): ``calls`` counts *member calls*, i.e. invocations of
 the member for this row: one to propose and one to verify in each round it is active (a lone active

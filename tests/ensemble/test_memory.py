@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from ensemble import DecodeParams, Single
-from ensemble.config import LOGIT_SHARE, MAX_BATCH_TOKENS, check_batch_tokens, logit_rows, pack
+from ensemble.batching import LOGIT_SHARE, logit_rows, pack
+from ensemble.config import MAX_BATCH_TOKENS, check_batch_tokens
 from ensemble.fusers.deepen import DeePEn
 from ensemble.fusers.specfuse import SpecFuse
 from ensemble.reference import logprobs_uncached
