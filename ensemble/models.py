@@ -8,6 +8,11 @@ Contract:
   once to a safetensors copy in the conversion cache, and loaded from that copy afterwards.
   The cache location is ``$ENSEMBLE_CACHE_DIR`` or ``~/.cache/ensemble-fuse``; conversions hold a file
   lock and publish with an atomic rename, so two processes converting at once are safe.
+- A file is hashed once, not on every load: :func:`verified_sha256` remembers each digest with the
+  files' (path, size, mtime_ns) in a stamp, ``verified.json`` in the cache root (written atomically
+  under a lock), and hashes again when a size or mtime changes. The stamp is trusted like the cache
+  itself: whoever can write it can replace the weights, and an edit that restores both the size and
+  the nanosecond mtime goes unseen until the stamp is deleted.
 - ``trust_remote_code`` is always off; pickled weights are refused (``use_safetensors=True``).
 """
 from __future__ import annotations
@@ -97,6 +102,65 @@ def sha256_of(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+STAMP_NAME = "verified.json"
+
+
+def _stats(paths: list[Path]) -> list[list[int]]:
+    return [[st.st_size, st.st_mtime_ns] for st in (p.stat() for p in paths)]
+
+
+def _read_stamp(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # a damaged stamp only costs a re-hash: say so and rebuild it
+        log.warning("ignoring unreadable digest stamp %s (%s); files will be hashed again", path, exc)
+        return {}
+    if not isinstance(entries, dict):
+        log.warning("ignoring digest stamp %s: a JSON object was expected; files will be hashed again", path)
+        return {}
+    return entries
+
+
+def _still_there(key: str) -> bool:
+    try:
+        return all(Path(p).is_file() for p in json.loads(key))
+    except (ValueError, TypeError):
+        return False
+
+
+def verified_sha256(paths: list[Path]) -> str:
+    """sha256 of the concatenation of ``paths``, from the stamp (see the module docstring) when it holds
+    the digest for the files' current (path, size, mtime_ns), else hashed and remembered there. Every
+    hash is logged (``sha256 hashed``: the job benchmark counts them per worker)."""
+    key = json.dumps([str(p.resolve()) for p in paths])
+    before = _stats(paths)
+    stamp = cache_dir() / STAMP_NAME
+    entry = _read_stamp(stamp).get(key)
+    if isinstance(entry, dict) and entry.get("stat") == before and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    t0 = time.monotonic()
+    sha = sha256_of(paths)
+    log.info("sha256 hashed %s (%.0f MB in %.1fs)", ", ".join(p.name for p in paths),
+             sum(s for s, _ in before) / 1e6, time.monotonic() - t0)
+    if _stats(paths) != before:  # changed while we read it: do not remember a digest of a moving target
+        log.warning("%s changed while being hashed; its digest is not remembered", key)
+        return sha
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(stamp) + ".lock"):
+        entries = {k: e for k, e in _read_stamp(stamp).items() if _still_there(k)}  # forget deleted files
+        entries[key] = {"stat": before, "sha256": sha}
+        fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=stamp.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1)
+            os.replace(tmp, stamp)  # atomic: readers without the lock see the old or the new stamp
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return sha
+
+
 def _module_dir(module: str, pkg: PackagedModel) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
@@ -168,7 +232,7 @@ def _verify_cache(target: Path, verify: bool) -> None:
     if not verify:
         return
     for name, want in json.loads(manifest_path.read_text())["files"].items():
-        got = sha256_of([target / name])
+        got = verified_sha256([target / name])
         if got != want:
             raise ModelSourceError(
                 f"cached weights {target / name} have sha256 {got}, expected {want}; delete {target}"
@@ -177,7 +241,7 @@ def _verify_cache(target: Path, verify: bool) -> None:
 
 def converted_dir(parts: list[Path], *, label: str, expected_sha: str | None, verify: bool = True) -> Path:
     """Return the safetensors cache dir for a GGUF source, converting it on first use."""
-    sha = sha256_of(parts)
+    sha = verified_sha256(parts)
     if expected_sha is not None and sha != expected_sha:
         raise ModelSourceError(
             f"{label}: GGUF sha256 is {sha}, expected {expected_sha}; the files at "
