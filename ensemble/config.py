@@ -39,7 +39,10 @@ job writes for the same configuration (another token, score or statistic for som
 job's ``config_hash``, so that a resumed run never keeps rows computed by another version."""
 
 ROW_STORES = ("float32", "float16")
-LABEL_NORMS = ("sum", "mean")
+KL_REDUCTIONS = ("mean", "sum")
+"""How the inverse search reduces its KL over the anchors (``ensemble.relative.SearchParams``)."""
+POOLS = ("linear", "loglinear")
+"""How an ensemble pools its members' posteriors over a row's choices (``ensemble.labeling.pool``)."""
 
 MAX_BATCH_TOKENS = 16384
 """Default of every fuser's ``max_batch_tokens``, the one setting that bounds the library's memory.
@@ -209,6 +212,10 @@ class DeePEnConfig:
     """Softmax temperature of the relative rows."""
     weight_decay: float = knob(0.01, flag="--deepen-weight-decay")
     """AdamW weight decay of the search."""
+    kl_reduction: str = knob("mean", flag="--deepen-kl-reduction", choices=KL_REDUCTIONS)
+    """How the search reduces its KL over the anchors: 'mean' (the reference code's nn.KLDivLoss();
+    with AdamW's eps, low-probability tokens stay nearly in place) or 'sum' (every candidate moves by
+    about a full learning-rate step); docs/algorithms.md."""
     min_anchors: int = knob(100, flag="--deepen-min-anchors")
     """Fewer shared anchor tokens than this is an error."""
     anchor_subset: int | None = knob(None, flag="--deepen-anchor-subset")
@@ -226,9 +233,6 @@ class DeePEnConfig:
     """Reference path: dense (V, A) matrices and a search over the whole main vocabulary (small vocabs)."""
     tail_window: int = knob(2, flag="--deepen-tail-window")
     """Tokens re-encoded at least, back from the end, when another member follows the response."""
-    label_norm: str = knob("sum", flag="--deepen-label-norm", choices=LABEL_NORMS)
-    """Labeling score of a choice: 'sum' of the fused log-probabilities of its tokens (docs/algorithms.md)
-    or their 'mean' (length-normalised, as Single and SpecFuse score choices)."""
 
     def __post_init__(self) -> None:
         _int_at_least(self, "main", 0)
@@ -252,13 +256,14 @@ class DeePEnConfig:
         if not isinstance(self.dense, bool):
             raise ValueError(f"dense must be a bool, got {self.dense!r}")
         _int_at_least(self, "tail_window", 1)
-        check_choice(self, "label_norm", either=True)
+        check_choice(self, "kl_reduction", either=True)
 
     def search_params(self):
         """The inverse search's settings (``ensemble.relative.SearchParams``; imports torch)."""
         from ensemble.relative import SearchParams
 
-        return SearchParams(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay)
+        return SearchParams(lr=self.lr, steps=self.steps, weight_decay=self.weight_decay,
+                            kl_reduction=self.kl_reduction)
 
 
 # ---- SpecFuse -------------------------------------------------------------------------------------
@@ -282,6 +287,9 @@ class SpecFuseConfig:
     max_rounds: int | None = knob(None, flag="--specfuse-max-rounds")
     """Most rounds per row; None: 2 * max_new_tokens of the row (a guard against rounds that add no
     main-member tokens)."""
+    label_pool: str = knob("linear", flag="--specfuse-label-pool", choices=POOLS)
+    """How labeling pools the members' posteriors over a row's choices: 'linear' (weighted mean) or
+    'loglinear' (weighted geometric mean, renormalised); docs/algorithms.md."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.segment_tokens, int) or isinstance(self.segment_tokens, bool) or self.segment_tokens < 1:
@@ -293,6 +301,7 @@ class SpecFuseConfig:
         object.__setattr__(self, "weights", _check_weights(self.weights))
         _number(self, "exit_min_temperature", "> 0", lambda v: v > 0)
         _int_at_least(self, "max_rounds", 1, optional=True)
+        check_choice(self, "label_pool", either=True)
 
 
 # ---- the table of methods -------------------------------------------------------------------------
@@ -359,8 +368,8 @@ def hashed_fields(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "DecodeParams", "DeePEnConfig", "EosPolicy", "FUSERS", "LABEL_NORMS", "MAX_BATCH_TOKENS",
-    "MAX_SEED", "METHODS", "Method", "OUTPUTS_VERSION", "ROW_STORES", "SpecFuseConfig", "WEIGHT_TOL",
+    "DecodeParams", "DeePEnConfig", "EosPolicy", "FUSERS", "MAX_BATCH_TOKENS",
+    "MAX_SEED", "METHODS", "Method", "OUTPUTS_VERSION", "POOLS", "ROW_STORES", "SpecFuseConfig", "WEIGHT_TOL",
     "check_batch_tokens", "flag_of", "fuser_config", "hashed_fields", "knob", "normalise_weights",
     "pack", "per_row",
 ]

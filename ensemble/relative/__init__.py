@@ -17,9 +17,12 @@ One concern per module (each imports only those above it):
   its distinct tokens plus an index, never the gathered ``(B, k, A)`` tensor, which stays as the
   tests' reference), :func:`mix`, :func:`pull`, :func:`aggregate`, :func:`kl_rows`.
 - :mod:`~ensemble.relative.search`: :func:`inverse_search` (batched AdamW, analytic gradient) with its
-  oracle :func:`inverse_search_reference`, and :func:`search_radius` / :func:`decided_rows`, which
-  tell when the search cannot change the greedy token.
-- :mod:`~ensemble.relative.result`: :class:`FuseResult`, one step's outcome.
+  oracle :func:`inverse_search_reference` (the KL reduced by its mean over the anchors, as the
+  reference code does, or by its sum), :func:`search_radius` / :func:`decided_rows`, which tell when
+  the search cannot change the greedy token, and :func:`moving_rows`, the rows it moves.
+- :mod:`~ensemble.relative.result`: :class:`FuseResult`, one step's outcome, with
+  :meth:`FuseResult.forced_logprobs`, a forced token's fused log-probability over the whole main
+  vocabulary (labeling).
 - :mod:`~ensemble.relative.step`: :func:`top_candidates` and :class:`RelativeEnsemble`, one fusion
   step for a batch (candidates, transform, aggregate, search), with ``dense=True`` as its reference.
 """
@@ -33,6 +36,7 @@ from ensemble.relative.search import (
     decided_rows,
     inverse_search,
     inverse_search_reference,
+    moving_rows,
     search_radius,
     top_lead,
 )
@@ -55,6 +59,7 @@ __all__ = [
     "kl_rows",
     "masked_softmax",
     "mix",
+    "moving_rows",
     "pull",
     "search_radius",
     "top_candidates",

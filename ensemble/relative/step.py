@@ -18,7 +18,7 @@ import torch
 from ensemble.relative.mixing import IndexedRows, aggregate, masked_softmax, mix
 from ensemble.relative.result import FuseResult
 from ensemble.relative.rows import RowSource
-from ensemble.relative.search import SearchParams, decided_rows, inverse_search, top_lead
+from ensemble.relative.search import SearchParams, decided_rows, inverse_search, moving_rows, top_lead
 
 
 def top_candidates(logits: torch.Tensor, k: int, top_mass: float | None = None,
@@ -169,7 +169,8 @@ class RelativeEnsemble:
     def fuse(self, logits: Sequence[torch.Tensor], extra: torch.Tensor | None = None,
              greedy_rows: torch.Tensor | None = None) -> FuseResult:
         """``logits[i] (B, V_i)`` -> :class:`FuseResult`. ``extra (B,)`` forces a main-vocabulary token
-        into the candidates (teacher forcing). ``greedy_rows (B,)`` bool: rows that need only
+        into the candidates (teacher forcing) on every path, refinement included; read its fused
+        log-probability with :meth:`FuseResult.forced_logprobs`. ``greedy_rows (B,)`` bool: rows that need only
         :meth:`FuseResult.greedy` (their search may be skipped when it cannot change the argmax)."""
         masses = (self.top_mass, self.main_top_mass)
         res = self._fuse(logits, extra, masses, greedy_rows)
@@ -185,7 +186,7 @@ class RelativeEnsemble:
     def _fuse(self, logits, extra, masses, greedy_rows) -> FuseResult:
         dev = self.sources[self.main].device
         qs: list[torch.Tensor | None] = [None] * len(self.sources)
-        main_rows = cand = valid = z0 = None
+        main_rows = cand = valid = z0 = main_lg = None
         main_part: MemberCandidates | None = None
         peak = 0
         order = [self.main] + [i for i in range(len(self.sources)) if i != self.main]  # main first
@@ -197,15 +198,19 @@ class RelativeEnsemble:
                 ids = torch.arange(lg.shape[-1], device=lg.device).expand(lg.shape[0], -1)  # (B, V)
                 zi, ok = lg, torch.ones_like(ids, dtype=torch.bool)  # (B, V)
             else:
-                part = self._sparse(src, lg, extra if is_main else None, is_main, masses, greedy_rows, main_part)
+                # the forced token joins the candidates of every member with the main member's rows, so
+                # that a copy of the main member keeps the same candidates (and table) under teacher forcing
+                forced = extra if src is self.sources[self.main] else None
+                part = self._sparse(src, lg, forced, is_main, masses, greedy_rows, main_part)
                 ids, zi, ok, rows = part.ids, part.z, part.valid, part.rows
                 main_part = part if is_main else main_part
             qs[i] = mix(masked_softmax(zi, ok), rows).to(dev)  # (B, A)
             if isinstance(rows, IndexedRows):  # transient: the table's rows gathered from / rounded for the cache
                 peak = max(peak, rows.table.numel() * src.store_dtype.itemsize)
             if is_main:
-                main_rows, cand, valid, z0 = rows, ids, ok, zi
+                main_rows, cand, valid, z0, main_lg = rows, ids, ok, zi, lg
         q = aggregate(qs, self.weights, self.main)  # (B, A)
+        moved = moving_rows(qs[self.main], q, self.search)  # (B,): rows the search changes
         if main_part is not None and main_part.open_rows is not None:
             # undecided rows only, on the table rows they use (a prefix): the others keep z0
             z = z0.clone()
@@ -215,7 +220,19 @@ class RelativeEnsemble:
                 sub = IndexedRows(main_rows.table[:n_search], main_rows.index[rows_open], main_rows.scale)
                 z[rows_open] = inverse_search(z0[rows_open], valid[rows_open], sub, q[rows_open], self.search,
                                               pred0=qs[self.main][rows_open])
+            moved &= torch.zeros_like(moved).index_fill_(0, rows_open, True)
         else:
             z = inverse_search(z0, valid, main_rows, q, self.search, pred0=qs[self.main])  # (B, k+1)
         self.peak_step_bytes = max(self.peak_step_bytes, peak + (len(qs) + 6) * q.numel() * 4)
-        return FuseResult(cand=cand, valid=valid, z=z, q_members=qs, q=q)
+        rest = None if self.dense else self._rest(main_lg, cand, z0[:, -1].masked_fill(~valid[:, -1], float("-inf")), moved)
+        return FuseResult(cand=cand, valid=valid, z=z, q_members=qs, q=q, rest=rest)
+
+    def _rest(self, lg: torch.Tensor, cand: torch.Tensor, tail: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        """:attr:`FuseResult.rest` ``(B,)``: the main member's log-mass outside its candidates ``cand``
+        (``tail``, the logsumexp of its other logits ``lg (B, V)``), recomputed with the logits times
+        the search's weight-decay factor on the rows it ``moved``, as the dense search leaves them."""
+        if not moved.any():
+            return tail
+        rows = moved.nonzero()[:, 0]
+        other = lg[rows].scatter(1, cand[rows], float("-inf")) * self.search.decay()  # (r, V)
+        return tail.index_put((rows,), torch.logsumexp(other, dim=-1))
