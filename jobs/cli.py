@@ -23,10 +23,14 @@ from enum import Enum
 from typing import Any, Callable
 
 from ensemble.config import FUSERS, flag_of
-from jobs.config import GROUPS, IO, JobConfig, load_config_file
+from ensemble.labeling import LABEL_GROUP, LabelParams
+from jobs.config import GROUPS, IO, NESTED, JobConfig, load_config_file
 
 log = logging.getLogger("jobs.cli")
 FUSER_KEY = "fuser."  # flag destinations of the method's settings: "fuser.<field>"
+LABEL_KEY = "label."  # ... and of the labeling settings (LabelParams): "label.<field>"
+REMOVED = {"--deepen-label-norm": "--choice-norm", "--label-norm": "--choice-norm"}
+"""Flags that were removed: old flag -> the flag that replaces it (a use fails naming it)."""
 # descriptions of the help groups of the methods' own settings
 _ONLY = {spec.title: f"settings of method {name} only" for name, spec in FUSERS.items() if spec.config}
 
@@ -60,9 +64,12 @@ def kebab(name: str) -> str:
 
 
 def job_flags() -> list[Flag]:
-    """Every flag of the job but --config: JobConfig's fields, then every method's settings."""
+    """Every flag of the job but --config: JobConfig's fields, the labeling settings, then every
+    method's settings."""
     out = [Flag(f.metadata.get("flag", kebab(f.name)), f.name, f.metadata["group"], ((JobConfig, f.name),))
-           for f in dataclasses.fields(JobConfig) if f.name != "fuser"]
+           for f in dataclasses.fields(JobConfig) if f.name not in NESTED]
+    out += [Flag(flag_of(LabelParams, f.name), LABEL_KEY + f.name, f.metadata.get("group", LABEL_GROUP),
+                 ((LabelParams, f.name),)) for f in dataclasses.fields(LabelParams)]
     shared: dict[str, int] = {}
     for spec in FUSERS.values():
         for f in dataclasses.fields(spec.config) if spec.config else ():
@@ -154,7 +161,7 @@ def _misspellings(flags: list[Flag]) -> dict[str, str]:
         bare = kebab(name)
         if bare == f.flag or bare in real:
             continue
-        title = next(s.title for s in FUSERS.values() if s.config is cls)
+        title = next((s.title for s in FUSERS.values() if s.config is cls), LABEL_GROUP)
         msg = f"there is no {bare}: {title}'s {name} is {f.flag}"
         near = [g for g in flags if _squash(g.flag) == _squash(bare)]
         out[bare] = msg + (f" ({near[0].flag} is {near[0].targets[0][1]}, another setting)" if near else "")
@@ -175,6 +182,10 @@ def build_parser(prog: str = "python -m jobs.fuse") -> argparse.ArgumentParser:
         groups[flag.group].add_argument(flag.flag, **_argument(flag))
     for bare, message in _misspellings(flags).items():
         p.add_argument(bare, action=_Misspelt, dest=argparse.SUPPRESS, message=message)
+    for old, new in REMOVED.items():
+        p.add_argument(old, action=_Misspelt, dest=argparse.SUPPRESS,
+                       message=f"there is no {old}: the choice normalisation of every method is {new} "
+                               f"(sum, token, char or pmi; DeePEn's --deepen-label-norm was removed)")
     return p
 
 
@@ -182,14 +193,18 @@ def parse_config(argv: list[str] | None = None, prog: str = "python -m jobs.fuse
     ns = vars(build_parser(prog).parse_args(argv))
     path = ns.pop("config", None)
     settings: dict[str, Any] = load_config_file(path) if path else {}
-    fuser = dict(settings.get("fuser") or {})
+    nested = {"fuser": dict(settings.get("fuser") or {}), "label": dict(settings.get("label") or {})}
     for key, value in ns.items():
-        if key.startswith(FUSER_KEY):
-            fuser[key[len(FUSER_KEY):]] = value
+        if key.startswith((FUSER_KEY, LABEL_KEY)):
+            outer, _, name = key.partition(".")
+            nested[outer][name] = value
         else:
             settings[key] = value
-    if fuser:
-        settings["fuser"] = fuser
+    settings.update({k: v for k, v in nested.items() if v})
+    if settings.get("profile"):
+        from jobs.profile import apply_profile
+
+        settings = apply_profile(settings, settings["profile"])
     missing = [k for k in ("input", "output") if k not in settings]
     if missing:
         raise ValueError(f"missing required settings {missing} (flags --input/--output or the config file)")
@@ -235,8 +250,16 @@ def print_where(result) -> None:
     )
 
 
+def calibrate(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") -> int:
+    """``jobs.calibrate``'s command line (imported when called)."""
+    from jobs.calibrate import main as calibrate_main
+
+    return calibrate_main(argv, prog)
+
+
 COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "fuse": (main, "run the fusion job over a dataset (the default command)"),
+    "calibrate": (calibrate, "choose an ensemble's profile on a labeled dev set (--profile applies it)"),
 }
 """Subcommands of ``ensemble-fuse``: name -> (function of (argv, prog), help)."""
 

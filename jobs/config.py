@@ -2,10 +2,11 @@
 checked before any Spark work starts (see docs/jobs.md).
 
 The chosen method's settings are nested in ``fuser`` (``ensemble.config.DeePEnConfig`` or
-``SpecFuseConfig``, resolved with the library's defaults; None for ``single``). Every field has a
+``SpecFuseConfig``, resolved with the library's defaults; None for ``single``), how choices are
+scored and labels decided in ``label`` (``ensemble.labeling.LabelParams``). Every field has a
 docstring, which is its flag's help text (jobs/cli.py generates the flags), and metadata naming
 its help group and whether it changes outputs. ``config_hash`` covers every field that changes
-outputs, the whole resolved fuser config, and the versions of the output schema and of the code
+outputs, the whole resolved fuser config, every LabelParams field, and the versions of the output schema and of the code
 (``ensemble.config.OUTPUTS_VERSION``). No torch imports here: the driver and the CLI import this.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from ensemble.config import (FUSERS, MAX_BATCH_TOKENS, METHODS, OUTPUTS_VERSION, DecodeParams, DeePEnConfig, SpecFuseConfig,
                              check_choice, flag_of, fuser_config, hashed_fields, knob, normalise_weights)
+from ensemble.labeling import LABEL_GROUP, LabelParams
 from schemas import SCHEMA_VERSION
 
 MODES = ("auto", "generate", "label")
@@ -27,7 +29,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MEMBERS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma3-270m")
 # help groups of the job's flags, in --help order (the fuser configs' own groups come after ensemble)
 IO, DECODING, ENSEMBLE, EXECUTION = "input/output", "decoding", "ensemble", "execution"
-GROUPS = (IO, DECODING, ENSEMBLE, *(m.title for m in FUSERS.values() if m.config), EXECUTION)
+GROUPS = (IO, DECODING, ENSEMBLE, LABEL_GROUP, *(m.title for m in FUSERS.values() if m.config), EXECUTION)
+NESTED = ("fuser", "label")
+"""JobConfig fields holding a config object, whose own fields are the flags (jobs/cli.py)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,12 @@ class JobConfig:
     fuser: DeePEnConfig | SpecFuseConfig | None = knob(None, group=ENSEMBLE)
     """The method's settings (a config object, or a mapping of its fields); the library's defaults
     fill what is left out. None for single."""
+    label: LabelParams = knob(LabelParams(), group=LABEL_GROUP)
+    """How choices are scored and labels decided (a LabelParams, or a mapping of its fields)."""
+    profile: str | None = knob(None, group=ENSEMBLE, hashed=False)
+    """A calibration profile (PROFILE.json of jobs.calibrate): its method, members, main member, weights,
+    choice normalisation, pool and gate are applied; a flag or config-file setting that contradicts it
+    is refused (the applied settings enter config_hash)."""
     partitions: int = knob(2, group=EXECUTION, hashed=False)
     """Spark partitions of the input (tasks)."""
     batch_size: int = knob(8, group=EXECUTION, hashed=False)
@@ -127,6 +137,12 @@ class JobConfig:
                                         or "/" in self.run_id):
             raise bad("run_id", "a non-empty name without '/'")
         self._resolve_fuser()
+        if isinstance(self.label, dict):
+            object.__setattr__(self, "label", LabelParams(**self.label))
+        elif not isinstance(self.label, LabelParams):
+            raise bad("label", "a LabelParams or a mapping of its fields")
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
+            raise bad("profile", "None or a path")
 
     def _resolve_fuser(self) -> None:
         """``fuser`` -> the method's config with every default filled in, checked against members."""
@@ -145,8 +161,9 @@ class JobConfig:
         """Every field that changes outputs (and nothing that only changes speed or placement): the
         job's, the resolved fuser config's (library defaults included) and the code's versions."""
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
-                             if f.metadata.get("hashed", True) and f.name != "fuser"}
+                             if f.metadata.get("hashed", True) and f.name not in NESTED}
         d["fuser"] = None if self.fuser is None else hashed_fields(self.fuser)
+        d["label"] = hashed_fields(self.label)
         d["schema_version"] = SCHEMA_VERSION
         d["outputs_version"] = OUTPUTS_VERSION
         return d
@@ -166,9 +183,11 @@ class JobConfig:
 
 
 def _unknown_key_hint(key: str) -> str:
-    """Where a key that is not a JobConfig field belongs, when it is a fuser setting."""
-    renamed = {"deepen_lr": "lr", "deepen_steps": "steps"}  # the job's earlier flat names
-    name = renamed.get(key, key)
+    """Where a key that is not a JobConfig field belongs, when it is a fuser or labeling setting."""
+    renamed = {"deepen_lr": "lr", "deepen_steps": "steps", "label_norm": "norm", "choice_norm": "norm"}
+    name = renamed.get(key, key)  # the job's earlier flat names, and DeePEn's removed label_norm
+    if name in {f.name for f in fields(LabelParams)}:
+        return f"{key!r} is a labeling setting: write it as label: {{{name}: ...}} (flag {flag_of(LabelParams, name)})"
     for spec in FUSERS.values():
         if spec.config and name in {f.name for f in fields(spec.config)}:
             return f"{key!r} is a {spec.title} setting: write it as fuser: {{{name}: ...}} (flag {flag_of(spec.config, name)})"
@@ -200,4 +219,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     if data.get("fuser") is not None and not isinstance(data["fuser"], dict):
         raise ValueError(f"config file {path!r}: fuser must be a mapping of the method's settings, "
                          f"got {data['fuser']!r}")
+    if data.get("label") is not None and not isinstance(data["label"], dict):
+        raise ValueError(f"config file {path!r}: label must be a mapping of the labeling settings, "
+                         f"got {data['label']!r}")
+    if "label_norm" in (data.get("fuser") or {}):
+        raise ValueError(f"config file {path!r}: fuser: {{label_norm: ...}} was removed: every method's choice "
+                         f"normalisation is label: {{norm: ...}} (flag --choice-norm)")
     return data

@@ -97,11 +97,13 @@ class PartitionRunner:
 
     def _label_rows(self, reqs: list[Request]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        outs = self.fuser.label([r.prompt for r in reqs], [r.choices for r in reqs], [r.system for r in reqs])
+        outs = self.fuser.label([r.prompt for r in reqs], [r.choices for r in reqs], [r.system for r in reqs],
+                                params=self.config.label)
         ms = (time.perf_counter() - t0) * 1000
         return [
-            self.row(id=r.id, label=o.label, label_probs=list(map(float, o.probs)), finish_reason="stop",
-                     status="ok", latency_ms=ms, seed=r.seed, member_stats=_stats_dicts(o.member_stats))
+            self.row(id=r.id, label=o.label, label_probs=list(map(float, o.probs)), gated=bool(o.gated),
+                     finish_reason="stop", status="ok", latency_ms=ms, seed=r.seed,
+                     member_stats=_stats_dicts(o.member_stats))
             for r, o in zip(reqs, outs)
         ]
 

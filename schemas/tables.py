@@ -2,13 +2,14 @@
 
 Nested lists are written with the Parquet-compliant ``element`` naming that Spark and pyarrow read.
 Bump ``SCHEMA_VERSION`` on any change to OUTPUT_SCHEMA: it is part of ``config_hash``, so a run
-never resumes into an output directory written with another schema (version 2 added ``error_kind``).
+never resumes into an output directory written with another schema (version 2 added ``error_kind``;
+version 3 the label mode's ``gated`` and the members' ``choice_*`` scores in ``member_stats``).
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ERROR_KINDS = ("input", "fuser")
 """``error_kind`` of an error row: a bad input row, or a fuser failure (its micro-batch and its own retry
 raised). Only fuser errors count against the run's error budget (docs/jobs.md)."""
@@ -42,6 +43,12 @@ MEMBER_STATS_TYPE = pa.struct(
         pa.field("mean_score", pa.float64()),
         pa.field("rounds_active", pa.int64()),
         pa.field("exit_round", pa.int64()),
+        # label mode (every method; null otherwise): this member's own scores of the row's choices, in
+        # its tokenisation, so that a user can audit a label and pool the members again offline
+        pa.field("choice_probs", pa.list_(pa.float64())),  # its posterior under the job's choice norm
+        pa.field("choice_logprobs", pa.list_(pa.float64())),  # summed continuation log-probabilities
+        pa.field("choice_tokens", pa.list_(pa.int64())),  # continuation token counts
+        pa.field("choice_neutral", pa.list_(pa.float64())),  # the same after the neutral context (norm pmi)
     ]
 )
 MEMBER_STATS_FIELDS = tuple(f.name for f in MEMBER_STATS_TYPE)
@@ -56,6 +63,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("text", pa.string()),  # generation
         pa.field("label", pa.string()),  # labeling
         pa.field("label_probs", pa.list_(pa.float64())),  # labeling, aligned with the input choices
+        pa.field("gated", pa.bool_()),  # labeling: the gate kept the main member's label (null otherwise)
         pa.field("finish_reason", pa.string()),  # stop | length | error
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error", pa.string()),  # reason, null when ok

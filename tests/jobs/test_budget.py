@@ -31,7 +31,7 @@ class Broken(Single):
         Broken.calls += 1
         raise RuntimeError(f"injected fuser fault on {len(prompts)} prompts")
 
-    def label(self, prompts, choices, systems=None):
+    def label(self, prompts, choices, systems=None, params=None):
         Broken.calls += 1
         raise MemoryError("injected label fault")
 
@@ -74,7 +74,7 @@ def cfg():
 def test_error_kind_column_and_schema_version():
     assert OUTPUT_SCHEMA.field("error_kind").type == pa.string() and OUTPUT_SCHEMA.field("error_kind").nullable
     assert OUTPUT_SCHEMA.names.index("error_kind") == OUTPUT_SCHEMA.names.index("error") + 1
-    assert SCHEMA_VERSION == 2 and ERROR_KINDS == ("input", "fuser")
+    assert SCHEMA_VERSION >= 2 and ERROR_KINDS == ("input", "fuser")  # 2 added error_kind
 
 
 def test_a_fuser_failing_on_every_batch_fails_the_run(cfg, bpe_member):

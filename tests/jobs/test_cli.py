@@ -19,13 +19,14 @@ from ensemble.config import (FUSERS, MAX_SEED, METHODS, ROW_STORES, DeePEnConfig
                              hashed_fields)
 from jobs import cli
 from jobs.cli import build_parser, field_docs, job_flags, parse_config
-from jobs.config import DEFAULT_MEMBERS, GROUPS, JobConfig
+from ensemble.labeling import LabelParams
+from jobs.config import DEFAULT_MEMBERS, GROUPS, NESTED, JobConfig
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = ["--input", "i", "--output", "o"]
 DEEPEN = BASE + ["--method", "deepen", "--members", "a", "b"]
 SPECFUSE = BASE + ["--method", "specfuse", "--members", "a", "b"]
-CONFIGS = [JobConfig] + [spec.config for spec in FUSERS.values() if spec.config]
+CONFIGS = [JobConfig, LabelParams] + [spec.config for spec in FUSERS.values() if spec.config]
 
 
 def _options(parser) -> dict[str, object]:
@@ -40,7 +41,7 @@ def _options(parser) -> dict[str, object]:
 def test_every_config_field_has_exactly_one_flag_and_a_docstring():
     flags = job_flags()
     targets = [t for f in flags for t in f.targets]
-    fields = [(cls, f.name) for cls in CONFIGS for f in dataclasses.fields(cls) if not (cls is JobConfig and f.name == "fuser")]
+    fields = [(cls, f.name) for cls in CONFIGS for f in dataclasses.fields(cls) if not (cls is JobConfig and f.name in NESTED)]
     assert sorted(targets, key=str) == sorted(fields, key=str)  # each field once, nothing else
     for cls, name in fields:
         assert field_docs(cls).get(name), f"{cls.__name__}.{name} has no docstring (its flag's help)"
@@ -73,7 +74,9 @@ def test_no_two_flags_are_confusable():
 @pytest.mark.parametrize("old, new", [
     ("--topk", "--deepen-topk"), ("--top-mass", "--deepen-top-mass"), ("--main-top-mass", "--deepen-main-top-mass"),
     ("--refine-margin", "--deepen-refine-margin"), ("--anchor-subset", "--deepen-anchor-subset"),
-    ("--label-norm", "--deepen-label-norm"), ("--max-rounds", "--specfuse-max-rounds"),
+    ("--max-rounds", "--specfuse-max-rounds"), ("--norm", "--choice-norm"), ("--gate", "--label-gate"),
+    # DeePEn's label normalisation became every method's --choice-norm (issue 16)
+    ("--deepen-label-norm", "--choice-norm"), ("--label-norm", "--choice-norm"),
 ])
 def test_removed_flags_name_the_new_one(old, new, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -90,13 +93,15 @@ def test_help_is_grouped_and_its_defaults_come_from_the_dataclasses(capsys):
     assert out.startswith("usage: ensemble-fuse ")
     titles = [f"\n{g}:\n" for g in GROUPS]
     assert [out.index(t) for t in titles] == sorted(out.index(t) for t in titles)
-    assert list(GROUPS) == ["input/output", "decoding", "ensemble", "DeePEn", "SpecFuse", "execution"]
+    assert list(GROUPS) == ["input/output", "decoding", "ensemble", "labeling", "DeePEn", "SpecFuse", "execution"]
     help_of = {f.flag: cli._argument(f)["help"] for f in job_flags()}
     assert help_of["--deepen-top-mass"].endswith(f"(default: {DeePEnConfig.top_mass})")
     assert help_of["--exit-delta"].endswith(f"(default: {SpecFuseConfig.exit_delta})")
     assert help_of["--deepen-eos-policy"].endswith("(default: main)")
     assert help_of["--members"].endswith(f"(default: {DEFAULT_MEMBERS[0]})")
     assert help_of["--deepen-topk"].startswith(field_docs(DeePEnConfig)["topk"])
+    assert help_of["--choice-norm"].endswith(f"(default: {LabelParams.norm})")
+    assert help_of["--label-gate"].startswith(field_docs(LabelParams)["gate"])
 
 
 def test_console_script_and_subcommands(capsys):

@@ -82,6 +82,31 @@ def test_every_input_row_has_one_output_row(cfg, bpe_member):
     assert all(r["id"] is not None for r in rows)
 
 
+@pytest.mark.parametrize("method", ["single", "specfuse"])
+def test_label_rows_carry_the_jobs_label_params_gated_and_member_scores(cfg, bpe_member, sp_member, method):
+    from ensemble import SpecFuse
+    from ensemble.labeling import LabelParams
+
+    params = LabelParams(norm="pmi", gate=0.0 if method == "specfuse" else None)
+    job = dataclasses.replace(cfg, method=method, members=("a", "b") if method == "specfuse" else ("a",),
+                              fuser=None, label=params)
+    make = (lambda: SpecFuse([bpe_member, sp_member])) if method == "specfuse" else (lambda: Single(bpe_member))
+    batch = _lines([{"id": "b", "prompt": "Is fire hot?", "choices": ["yes", "no", "maybe so"]},
+                    {"id": "a", "prompt": "What is the capital of France?"}])
+    rows = {r["id"]: r for r in pa.Table.from_batches(list(process_partition(
+        [_prepared(batch, job)], make_fuser=make, config=job))).to_pylist()}
+    want = make().label(["Is fire hot?"], [["yes", "no", "maybe so"]], params=params)[0]
+    lab = rows["b"]
+    assert lab["label"] == want.label and lab["label_probs"] == pytest.approx(want.probs, abs=1e-6)
+    assert lab["gated"] is want.gated is (method == "specfuse")  # gate 0.0: always the main member's answer
+    for got, st in zip(lab["member_stats"], want.member_stats):
+        assert got["choice_probs"] == pytest.approx(st.choice_probs, abs=1e-6)
+        assert got["choice_logprobs"] == pytest.approx(st.choice_logprobs, abs=1e-5)
+        assert got["choice_tokens"] == st.choice_tokens and len(got["choice_neutral"]) == 3
+    gen = rows["a"]  # generation rows: no gate, no choice scores
+    assert gen["gated"] is None and all(s["choice_probs"] is None for s in gen["member_stats"])
+
+
 def test_long_prompt_truncate(cfg, bpe_member):
     cfg = JobConfig(**{**cfg.__dict__, "long_prompt": "truncate"})
     batch = _lines([{"id": "m", "prompt": "word " * 400}])
@@ -228,8 +253,8 @@ def test_deepen_approximation_flags():
     assert main_all.fuser.main_top_mass is None and main_all.config_hash != cfg.config_hash
     with pytest.raises(ValueError, match=r"main_top_mass must be None or in \(0, 1\], got 0.0"):
         parse_config(base + ["--deepen-main-top-mass", "0"])
-    mean = parse_config(base + ["--deepen-label-norm", "mean"])
-    assert mean.fuser.label_norm == "mean" and mean.config_hash != cfg.config_hash
+    pmi = parse_config(base + ["--choice-norm", "pmi"])  # every method's normalisation (was --deepen-label-norm)
+    assert pmi.label.norm == "pmi" and pmi.fuser == cfg.fuser and pmi.config_hash != cfg.config_hash
     exact = parse_config(base + ["--deepen-top-mass", "none", "--deepen-anchor-subset", "8192", "--deepen-topk", "32"])
     assert (exact.fuser.top_mass, exact.fuser.anchor_subset, exact.fuser.topk) == (None, 8192, 32)
     assert exact.config_hash != cfg.config_hash
