@@ -64,6 +64,8 @@ SYSTEMS: dict[str, list[str]] = {
     "specfuse trio no-exit": ["--method", "specfuse", *_members(*TRIO), "--no-exit"],
 }
 SINGLES = ("smollm2", "qwen", "gemma")
+DEFAULT_TASKS = ("arc_challenge", "piqa", "boolq", "gsm8k")
+"""The tasks of bench/results/eval.md (the seven labeling tasks are bench/eval_label.py's)."""
 
 
 def build_rows(task_names: list[str], n_label: int, n_gen: int, split: str, gen_tokens: int) -> list[dict]:
@@ -108,9 +110,7 @@ def outcomes(out_dir: Path, rows: list[dict]) -> dict[str, dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(out_dir / "data").to_pylist()
-    got = {r["id"]: r for r in table if r["sample"] == 0}
-    # latency_ms is the fuser time of the row's whole micro-batch: a row's share is that over its rows.
-    batch_rows = collections.Counter(r["latency_ms"] for r in table if r["latency_ms"] is not None)
+    got = {r["id"]: {**r, "ms": ms} for r, ms in zip(table, row_ms(table)) if r["sample"] == 0}
     out = {}
     for row in rows:
         r = got.get(row["id"])
@@ -125,8 +125,15 @@ def outcomes(out_dir: Path, rows: list[dict]) -> dict[str, dict]:
             answer, ok = tasks.final_number(r["text"] or ""), tasks.gsm8k_correct(r["text"], row["gold"])
         out[row["id"]] = {"answer": answer, "correct": ok, "error": None,
                           "calls": sum(m["calls"] or 0 for m in r["member_stats"] or []),
-                          "ms": r["latency_ms"] / batch_rows[r["latency_ms"]]}
+                          "ms": r["ms"]}
     return out
+
+
+def row_ms(table: list[dict]) -> list[float | None]:
+    """Each output row's share of its micro-batch's fuser time: ``latency_ms`` is the time of the
+    row's whole micro-batch (shared by its rows, which carry the same value), divided by those rows."""
+    batch_rows = collections.Counter(r["latency_ms"] for r in table if r["latency_ms"] is not None)
+    return [None if r["latency_ms"] is None else r["latency_ms"] / batch_rows[r["latency_ms"]] for r in table]
 
 
 def aggregate(per_row: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
@@ -293,7 +300,7 @@ def parse_extra(items: list[str]) -> dict[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
+    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=tasks.TASKS)
     ap.add_argument("--n-label", type=int, default=100, help="items per labeling task (fixed subset)")
     ap.add_argument("--n-gen", type=int, default=20, help="GSM8K items")
     ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per GSM8K item")

