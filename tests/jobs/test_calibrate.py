@@ -1,0 +1,274 @@
+"""Calibration (jobs/calibrate.py, issue 16 point 4): bad dev files refused naming the row and the
+field, the offline rules, the profile applied by the job (config_hash follows it), and calibration end
+to end on tiny saved members in process (each member scored once, a rerun makes no model call)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ensemble.labeling import ChoiceScores, LabelParams
+from jobs import calibration as cal
+from jobs.cli import entry, parse_config
+from jobs.devset import DevSetError, read_dev
+from jobs.profile import Profile, load_profile
+
+BASE = ["--input", "i", "--output", "o"]
+CH = ["Paris", "Rome", "the cat", "a big house near the river"]
+
+
+def _write(tmp_path, rows, name="dev.jsonl"):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _row(i, **kw):
+    return {"id": f"q{i}", "prompt": f"Question {i}?", "choices": CH, "answer": CH[i % 4], **kw}
+
+
+# ---- the dev file --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, rows, match", [
+    ("dev.jsonl", [_row(0), {k: v for k, v in _row(1).items() if k != "answer"}],
+     r"line 2 \(id 'q1'\): field 'answer' must be the text of one of the choices, it is missing"),
+    ("dev.jsonl", [_row(0), _row(1, answer="Berlin")],
+     r"line 2 \(id 'q1'\): field 'answer' must be one of the row's choices \[.*\], got 'Berlin'"),
+    ("dev.jsonl", [], r"dev file '.*dev.jsonl' is empty"),
+    ("dev.jsonl", ["", "  "], r"is empty"),
+    ("dev.jsonl", [_row(0), "{broken"], r"line 2: not valid JSON"),
+    ("dev.jsonl", [_row(0), _row(1, choices=["only one"])],
+     r"line 2 \(id 'q1'\): field 'choices' must be a list of at least two non-empty strings, got \['only one'\]"),
+    ("dev.jsonl", [_row(0), _row(1, id="q0")], r"line 2 \(id 'q0'\): field 'id' must be unique, it is also at line 1"),
+    ("dev.jsonl", [_row(0, prompt="  ")], r"line 1 \(id 'q0'\): field 'prompt' must be a non-empty string"),
+    ("dev.parquet", [_row(0), _row(1, answer=None)], r"row 2 \(id 'q1'\): field 'answer' must be the text of one"),
+    ("dev.parquet", [_row(0), _row(1, id="")], r"row 2: field 'id' must be a non-empty string, got ''"),
+])
+def test_a_bad_dev_file_is_refused_naming_the_row_and_the_field(tmp_path, name, rows, match):
+    path = _write(tmp_path, rows, name)
+    with pytest.raises(DevSetError, match=match):
+        read_dev(path)
+
+
+def test_the_command_refuses_a_bad_dev_file_before_any_model_call(tmp_path, caplog, monkeypatch):
+    import ensemble.models
+
+    monkeypatch.setattr(ensemble.models, "load_member", lambda *a, **k: pytest.fail("a model was loaded"))
+    path = _write(tmp_path, [_row(0), _row(1, answer="Berlin")])
+    with caplog.at_level(logging.ERROR):
+        code = entry(["calibrate", "--dev", path, "--members", "a", "b", "--method", "specfuse",
+                      "--output", str(tmp_path / "p.json")])
+    assert code == 2 and "line 2 (id 'q1'): field 'answer'" in caplog.text
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_a_good_dev_file(tmp_path):
+    dev = read_dev(_write(tmp_path, [_row(i) for i in range(3)] + [_row(3, choices=["yes", "no"], answer="no")]))
+    assert [r.gold for r in dev.rows] == [0, 1, 2, 1] and dev.chance == pytest.approx((0.25 * 3 + 0.5) / 4)
+    again = read_dev(_write(tmp_path, [_row(i) for i in range(3)] + [_row(3, choices=["yes", "no"], answer="no")],
+                            "dev.parquet"))
+    assert again.rows == dev.rows and len(dev.sha256) == 64
+
+
+# ---- the offline rules ---------------------------------------------------------------------------
+def test_wilson_interval():
+    lo, hi = cal.wilson(5, 10)
+    assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert cal.wilson(0, 10)[0] == 0.0 and cal.wilson(10, 10)[1] == pytest.approx(1.0) and cal.wilson(0, 10)[1] > 0.2
+
+
+def _scores(logprobs):
+    return ChoiceScores(tuple(logprobs), (1,) * len(logprobs), (4,) * len(logprobs), (0.0,) * len(logprobs))
+
+
+def test_norm_main_drop_and_weights():
+    rep = lambda acc, lo: {n: {"accuracy": acc, "low": lo, "high": 1.0} for n in ("sum", "token", "char", "pmi")}
+    reports = {"a": rep(0.6, 0.45), "b": rep(0.7, 0.55), "c": rep(0.3, 0.2), "d": rep(0.55, 0.4)}
+    assert cal.choose_norm(reports) == "token"  # all tied: the first of NORM_PREFERENCE
+    reports["a"]["pmi"]["accuracy"] = 0.9
+    assert cal.choose_norm(reports) == "pmi"
+    main, kept, dropped = cal.select_members(list(reports), reports, "token", chance=0.25)
+    assert main == "b" and kept == ["a", "b"]
+    assert dropped["c"].startswith("at chance") and dropped["d"].startswith("far below the best")
+    w = cal.adapt_weights([0.6, 0.3, 0.1])
+    assert w == pytest.approx([0.6, 0.3, 0.1]) and sum(w) == 1.0 and cal.adapt_weights([0.0, 0.0]) == [0.5, 0.5]
+
+
+def test_gate_and_pool_rules():
+    main_posts = [[0.9, 0.1], [0.55, 0.45], [0.5, 0.5]]
+    golds = [0, 1, 1]
+    # the ensemble right where the main member is unsure: the gate keeps only the confident row
+    gate, accs = cal.choose_gate(main_posts, [1, 1, 1], golds)
+    assert accs["None"] == pytest.approx(2 / 3) and accs["0.0"] == pytest.approx(1 / 3) and gate == 0.2
+    assert accs["0.2"] == 1.0
+    # a tie between "never" and "always": the main member (cheaper) wins
+    gate, _ = cal.choose_gate([[0.9, 0.1]], [0], [0])
+    assert gate == 0.0
+    kind, accs = cal.choose_pool([[[0.6, 0.4]], [[0.0, 1.0]]], [0.5, 0.5], [0])
+    assert set(accs) == {"linear", "loglinear"} and kind == "linear"
+
+
+# ---- the profile applied by the job ---------------------------------------------------------------
+def _profile(tmp_path, name="p.json", **kw):
+    fields = dict(method="deepen", members=("a", "b", "c"), main=1, weights=(0.3, 0.4, 0.3), choice_norm="pmi",
+                  neutral_context="Answer:", target_delimiter=" ", gate=0.3)
+    fields.update(kw)
+    path = tmp_path / name
+    Profile(**fields).save(path)
+    return str(path)
+
+
+def test_the_job_applies_a_profile_and_refuses_contradicting_flags(tmp_path):
+    path = _profile(tmp_path)
+    cfg = parse_config(BASE + ["--profile", path])
+    assert (cfg.method, cfg.members, cfg.fuser.main, cfg.fuser.weights) == ("deepen", ("a", "b", "c"), 1, (0.3, 0.4, 0.3))
+    assert cfg.label == LabelParams(norm="pmi", gate=0.3) and cfg.profile == path
+    same = parse_config(BASE + ["--profile", path, "--method", "deepen", "--choice-norm", "pmi", "--main", "1",
+                                "--deepen-topk", "32"])  # agreeing flags, and settings it does not make
+    assert same.fuser.topk == 32
+    for flags, match in [(["--method", "specfuse"], r"--method is 'specfuse' but the profile .* sets method to 'deepen'"),
+                         (["--members", "a", "b"], r"--members is \['a', 'b'\] but the profile .* sets members"),
+                         (["--weights", "0.2", "0.4", "0.4"], r"--weights is \[0.2, 0.4, 0.4\] but the profile .* "
+                                                               r"sets weights to \[0.3, 0.4, 0.3\]"),
+                         (["--label-gate", "none"], r"--label-gate is None but the profile .* sets gate to 0.3"),
+                         (["--choice-norm", "token"], r"--choice-norm is 'token' but the profile .* sets norm to 'pmi'")]:
+        with pytest.raises(ValueError, match=match):
+            parse_config(BASE + ["--profile", path] + flags)
+    spec = parse_config(BASE + ["--profile", _profile(tmp_path, "s.json", method="specfuse", main=0,
+                                                        label_pool="loglinear", gate=None)])
+    assert spec.fuser.label_pool == "loglinear" and spec.fuser.weights == (0.3, 0.4, 0.3) and spec.label.gate is None
+
+
+def test_config_hash_follows_the_profile(tmp_path):
+    path = _profile(tmp_path)
+    before = parse_config(BASE + ["--profile", path]).config_hash
+    assert parse_config(BASE + ["--profile", path]).config_hash == before
+    for change in ({"gate": 0.5}, {"weights": (0.2, 0.5, 0.3)}, {"choice_norm": "char"}, {"main": 0},
+                   {"target_delimiter": ""}):
+        _profile(tmp_path, **change)
+        assert parse_config(BASE + ["--profile", path]).config_hash != before, change
+    _profile(tmp_path, dropped={"d": "at chance"})  # the record of why changes no output setting
+    assert parse_config(BASE + ["--profile", path]).config_hash == before
+
+
+def test_a_bad_profile_is_refused(tmp_path):
+    path = tmp_path / "p.json"
+    with pytest.raises(ValueError, match="does not exist"):
+        load_profile(path)
+    good = json.loads(open(_profile(tmp_path)).read())
+    for change, match in [({"version": 99}, "version must be 1"), ({"main": 5}, "main must be an index"),
+                          ({"choice_norm": "mean"}, "choice_norm must be one of"), ({"extra": 1}, "unknown keys"),
+                          ({"label_pool": "linear"}, "label_pool must be one of .* for specfuse and None otherwise")]:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=match):
+            load_profile(path)
+
+
+# ---- end to end on tiny saved members (in process) -------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from tests import tiny
+
+    dirs = []
+    for name, member in (("bpe", tiny.member_bpe()), ("sp", tiny.member_sp())):
+        d = tmp_path_factory.mktemp(f"tiny-{name}")
+        member.model.save_pretrained(d, safe_serialization=True)
+        member.tokenizer.save_pretrained(d)
+        dirs.append(str(d))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def dev_file(tiny_dirs, tmp_path_factory):
+    """8 rows whose answers are mostly the second member's own picks (so that members differ on dev)."""
+    from ensemble import Single, load_member
+
+    words = ["Paris", "Rome", "the cat", "a big house near the river", "two plus two", "yes", "no", "sun"]
+    rows = [{"id": f"r{i}", "prompt": f"Question {i}: which one?", "choices": [words[(i + k) % 8] for k in range(3)]}
+            for i in range(8)]
+    picks = Single(load_member(tiny_dirs[1])).label([r["prompt"] for r in rows], [r["choices"] for r in rows])
+    for i, (r, o) in enumerate(zip(rows, picks)):
+        r["answer"] = o.label if i < 6 else next(c for c in r["choices"] if c != o.label)
+    path = tmp_path_factory.mktemp("dev") / "dev.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path), rows
+
+
+def _job_rows(cfg, rows):
+    from ensemble.fusers.registry import make_fuser
+    from jobs.partition import process_partition
+    from jobs.rows import prepare
+
+    batch = pa.RecordBatch.from_pydict({"value": [json.dumps({k: r[k] for k in ("id", "prompt", "choices")})
+                                                  for r in rows]})
+    prepared = prepare(batch, run_seed=cfg.seed, job_max_new=cfg.max_new_tokens, mode="label")
+    make = lambda: make_fuser(cfg.method, cfg.members, cfg.fuser)  # noqa: E731
+    return pa.Table.from_batches(list(process_partition([prepared], make_fuser=make, config=cfg))).to_pylist()
+
+
+def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatch):
+    from jobs.calibrate import calibrate
+
+    path, rows = dev_file
+    out = tmp_path / "prof" / "spec.json"
+    prof = calibrate(path, tiny_dirs, "specfuse", str(out), gap=None)
+    assert load_profile(out) == prof and prof.method == "specfuse" and prof.requested_method == "specfuse"
+    acc = {m: prof.member_accuracy[m][prof.choice_norm]["accuracy"] for m in tiny_dirs}
+    assert prof.members[0] == max(tiny_dirs, key=lambda m: (acc[m], -tiny_dirs.index(m)))  # main first
+    assert prof.weights == pytest.approx(tuple(cal.adapt_weights([acc[m] for m in prof.members])))
+    assert prof.dev["rows"] == prof.dev["scored"] == 8 and prof.dev["sha256"] == read_dev(path).sha256
+    assert set(prof.chosen_on["gate"]) == {str(g) for g in cal.GATE_GRID} and prof.label_pool in ("linear", "loglinear")
+    assert list(prof.agreement) == [f"{tiny_dirs[0]}|{tiny_dirs[1]}"]
+    cache = sorted(p.name for p in (tmp_path / "prof" / "spec.cache").iterdir())
+    assert len(cache) == 2 and all(n.startswith("scores-") for n in cache)
+    # a rerun makes no model call: every member's scores come from the cache
+    import ensemble.models
+
+    monkeypatch.setattr(ensemble.models, "load_member", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert calibrate(path, tiny_dirs, "specfuse", str(out), gap=None) == prof
+    monkeypatch.undo()
+    # the job applies the profile, and its labels on dev are what calibration predicted offline
+    cfg = dataclasses.replace(parse_config(["--input", path, "--output", str(tmp_path / "o"), "--profile", str(out)]),
+                              max_new_tokens=4)
+    assert (cfg.method, cfg.members, cfg.fuser.weights, cfg.fuser.label_pool) == (
+        "specfuse", prof.members, prof.weights, prof.label_pool)
+    assert (cfg.label.norm, cfg.label.gate) == (prof.choice_norm, prof.gate)
+    got = _job_rows(cfg, rows)
+    assert all(r["status"] == "ok" for r in got)
+    answers = {r["id"]: r["answer"] for r in rows}
+    assert sum(r["label"] == answers[r["id"]] for r in got) / 8 == pytest.approx(prof.chosen_on["gated_accuracy"])
+    for r in got:  # gated exactly where the main member's margin reaches the gate
+        main = sorted(r["member_stats"][0]["choice_probs"], reverse=True)
+        assert r["gated"] is (prof.gate is not None and main[0] - main[1] >= prof.gate)
+    # another profile (another gate), another config_hash
+    other = dataclasses.replace(prof, gate=None if prof.gate is not None else 0.0)
+    other.save(tmp_path / "other.json")
+    assert parse_config(BASE + ["--profile", str(tmp_path / "other.json")]).config_hash != \
+        parse_config(BASE + ["--profile", str(out)]).config_hash
+
+
+def test_calibrate_deepen_labels_a_dev_prefix_once(tiny_dirs, dev_file, tmp_path, caplog):
+    from jobs.calibrate import calibrate
+
+    path, _ = dev_file
+    out = tmp_path / "deep.json"
+    prof = calibrate(path, tiny_dirs, "deepen", str(out), gap=None, deepen_dev_limit=3)
+    assert prof.method == "deepen" and prof.members == tuple(tiny_dirs) and prof.chosen_on["gate_rows"] == 3
+    assert prof.members[prof.main] == max(tiny_dirs, key=lambda m: (
+        prof.member_accuracy[m][prof.choice_norm]["accuracy"], -tiny_dirs.index(m)))
+    labels = [p for p in (tmp_path / "deep.cache").iterdir() if p.name.startswith("labels-deepen-")]
+    assert len(labels) == 1 and pq.read_table(labels[0]).num_rows == 3
+    with caplog.at_level(logging.INFO):
+        calibrate(path, tiny_dirs, "deepen", str(out), gap=None, deepen_dev_limit=3)
+    assert caplog.text.count("cache hit") == 3 and "labeling 3 dev rows" not in caplog.text
+    # with the drop rule, members at chance on 8 rows leave the best alone: the profile is single
+    alone = calibrate(path, tiny_dirs, "deepen", str(tmp_path / "alone.json"))
+    if alone.dropped:
+        assert alone.method == "single" and alone.weights is None and len(alone.members) == 1
+        assert parse_config(BASE + ["--profile", str(tmp_path / "alone.json")]).method == "single"
