@@ -3,19 +3,21 @@
 Every fuser (Single, DeePEn, SpecFuse) offers:
 - ``generate(prompts, params) -> list[FusedOutput]``: ``params`` is one :class:`DecodeParams` or one
   per prompt (per-row seeds and budgets);
-- ``label(prompts, choices) -> list[LabelOutput]``: pick one of each row's choices, with probabilities;
+- ``label(prompts, choices, systems=None, params=None) -> list[LabelOutput]``: pick one of each row's
+  choices, with probabilities; ``params`` is an ``ensemble.labeling.LabelParams`` (None: its defaults),
+  every member's choices scored by the one scorer of ``ensemble/scoring.py``;
 - ``fit_prompts(prompts, systems, max_new_tokens, max_prompt_tokens, policy)``: each prompt checked
   against the token limits of every member (and cut to fit them when asked), before a call.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, Sequence
 
 from ensemble.batching import pack
 from ensemble.config import MAX_BATCH_TOKENS, DecodeParams
+from ensemble.labeling import LabelParams, best
 
 
 class FinishReason(str, Enum):
@@ -43,6 +45,11 @@ class MemberStats:
     mean_score: float | None = None
     rounds_active: int | None = None
     exit_round: int | None = None
+    # label mode (every method): this member's own scores of the row's choices, in its tokenisation
+    choice_probs: list[float] | None = None  # its posterior under LabelParams.norm
+    choice_logprobs: list[float] | None = None  # summed continuation log-probs
+    choice_tokens: list[int] | None = None  # continuation token counts
+    choice_neutral: list[float] | None = None  # summed log-probs after the neutral context (norm 'pmi')
 
 
 @dataclass
@@ -58,6 +65,7 @@ class LabelOutput:
     label: str
     probs: list[float]  # one per choice, summing to 1
     member_stats: list[MemberStats] = field(default_factory=list)
+    gated: bool = False  # the gate kept the main member's label and posterior (LabelParams.gate)
 
     @property
     def index(self) -> int:
@@ -70,7 +78,8 @@ class Fuser(Protocol):
     def generate(self, prompts: Sequence[str], params: DecodeParams | Sequence[DecodeParams]) -> list[FusedOutput]: ...
 
     def label(
-        self, prompts: Sequence[str], choices: Sequence[Sequence[str]], systems: Sequence[str | None] | None = None
+        self, prompts: Sequence[str], choices: Sequence[Sequence[str]], systems: Sequence[str | None] | None = None,
+        params: LabelParams | None = None,
     ) -> list[LabelOutput]: ...
 
     @property
@@ -96,12 +105,11 @@ def in_groups(lengths: Sequence[int], max_batch_tokens: int, run, *, widths: Seq
     return out
 
 
-def normalise_log_scores(scores: Sequence[float]) -> list[float]:
-    """softmax over scores (log domain), numerically stable."""
-    m = max(scores)
-    exps = [math.exp(s - m) for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]
+def label_output(choices: Sequence[str], probs: Sequence[float], stats: list[MemberStats],
+                 gated: bool = False) -> LabelOutput:
+    """A row's label: the most probable choice (ties to the lower index) with its probabilities."""
+    probs = list(probs)
+    return LabelOutput(label=choices[best(probs)], probs=probs, member_stats=stats, gated=gated)
 
 
 def check_choices(choices: Sequence[Sequence[str]], n: int) -> None:

@@ -11,13 +11,20 @@ members with the same vocabulary fingerprint take the token id as is; every othe
 only the unstable tail (:class:`~ensemble.text.TokenTrack`) and feeds what changed, rolling its KV
 cache back over the rest (incomplete UTF-8 is held back until it completes).
 
-label: each choice is teacher-forced in the main member's tokenisation (the other members follow its
-text); at each position the forced token's log-probability under the fused ``softmax(z)`` (its
-candidates include the forced token) is summed; the sums are softmax-normalised over the choices.
+label (the paper's): each choice is teacher-forced in the main member's tokenisation of the one scorer
+(``ensemble.scoring.continuation_ids``: target delimiter for a completion-style main member); the other
+members follow its text. At each position the forced token's log-probability under the fused
+distribution is summed; the sums, with the main member's token counts, go through the same
+``ensemble.labeling.ChoiceScores`` / ``posterior`` as every member's (``LabelParams.norm``; pmi: a
+second fused pass over the same tokens after the neutral context). Every member also scores the
+choices itself on its prefilled prompts (one ``Member.score``) for its statistics and for the gate:
+a row whose main-member posterior margin reaches ``LabelParams.gate`` keeps the main member's label
+and posterior and skips the fused pass (``LabelOutput.gated``).
 
 generate and label take the prompts in consecutive groups within ``max_batch_tokens``
 (``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``, or plus
-the longest choice once per choice, as label holds one state row per choice; ``ensemble.batching.pack``).
+each member's prompt plus its longest choice once per choice, as label holds one state row per choice;
+``ensemble.batching.pack``).
 
 Per-member statistics per row: calls, tokens in (prompt and re-tokenisation included), tokens out (the
 member's tokenisation of the final response), agreement (fraction of steps where the member's own top
@@ -34,16 +41,28 @@ import torch
 from ensemble.config import (DecodeParams, DeePEnConfig, EosPolicy, check_batch_tokens,
                              normalise_weights, per_row)
 from ensemble.fusers.base import (ConfiguredFuser, FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts, fit_prompts,
-                                  in_groups, normalise_log_scores)
+                                  in_groups, label_output)
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
+from ensemble.labeling import ChoiceScores, LabelParams, gate, posterior
 from ensemble.members import Member, RowBatch
 from ensemble.reference import next_logits_uncached
 from ensemble.relative import FuseResult, RelativeEnsemble, RowSource, find_anchors
 from ensemble.sampling import choose, make_generator
+from ensemble.scoring import choice_ids, choice_stats, neutral_sums, score_prefilled
 from ensemble.text import TokenTrack
 from ensemble.utf8 import complete_utf8_prefix, valid_utf8
 
 log = logging.getLogger(__name__)
+
+
+def _forced_logprobs(res: FuseResult, extra: torch.Tensor) -> torch.Tensor:
+    """The fused log-probability of each row's forced token ``extra (B,)``: ``(B,)``."""
+    k = res.cand.shape[1]
+    hit = (res.cand == extra[:, None]) & res.valid[:, :k]  # (B, k)
+    missing = (~hit.any(dim=-1)).nonzero().flatten().tolist()
+    if missing:
+        raise RuntimeError(f"forced tokens {extra[missing].tolist()} are not among the fused candidates (rows {missing})")
+    return res.logprobs().gather(1, hit.to(torch.int8).argmax(dim=-1, keepdim=True))[:, 0]  # (B,)
 
 
 class _Rows:
@@ -221,69 +240,108 @@ class DeePEn(ConfiguredFuser):
 
     # ---- label ------------------------------------------------------------------------------------
     def label(self, prompts: Sequence[str], choices: Sequence[Sequence[str]],
-              systems: Sequence[str | None] | None = None) -> list[LabelOutput]:
+              systems: Sequence[str | None] | None = None, params: LabelParams | None = None) -> list[LabelOutput]:
+        params = params or LabelParams()
         check_choices(choices, len(prompts))
-        forced_all = [[self.main.encode_text(c) for c in cs] for cs in choices]
-        for b, fs in enumerate(forced_all):
-            for c, toks in enumerate(fs):
-                if not toks:
-                    raise ValueError(f"choice {c} of row {b} encodes to no tokens: {choices[b][c]!r}")
+        conts = [choice_ids(m, choices, params) for m in self.members]  # [member][row][choice]
+        neutral = [neutral_sums(m, c, params, max_batch_tokens=self.max_batch_tokens)
+                   for m, c in zip(self.members, conts)]
         encoded = encode_prompts(self.members, prompts, list(systems) if systems else [None] * len(prompts))
-        lengths = [max(len(e[b]) for e in encoded) + max(map(len, fs)) for b, fs in enumerate(forced_all)]
+        forced = conts[self.config.main]
+        lengths = [max(len(e[b]) + max(map(len, c[b])) for e, c in zip(encoded, conts)) for b in range(len(prompts))]
 
         def run(g: list[int]) -> list[LabelOutput]:
-            return self._label([[e[b] for b in g] for e in encoded], [choices[b] for b in g], [forced_all[b] for b in g])
+            return self._label([[e[b] for b in g] for e in encoded], [choices[b] for b in g],
+                               [[c[b] for b in g] for c in conts],
+                               [None if n is None else [n[b] for b in g] for n in neutral], params)
 
-        return in_groups(lengths, self.max_batch_tokens, run, widths=[len(cs) for cs in choices])
+        return in_groups(lengths, self.max_batch_tokens, run, widths=[len(fs) for fs in forced])
 
-    def _label(self, encoded: list[list[list[int]]], choices: list[Sequence[str]],
-               forced_all: list[list[list[int]]]) -> list[LabelOutput]:
-        """One group: every choice of every row teacher-forced together (one state row per choice)."""
-        pairs = [(b, c) for b in range(len(choices)) for c in range(len(choices[b]))]
-        forced = [forced_all[b][c] for b, c in pairs]
+    def _label(self, encoded: list[list[list[int]]], choices: list[Sequence[str]], conts: list[list[list[list[int]]]],
+               neutral: list, params: LabelParams) -> list[LabelOutput]:
+        """One group: ``encoded[member][row]``, ``conts[member][row][choice]``; each member scores the
+        choices on its prefilled prompts (its statistics, and the gate's posterior), then the rows the
+        gate leaves to the ensemble are teacher-forced through the fused distribution."""
         states = [m.start_ids(e) for m, e in zip(self.members, encoded)]
-        n_prompt = [list(s.n_prompt) for s in states]
-        states = [m.select(s, [b for b, _ in pairs]) for m, s in zip(self.members, states)]
+        scored = [score_prefilled(m, s, c, choices, n, max_batch_tokens=self.max_batch_tokens)
+                  for m, s, c, n in zip(self.members, states, conts, neutral)]  # [member][row]
+        fields = [[choice_stats(x.scores, params) for x in per] for per in scored]
+        base = [[(x.calls, x.tokens_in) for x in per] for per in scored]
+        forced = conts[self.config.main]
+        todo = [b for b in range(len(choices)) if not gate(fields[self.config.main][b]["choice_probs"], params.gate)]
+        fused = self._forced_sums(states, todo, [forced[b] for b in todo])
+        at = {b: k for k, b in enumerate(todo)}
+        sums: dict[tuple[int, ...], float] = {}  # pmi: a main-member continuation -> its fused neutral sum
+        if params.norm == "pmi" and todo:
+            distinct = list(dict.fromkeys(tuple(c) for b in todo for c in forced[b]))
+            blank = [m.start_ids([m.encode_prompt(params.neutral_context)]) for m in self.members]
+            sums = dict(zip(distinct, self._forced_sums(blank, [0], [[list(c) for c in distinct]])[0][0]))
+        out = []
+        for b, cs in enumerate(choices):
+            stats_fields = [f[b] for f in fields]
+            if b not in at:
+                stats = [MemberStats(name=m.name, role="main" if i == self.config.main else "member",
+                                     weight=self.weights[i], calls=base[i][b][0], tokens_in=base[i][b][1],
+                                     **stats_fields[i]) for i, m in enumerate(self.members)]
+                out.append(label_output(cs, stats_fields[self.config.main]["choice_probs"], stats, gated=True))
+                continue
+            k = at[b]
+            scores = ChoiceScores(logprob=tuple(fused[0][k]), tokens=tuple(len(f) for f in forced[b]),
+                                  chars=tuple(len(c) for c in cs),
+                                  neutral=tuple(sums[tuple(f)] for f in forced[b]) if params.norm == "pmi" else None)
+            stats = self._label_stats(k, fused, [base[i][b] for i in range(len(self.members))], stats_fields)
+            out.append(label_output(cs, posterior(scores, params.norm), stats))
+        return out
+
+    def _forced_sums(self, states: list[RowBatch], rows: list[int], forced: list[list[list[int]]]):
+        """Teacher-force ``forced[k][c]`` (main-member ids) after row ``rows[k]`` of every member's
+        ``states`` (one state row per choice, copied from it), the other members following the text.
+        Returns ``(sums[k][c], pairs, st, counters)``: the summed fused log-probs of each choice, the
+        (k, c) of each state row, its statistics sums and each member's (calls, tokens_in) at its end."""
+        pairs = [(k, c) for k in range(len(rows)) for c in range(len(forced[k]))]
+        sums = [[0.0] * len(fs) for fs in forced]
         st = _Rows(self, len(pairs))
-        score = [0.0] * len(pairs)
         counters = [[(0, 0)] * len(self.members) for _ in pairs]
+        if not pairs:
+            return sums, pairs, st, counters
+        toks = [forced[k][c] for k, c in pairs]
+        states = [m.select(s, [rows[k] for k, _ in pairs]) for m, s in zip(self.members, states)]
         live, pos = list(range(len(pairs))), 0
         while live:
-            extra = torch.tensor([forced[p][pos] for p in live], device=self.main.device)
+            extra = torch.tensor([toks[p][pos] for p in live], device=self.main.device)
             res = self.engine.fuse([s.logits for s in states], extra=extra)
-            hit = (res.cand == extra[:, None]) & res.valid[:, : res.cand.shape[1]]  # (B, k)
-            at = hit.to(torch.int8).argmax(dim=-1, keepdim=True)  # (B, 1)
-            lp = res.logprobs().gather(1, at)[:, 0].tolist()
+            lp = _forced_logprobs(res, extra).tolist()
             self._record(st, res, live, extra.tolist(), states)
             pos += 1
             feeds: list[list] = [[] for _ in self.members]
             rbs: list[list] = [[] for _ in self.members]
             keep = []
             for j, p in enumerate(live):
-                score[p] += lp[j]
-                if pos < len(forced[p]):
+                k, c = pairs[p]
+                sums[k][c] += lp[j]
+                if pos < len(toks[p]):
                     keep.append(j)
-                    self._broadcast(st, p, forced[p][pos - 1], feeds, rbs)
+                    self._broadcast(st, p, toks[p][pos - 1], feeds, rbs)
                 else:
                     counters[p] = [(s.calls[j], s.tokens_in[j]) for s in states]
             if not keep:
                 break
             states, live = self._advance(states, live, keep, feeds, rbs)
-        return [self._label_row(b, choices[b], pairs, score, forced, counters, st, n_prompt)
-                for b in range(len(choices))]
+        return sums, pairs, st, counters
 
-    def _label_row(self, b, cs, pairs, score, forced, counters, st, n_prompt) -> LabelOutput:
-        mine = [p for p, (pb, _) in enumerate(pairs) if pb == b]
-        mean = self.config.label_norm == "mean"
-        probs = normalise_log_scores([score[p] / len(forced[p]) if mean else score[p] for p in mine])
-        best = max(range(len(cs)), key=lambda i: (probs[i], -i))
-        counts = []
-        for i in range(len(self.members)):  # every forward covers all of a row's live choices at once
-            calls = max(counters[p][i][0] for p in mine)
-            tin = n_prompt[i][b] + sum(counters[p][i][1] - n_prompt[i][b] for p in mine)
-            counts.append((calls, tin))
+    def _label_stats(self, k: int, fused, base: list[tuple[int, int]], fields: list[dict]) -> list[MemberStats]:
+        """Statistics of the k-th teacher-forced row: its choices' pairs share every forward, so calls
+        are the most of any pair and the tokens fed add up over them (from the member's ``base``
+        counters, after it scored the choices itself); plus each member's own choice scores."""
+        _, pairs, st, counters = fused
+        mine = [p for p, (pk, _) in enumerate(pairs) if pk == k]
+        counts = [(max(counters[p][i][0] for p in mine), base[i][1] + sum(counters[p][i][1] - base[i][1] for p in mine))
+                  for i in range(len(self.members))]
         stats = self._stats(st, mine, counts, [0] * len(self.members))
-        return LabelOutput(label=cs[best], probs=probs, member_stats=stats)
+        for s, f in zip(stats, fields):
+            for name, value in f.items():
+                setattr(s, name, value)
+        return stats
 
     # ---- slow oracle ------------------------------------------------------------------------------
     def greedy_uncached(self, prompt: str, max_new_tokens: int, system: str | None = None, *,

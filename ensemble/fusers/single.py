@@ -4,8 +4,8 @@ oracle its invariants are checked against (one member, or copies of one, must re
 generate: batched, KV-cached greedy or sampled decoding with per-row generators; a row stops on
 any of the member's EOS ids, a stop string, or its own max_new_tokens (``ensemble/fusers/stopping.py``);
 the text is the member's decode of its tokens, cut before the first stop string.
-label: length-normalised log-likelihood (mean token log-prob) of each choice after the prompt,
-softmax-normalised over the choices.
+label: the member's posterior over each row's choices from the one scorer (``ensemble/scoring.py``;
+``LabelParams.norm`` picks the normalisation, docs/algorithms.md); its statistics carry the scores.
 
 Both take the prompts in consecutive groups within ``max_batch_tokens`` (``ensemble.config``:
 prompt plus ``max_new_tokens``, or plus the longest choice, per row; ``ensemble.batching.pack``).
@@ -21,15 +21,16 @@ from ensemble.fusers.base import (
     FusedOutput,
     LabelOutput,
     MemberStats,
-    check_choices,
     encode_prompts,
     fit_prompts,
     in_groups,
-    normalise_log_scores,
+    label_output,
 )
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
+from ensemble.labeling import LabelParams
 from ensemble.members import Member
 from ensemble.sampling import choose_batch, make_generator
+from ensemble.scoring import choice_stats, score_choices
 
 log = logging.getLogger(__name__)
 
@@ -92,30 +93,14 @@ class Single:
         )
         return FusedOutput(text=text, token_count=len(ids), finish_reason=finish, member_stats=[stats])
 
-    def label(
-        self,
-        prompts: Sequence[str],
-        choices: Sequence[Sequence[str]],
-        systems: Sequence[str | None] | None = None,
-    ) -> list[LabelOutput]:
-        check_choices(choices, len(prompts))
+    def label(self, prompts: Sequence[str], choices: Sequence[Sequence[str]],
+              systems: Sequence[str | None] | None = None, params: LabelParams | None = None) -> list[LabelOutput]:
+        params = params or LabelParams()
         m = self.member
-        [encoded] = encode_prompts([m], prompts, list(systems) if systems else [None] * len(prompts))
-        conts = [[m.encode_text(c) for c in cs] for cs in choices]
-        lengths = [len(e) + max(map(len, cs)) for e, cs in zip(encoded, conts)]
-        return in_groups(lengths, self.max_batch_tokens,
-                         lambda g: self._label([encoded[r] for r in g], [choices[r] for r in g], [conts[r] for r in g]))
-
-    def _label(self, encoded: list[list[int]], choices: Sequence[Sequence[str]],
-               conts: list[list[list[int]]]) -> list[LabelOutput]:
-        """One group: the prompts prefilled together, their choices scored."""
-        m = self.member
-        state = m.start_ids(encoded)
-        logps = m.score(state, conts, max_batch_tokens=self.max_batch_tokens)
         results = []
-        for b, cs in enumerate(choices):
-            probs = normalise_log_scores([float(lp.mean()) for lp in logps[b]])
-            best = max(range(len(cs)), key=lambda i: (probs[i], -i))
-            stats = MemberStats(name=m.name, role="main", weight=1.0, calls=state.calls[b], tokens_in=state.tokens_in[b])
-            results.append(LabelOutput(label=cs[best], probs=probs, member_stats=[stats]))
+        for scored, cs in zip(score_choices(m, prompts, choices, systems, params,
+                                            max_batch_tokens=self.max_batch_tokens), choices):
+            stats = MemberStats(name=m.name, role="main", weight=1.0, calls=scored.calls, tokens_in=scored.tokens_in,
+                                **choice_stats(scored.scores, params))
+            results.append(label_output(cs, stats.choice_probs, [stats]))
         return results

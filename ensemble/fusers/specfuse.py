@@ -28,13 +28,18 @@ generate(prompts, params) runs rounds over each row's shared response until the 
    before it, ``stop``), the main (first) member's tokenisation of the response reaches
    ``max_new_tokens`` (truncated to it, ``length``), or ``max_rounds`` rounds (``length``).
 
-label(prompts, choices): the choices are the candidates of one verification round scored by every
-member (mean token probability after the prompt); per-member normalisation and the weighted mean
-give the label probabilities.
+label(prompts, choices, systems, params): the choices are the candidates of one verification round:
+every member scores them with the one choice scorer (``ensemble/scoring.py``, normalisation
+``LabelParams.norm``) and the members' posteriors are pooled with the member weights,
+``config.label_pool`` 'linear' (weighted mean) or 'loglinear' (weighted geometric mean, renormalised);
+with one member this is exactly ``Single``'s label. The first member is the main one for the gate
+(``LabelParams.gate``): when its posterior margin reaches the gate, the row keeps its label and
+posterior (``LabelOutput.gated``). Every member's own posterior and scores are in its statistics.
 
 generate and label take the prompts in consecutive groups within ``max_batch_tokens``
-(``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``, or plus the
-longest choice; ``ensemble.batching.pack``); verification scores within the same bound.
+(``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``; label: each
+member its own prompt plus its longest choice; ``ensemble.batching.pack``); verification scores within
+the same bound.
 
 Statistics per row and member (``MemberStats``): ``calls`` counts *member calls*, i.e. invocations of
 the member for this row: one to propose and one to verify in each round it is active (a lone active
@@ -55,11 +60,13 @@ import torch
 
 from ensemble.config import (DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
                              per_row)
-from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts,
-                                  fit_prompts, in_groups)
+from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, LabelOutput, MemberStats, encode_prompts,
+                                  fit_prompts, in_groups, label_output)
 from ensemble.fusers.stopping import StopChecker
+from ensemble.labeling import LabelParams, gate, pool
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
+from ensemble.scoring import choice_stats, score_choices
 from ensemble.segments import exit_mask, rank, segment_score, trim_to_word
 from ensemble.text import TokenTrack
 from ensemble.utf8 import complete_utf8_prefix, valid_utf8
@@ -321,34 +328,22 @@ class SpecFuse(ConfiguredFuser):
         return self._members[i].select(state, keep), [where[b] for b in keep]
 
     # ---- label -----------------------------------------------------------------------------------
-    def label(
-        self,
-        prompts: Sequence[str],
-        choices: Sequence[Sequence[str]],
-        systems: Sequence[str | None] | None = None,
-    ) -> list[LabelOutput]:
-        check_choices(choices, len(prompts))
-        encoded = encode_prompts(self._members, prompts, list(systems) if systems else [None] * len(prompts))
-        conts = [[[m.encode_text(c) for c in cs] for cs in choices] for m in self._members]  # [member][row][choice]
-        lengths = [max(len(e[b]) + max(map(len, cs[b])) for e, cs in zip(encoded, conts))
-                   for b in range(len(prompts))]
-        return in_groups(lengths, self.max_batch_tokens, lambda g: self._label(
-            [[e[b] for b in g] for e in encoded], [choices[b] for b in g], [[cs[b] for b in g] for cs in conts]))
-
-    def _label(self, encoded: list[list[list[int]]], choices: list[Sequence[str]],
-               conts: list[list[list[list[int]]]]) -> list[LabelOutput]:
-        """One group: ``encoded[member][row]``, ``conts[member][row][choice]``; each member scores all."""
-        per_member: list[list[list[float]]] = []  # [member][row][choice] mean token probability
-        stats: list[list[MemberStats]] = [[] for _ in choices]
-        for i, m in enumerate(self._members):
-            state = m.start_ids(encoded[i])
-            logps = m.score(state, conts[i], max_batch_tokens=self.max_batch_tokens)
-            per_member.append([[segment_score(lp) for lp in row] for row in logps])
-            for b in range(len(choices)):
-                stats[b].append(MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i],
-                                            calls=1, tokens_in=state.tokens_in[b], rounds_active=1))
+    def label(self, prompts: Sequence[str], choices: Sequence[Sequence[str]],
+              systems: Sequence[str | None] | None = None, params: LabelParams | None = None) -> list[LabelOutput]:
+        """One verification round over the choices: every member's posterior from the one scorer
+        (``ensemble/scoring.py``), pooled with the weights (``config.label_pool``); the gate may keep
+        the first member's (see the module docstring)."""
+        params = params or LabelParams()
+        scored = [score_choices(m, prompts, choices, systems, params, max_batch_tokens=self.max_batch_tokens)
+                  for m in self._members]  # [member][row]
         results = []
         for b, cs in enumerate(choices):
-            probs, best = rank([per_member[i][b] for i in range(len(self._members))], list(self.weights))
-            results.append(LabelOutput(label=cs[best], probs=probs, member_stats=stats[b]))
+            stats = [MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i], calls=1,
+                                 tokens_in=scored[i][b].tokens_in, rounds_active=1,
+                                 **choice_stats(scored[i][b].scores, params)) for i, m in enumerate(self._members)]
+            posteriors = [s.choice_probs for s in stats]
+            if gate(posteriors[0], params.gate):
+                results.append(label_output(cs, posteriors[0], stats, gated=True))
+            else:
+                results.append(label_output(cs, pool(posteriors, self.weights, self.config.label_pool), stats))
         return results

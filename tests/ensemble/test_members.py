@@ -8,6 +8,8 @@ import torch
 
 from ensemble import DecodeParams, Single
 from ensemble.reference import greedy_uncached, logprobs_uncached, next_logits_uncached
+from ensemble.labeling import LabelParams
+from ensemble.scoring import continuation_ids
 
 PROMPTS = [
     "What is the capital of France?",
@@ -120,7 +122,9 @@ def test_label_probabilities(any_member):
     outs = single.label(prompts, choices)
     for prompt, cs, out in zip(prompts, choices, outs):
         assert math.isclose(sum(out.probs), 1.0, rel_tol=1e-6)
-        means = [float(logprobs_uncached(m, m.encode_prompt(prompt), m.encode_text(c)).mean()) for c in cs]
+        # the default norm 'token': mean log-prob of the continuation (" " + choice without a chat template)
+        means = [float(logprobs_uncached(m, m.encode_prompt(prompt), continuation_ids(m, c, LabelParams())).mean())
+                 for c in cs]
         want = torch.softmax(torch.tensor(means), 0).tolist()
         assert out.probs == pytest.approx(want, abs=1e-4)
         assert out.label == cs[max(range(len(cs)), key=lambda i: want[i])]
