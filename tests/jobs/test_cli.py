@@ -112,6 +112,32 @@ def test_console_script_and_subcommands(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: ensemble-fuse fuse ") and "ensemble-fuse fuse ...   run the fusion job" in out
     assert cli.entry(["fuse"] + BASE + ["--members", "a", "b"]) == 2  # a bad configuration: exit 2, nothing run
+    with pytest.raises(SystemExit):
+        cli.entry(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ensemble-fuse calibrate ") and "--deepen-dev-limit" in out
+    assert "calibrate" in cli.COMMANDS
+
+
+def test_every_label_param_is_hashed_and_set_by_flag_or_file(tmp_path):
+    base = JobConfig(input="i", output="o")
+    for f in dataclasses.fields(LabelParams):
+        value = {"norm": "pmi", "neutral_context": "Q:", "target_delimiter": "", "gate": 0.25}[f.name]
+        assert JobConfig(input="i", output="o", label={f.name: value}).config_hash != base.config_hash, f.name
+    cfg = parse_config(BASE + ["--choice-norm", "char", "--label-gate", "0.4", "--target-delimiter", ""])
+    assert cfg.label == LabelParams(norm="char", gate=0.4, target_delimiter="")
+    f = tmp_path / "job.yaml"
+    f.write_text("input: i\noutput: o\nlabel: {norm: pmi, neutral_context: 'Answer:'}\n")
+    assert parse_config(["--config", str(f), "--label-gate", "none"]).label == LabelParams(norm="pmi")
+    f.write_text("input: i\noutput: o\nchoice_norm: pmi\n")
+    with pytest.raises(ValueError, match=r"'choice_norm' is a labeling setting: write it as label: \{norm: ...\} "
+                                         r"\(flag --choice-norm\)"):
+        parse_config(["--config", str(f)])
+    f.write_text("input: i\noutput: o\nmethod: deepen\nmembers: [a, b]\nfuser: {label_norm: sum}\n")
+    with pytest.raises(ValueError, match=r"label_norm.*was removed.*--choice-norm"):
+        parse_config(["--config", str(f)])
+    with pytest.raises(ValueError, match="norm must be one of"):
+        JobConfig(input="i", output="o", label={"norm": "mean"})
 
 
 # ---- the nested fuser config --------------------------------------------------------------------
