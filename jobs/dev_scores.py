@@ -192,6 +192,7 @@ def _job_rows(dev: DevSet, method: str, members: Sequence[str], fuser: Any, para
     from jobs.driver import run, spark_session
 
     choices = {r.id: list(r.choices) for r in dev.rows[:n]}
+    cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="job-") as tmp:
         cfg = JobConfig(input=write_job_input(dev, Path(tmp) / "dev.jsonl", n), output=str(Path(tmp) / "out"),
                         mode="label", method=method, members=tuple(members), fuser=fuser, label=params,

@@ -272,3 +272,33 @@ def test_calibrate_deepen_labels_a_dev_prefix_once(tiny_dirs, dev_file, tmp_path
     if alone.dropped:
         assert alone.method == "single" and alone.weights is None and len(alone.members) == 1
         assert parse_config(BASE + ["--profile", str(tmp_path / "alone.json")]).method == "single"
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_calibrate_through_the_spark_job_and_apply_it(tiny_dirs, dev_file, tmp_path):
+    """The Spark runner (large dev sets) scores as the in-process one; the job applies the profile."""
+    from jobs.calibrate import calibrate
+    from jobs.cli import main
+    from jobs.dev_scores import Runtime
+    from schemas import OUTPUT_SCHEMA, SCHEMA_VERSION
+
+    path, rows = dev_file
+    on_spark = calibrate(path, tiny_dirs, "specfuse", str(tmp_path / "s.json"), gap=None,
+                         rt=Runtime(runner="spark", master="local[1]"))
+    local = calibrate(path, tiny_dirs, "specfuse", str(tmp_path / "l.json"), gap=None)
+    assert (on_spark.members, on_spark.choice_norm, on_spark.label_pool, on_spark.gate) == (
+        local.members, local.choice_norm, local.label_pool, local.gate)
+    assert on_spark.member_accuracy == local.member_accuracy
+    out = tmp_path / "job"
+    argv = ["--input", path, "--output", str(out), "--profile", str(tmp_path / "s.json"), "--partitions", "1",
+            "--master", "local[1]", "--max-new-tokens", "4", "--no-report"]
+    assert main(argv) == 0
+    table = pq.read_table(out / "data")
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    got = table.to_pylist()
+    assert len(got) == 8 and all(r["status"] == "ok" and r["gated"] is not None for r in got)
+    assert {r["config_hash"] for r in got} == {parse_config(argv).config_hash}
+    assert {r["schema_version"] for r in got} == {SCHEMA_VERSION}
+    answers = {r["id"]: r["answer"] for r in rows}
+    assert sum(r["label"] == answers[r["id"]] for r in got) / 8 == pytest.approx(on_spark.chosen_on["gated_accuracy"])
