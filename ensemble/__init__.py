@@ -9,7 +9,8 @@ from typing import Any
 
 _EXPORTS = {
     "DecodeParams": "ensemble.config", "DeePEn": "ensemble.fusers", "FinishReason": "ensemble.fusers",
-    "FusedOutput": "ensemble.fusers", "LabelOutput": "ensemble.fusers", "Member": "ensemble.members",
+    "FusedOutput": "ensemble.fusers", "LabelOutput": "ensemble.fusers", "LabelParams": "ensemble.labeling",
+    "Member": "ensemble.members",
     "MemberStats": "ensemble.fusers", "RowBatch": "ensemble.members", "Single": "ensemble.fusers",
     "SpecFuse": "ensemble.fusers", "load_member": "ensemble.models",
 }

@@ -55,15 +55,6 @@ from ensemble.utf8 import complete_utf8_prefix, valid_utf8
 log = logging.getLogger(__name__)
 
 
-def _forced_logprobs(res: FuseResult, extra: torch.Tensor) -> torch.Tensor:
-    """The fused log-probability of each row's forced token ``extra (B,)``: ``(B,)``."""
-    k = res.cand.shape[1]
-    hit = (res.cand == extra[:, None]) & res.valid[:, :k]  # (B, k)
-    missing = (~hit.any(dim=-1)).nonzero().flatten().tolist()
-    if missing:
-        raise RuntimeError(f"forced tokens {extra[missing].tolist()} are not among the fused candidates (rows {missing})")
-    return res.logprobs().gather(1, hit.to(torch.int8).argmax(dim=-1, keepdim=True))[:, 0]  # (B,)
-
 
 class _Rows:
     """Per original row: response bytes, each member's track, output ids and statistics sums."""
@@ -310,7 +301,7 @@ class DeePEn(ConfiguredFuser):
         while live:
             extra = torch.tensor([toks[p][pos] for p in live], device=self.main.device)
             res = self.engine.fuse([s.logits for s in states], extra=extra)
-            lp = _forced_logprobs(res, extra).tolist()
+            lp = res.forced_logprobs(extra).tolist()  # over the full main vocabulary
             self._record(st, res, live, extra.tolist(), states)
             pos += 1
             feeds: list[list] = [[] for _ in self.members]

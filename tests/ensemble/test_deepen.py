@@ -9,8 +9,10 @@ import torch
 
 from ensemble import DecodeParams, Single
 from ensemble.fusers.deepen import DeePEn, DeePEnConfig, _Rows
+from ensemble.labeling import CHOICE_NORMS, LabelParams
 from ensemble.members import Member
 from ensemble.reference import logprobs_uncached, next_logits_uncached
+from ensemble.scoring import continuation_ids
 from ensemble.text import complete_utf8_prefix
 
 PROMPTS = [
@@ -138,30 +140,35 @@ def test_eos_policy_any_stops_on_another_members_eos(bpe_member, bpe_member_qwen
     assert (out.token_count, out.finish_reason.value, out.text) == (0, "stop", "")
 
 
-def test_label_with_main_only_is_the_main_members_likelihood(bpe_member, sp_member):
-    """Weights (1, 0), lr 0, every token a candidate: the fused probability of each choice is the main
-    member's own sequence probability (sum of token log-probs), normalised over the choices."""
+@pytest.mark.parametrize("main", [0, 1])
+def test_label_with_main_only_is_the_main_members_likelihood(main, bpe_member, sp_member):
+    """Weights on the main only, lr 0, every token a candidate, norm 'sum': the fused probability of
+    each choice is the main member's own sequence probability (sum of the log-probs of its scorer's
+    continuation: the choice itself for the chat member, " " + choice for the completion one)."""
     prompts, choices = PROMPTS[:2], [["Paris", "Rome", "a big house"], ["yes", "no"]]
-    fuser = DeePEn([bpe_member, sp_member], weights=(1, 0), lr=0.0, topk=10_000)
-    got = fuser.label(prompts, choices)
+    m = [bpe_member, sp_member][main]
+    fuser = DeePEn([bpe_member, sp_member], main=main, weights=(1 - main, main), lr=0.0, topk=10_000)
+    got = fuser.label(prompts, choices, params=LabelParams(norm="sum"))
     for prompt, cs, out in zip(prompts, choices, got):
-        scores = torch.tensor([float(logprobs_uncached(bpe_member, bpe_member.encode_prompt(prompt),
-                                                       bpe_member.encode_text(c)).sum()) for c in cs])
+        scores = torch.tensor([float(logprobs_uncached(m, m.encode_prompt(prompt),
+                                                       continuation_ids(m, c, LabelParams())).sum()) for c in cs])
         torch.testing.assert_close(torch.tensor(out.probs), torch.softmax(scores, 0).float(), atol=1e-4, rtol=1e-3)
         assert out.label == cs[int(scores.argmax())]
 
 
-def test_label_mean_norm_with_main_only_is_singles_labeling(bpe_member, sp_member):
-    """label_norm='mean': the same setting scores a choice by its mean token log-prob, as Single does,
-    so DeePEn with weights (1, 0) and lr 0 labels exactly like the main member alone."""
+@pytest.mark.parametrize("norm", CHOICE_NORMS)
+def test_label_with_main_only_is_singles_labeling(norm, bpe_member, sp_member):
+    """Every norm goes through the one scorer: DeePEn with weights (1, 0) and lr 0 labels like the main
+    member alone (norm 'pmi': the fused pass after the neutral context is the main member's too)."""
     prompts, choices = PROMPTS[:2], [["Paris", "Rome", "a big house"], ["yes", "no"]]
-    got = DeePEn([bpe_member, sp_member], weights=(1, 0), lr=0.0, topk=10_000, label_norm="mean").label(prompts, choices)
-    want = Single(bpe_member).label(prompts, choices)
+    params = LabelParams(norm=norm)
+    got = DeePEn([bpe_member, sp_member], weights=(1, 0), lr=0.0, topk=10_000).label(prompts, choices, params=params)
+    want = Single(bpe_member).label(prompts, choices, params=params)
     for g, w in zip(got, want):
         assert g.label == w.label
         torch.testing.assert_close(torch.tensor(g.probs), torch.tensor(w.probs), atol=1e-4, rtol=1e-3)
-    with pytest.raises(ValueError, match="label_norm must be 'sum' or 'mean', got 'max'"):
-        DeePEn([bpe_member, sp_member], label_norm="max")
+    with pytest.raises(TypeError, match="label_norm"):  # replaced by LabelParams.norm (--choice-norm)
+        DeePEn([bpe_member, sp_member], label_norm="sum")
 
 
 def test_label_is_batch_independent_and_reports_stats(bpe_member, bpe_member_qwen, sp_member):
@@ -175,11 +182,13 @@ def test_label_is_batch_independent_and_reports_stats(bpe_member, bpe_member_qwe
         torch.testing.assert_close(torch.tensor(out.probs), torch.tensor(alone.probs), atol=1e-4, rtol=1e-3)
         for s in out.member_stats:
             assert s.calls >= 2 and s.tokens_in > 0 and s.mean_kl >= 0.0
-        # the main member feeds every choice's tokens, one per forward shared by the row's live choices
+        # the main member scores the choices itself (one call), then feeds every choice's tokens, one
+        # per forward shared by the row's live choices
         lengths = [len(bpe_member.encode_text(c)) for c in choices[b]]
         main = out.member_stats[0]
-        assert main.calls == max(lengths) and 2 <= out.member_stats[1].calls <= main.calls
-        assert main.tokens_in == len(bpe_member.encode_prompt(prompts[b])) + sum(n - 1 for n in lengths)
+        assert main.calls == max(lengths) + 1 and 3 <= out.member_stats[1].calls <= main.calls
+        assert main.tokens_in == len(bpe_member.encode_prompt(prompts[b])) + 2 * sum(n - 1 for n in lengths)
+        assert main.choice_tokens == lengths and len(main.choice_probs) == len(choices[b])
 
 
 def test_dense_reference_path_runs_and_matches_at_lr_zero(bpe_member, sp_member):

@@ -11,7 +11,9 @@ import torch
 
 from ensemble import DecodeParams, Single
 from ensemble.fusers.specfuse import SpecFuse
+from ensemble.labeling import LabelParams
 from ensemble.reference import greedy_uncached, logprobs_uncached, next_logits_uncached
+from ensemble.scoring import continuation_ids
 from ensemble.segments import segment_score
 from tests import tiny
 
@@ -54,6 +56,7 @@ class Scripted:
         self.eos_ids = frozenset({EOS})
         self.vocab_size, self.device = V, torch.device("cpu")
         self.codec = FakeCodec()
+        self.has_chat_template = True  # a choice is scored as the reply itself (no target delimiter)
         self.tokenizer = type("Tok", (), {"eos_token_id": EOS})()
         self.log: list[tuple[str, tuple[str, ...]]] = []
 
@@ -234,6 +237,8 @@ def test_eos_and_stop_strings():
 def test_label_is_one_verification_round():
     a, b, c = trio()
     out = SpecFuse([a, b, c]).label(["p0"], [["abc", "zzz", "q"]])[0]
+    # every token of a choice has the same probability, so each member's posterior (norm 'token':
+    # softmax of the mean log-prob) is proportional to that probability; the pool is the weighted mean
     low = 0.1 / V  # A and B: mass 0.9 on T's letters, the remaining 0.1 spread over all V tokens
     mean_a = [0.9 + low, low, low]
     mean_c = [0.3 + 0.35 / V, 0.35 + 0.35 / V, 0.35 / V]  # C: 0.3 on T, 0.35 on U, 0.35 spread
@@ -417,12 +422,14 @@ def test_label_with_tiny_models(mixed):
     prompts, choices = ["Is fire hot? Answer yes or no.", "Capital of France?"], [["yes", "no"], ["Paris", "Rome", "Tokyo"]]
     outs = SpecFuse(mixed, weights=[0.5, 0.25, 0.25]).label(prompts, choices)
     for prompt, cs, out in zip(prompts, choices, outs):
-        per = []
+        per = []  # each member's posterior under the default norm 'token', pooled linearly
         for m in mixed:
-            means = [segment_score(logprobs_uncached(m, m.encode_prompt(prompt), m.encode_text(c))) for c in cs]
-            per.append([x / sum(means) for x in means])
+            means = [logprobs_uncached(m, m.encode_prompt(prompt), continuation_ids(m, c, LabelParams())).mean()
+                     for c in cs]
+            per.append(torch.softmax(torch.stack(means).double(), 0).tolist())
         want = [0.5 * per[0][k] + 0.25 * per[1][k] + 0.25 * per[2][k] for k in range(len(cs))]
         assert out.probs == pytest.approx(want, abs=1e-4) and out.label == cs[out.index]
+        assert [s.choice_probs for s in out.member_stats] == [pytest.approx(p, abs=1e-4) for p in per]
 
 
 def test_no_prompts():
