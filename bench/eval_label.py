@@ -72,12 +72,17 @@ sys.path.insert(0, str(REPO / "bench"))
 import evaluate  # noqa: E402
 import tasks  # noqa: E402
 
+from ensemble.labeling import CHOICE_NORMS  # noqa: E402
+
 log = logging.getLogger("bench.eval_label")
 
 MEMBERS = evaluate.SINGLES  # ("smollm2", "qwen", "gemma"), in tie-break order
 TRIO = evaluate.TRIO
+MEMBER_NORM = ("--choice-norm", "pmi")
+"""Members run with pmi: their rows then carry every score (sum, token counts, neutral), so each
+normalisation's labels come offline (``--member-norm``) without a model call."""
 SYSTEMS: dict[str, tuple[str, ...]] = {
-    **{s: tuple(evaluate.SYSTEMS[s]) for s in MEMBERS},
+    **{s: (*evaluate.SYSTEMS[s], *MEMBER_NORM) for s in MEMBERS},
     "deepen": ("--method", "deepen", "--members", *TRIO),
     "specfuse": ("--method", "specfuse", "--members", *TRIO),
 }
@@ -159,6 +164,28 @@ def norm_posteriors(stats: dict, choices: Sequence[str]) -> dict[str, list[float
     return {n: posterior(s, n) for n in CHOICE_NORMS if n != "pmi" or s.neutral is not None}
 
 
+def relabel(per_row: dict[str, dict], rows: list[dict], norm: str) -> dict[str, dict]:
+    """A member's outcomes with its label, confidence and correctness recomputed offline under ``norm``
+    from the choice scores in its ``member_stats`` (error rows stay errors); a row without those scores
+    is an error naming it (a run without them cannot be relabeled)."""
+    out = {}
+    for row in rows:
+        o = per_row[row["id"]]
+        if o["error"] is not None:
+            out[row["id"]] = o
+            continue
+        posts = norm_posteriors(o["stats"][0], row["choices"])
+        if norm not in posts:
+            raise ValueError(f"row {row['id']!r} has no choice scores for norm {norm!r} in member_stats "
+                             f"(have {sorted(posts)}): run the member with --choice-norm pmi")
+        from ensemble.labeling import best
+
+        p = posts[norm]
+        label = row["choices"][best(p)]
+        out[row["id"]] = {**o, "label": label, "correct": label == row["gold"], "conf": max(p)}
+    return out
+
+
 def best_on_dev(dev_acc: dict[str, dict[str, float]], task_names: Sequence[str]) -> dict[str, str]:
     """Per task, the member with the highest dev accuracy (ties: the earlier in MEMBERS), among the
     members in ``dev_acc`` (a partial evaluation: those run so far)."""
@@ -200,7 +227,10 @@ def check_digests(out: Path, rows: list[dict]) -> None:
 
 
 def git_head(code: Path) -> str:
-    """The checkout's commit, ``+dirty`` when its ensemble/, jobs/ or schemas/ have uncommitted changes."""
+    """The checkout's commit, ``+dirty`` when its ensemble/, jobs/ or schemas/ have uncommitted changes;
+    for a copy that is no checkout, the contents of its ``SNAPSHOT`` file."""
+    if (code / "SNAPSHOT").exists():
+        return (code / "SNAPSHOT").read_text().strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "ensemble", "jobs", "schemas"], cwd=code,
                            capture_output=True, text=True)
@@ -357,6 +387,7 @@ def markdown(report: dict) -> str:
     task_names, res, best = report["tasks"], report["results"], report["best_on_dev"]
     split = report["split"]
     md = [f"Split **{split}**: " + ", ".join(f"{t} {report['n'][t]}" for t in task_names) + " items. "
+          f"Members' labels: {'as run' if report['member_norm'] == 'run' else 'norm ' + report['member_norm']}. "
           f"Best member on dev (per task, among {', '.join(report['dev_accuracy'])}): "
           + ", ".join(f"{t} {best[t]}" for t in task_names) + ".", "",
           "Accuracy (%) and, in brackets, the difference from the best-on-dev member in points with its "
@@ -393,7 +424,7 @@ def markdown(report: dict) -> str:
                "| member vote | " + " | ".join(_pct(off[t]["vote"]) for t in task_names) + " |",
                "| oracle | " + " | ".join(_pct(off[t]["oracle"]) for t in task_names) + " |"]
         norm_rows = sorted({(m, n) for t in task_names for m, v in off[t].get("norms", {}).items() for n in v},
-                           key=lambda mn: (MEMBERS.index(mn[0]), mn[1]))
+                           key=lambda mn: (MEMBERS.index(mn[0]), CHOICE_NORMS.index(mn[1])))
         for m, n in norm_rows:
             md.append(f"| {m}, norm {n} | " + " | ".join(_pct(off[t].get("norms", {}).get(m, {}).get(n))
                                                           for t in task_names) + " |")
@@ -474,13 +505,21 @@ def export_dev(directory: Path, task_names: Sequence[str], cap: int | None) -> N
         log.info("wrote %s (%d rows)", directory / f"{t}.jsonl", len(rows))
 
 
+def member_outcomes(system: System, task_names: Sequence[str], split_dir: Path, rows: list[dict],
+                    member_norm: str) -> dict[str, dict] | None:
+    got = read_outcomes(output_dirs(system, task_names, split_dir), rows)
+    return got if got is None or member_norm == "run" else relabel(got, rows, member_norm)
+
+
 def collect(systems: dict[str, System], task_names: list[str], split: str, rows: list[dict], work: Path,
-            dev_cap: int | None) -> dict:
-    """Every number of the report from the outputs present (no model calls)."""
+            dev_cap: int | None, member_norm: str = "run") -> dict:
+    """Every number of the report from the outputs present (no model calls); members' labels as run,
+    or recomputed under ``member_norm``."""
     split_dir = work / split
     per_row, incomplete = {}, []
     for name, system in systems.items():
-        got = read_outcomes(output_dirs(system, task_names, split_dir), rows)
+        got = (member_outcomes(system, task_names, split_dir, rows, member_norm) if name in MEMBERS
+               else read_outcomes(output_dirs(system, task_names, split_dir), rows))
         if got is None:
             incomplete.append(name)
         else:
@@ -492,7 +531,7 @@ def collect(systems: dict[str, System], task_names: list[str], split: str, rows:
         dev_rows = build_rows(task_names, "dev", dev_cap)
         dev_acc = {}
         for m in MEMBERS:
-            got = read_outcomes(output_dirs(systems[m], task_names, work / "dev"), dev_rows)
+            got = member_outcomes(systems[m], task_names, work / "dev", dev_rows, member_norm)
             if got is not None:
                 dev_acc[m] = {t: task_measures(got, [r["id"] for r in dev_rows if r["task"] == t])["accuracy"]
                               for t in task_names}
@@ -509,6 +548,7 @@ def collect(systems: dict[str, System], task_names: list[str], split: str, rows:
     results = {n: {t: task_measures(per_row[n], ids[t]) for t in task_names} for n in order}
     compare(results, per_row, ids, best)
     return {"split": split, "tasks": task_names, "n": {t: len(ids[t]) for t in task_names}, "best_on_dev": best,
+            "member_norm": member_norm,
             "dev_accuracy": dev_acc, "results": results, "offline": offline(per_row, rows), "incomplete": incomplete,
             "systems": {n: shlex.join(s.flags) for n, s in systems.items()},
             "labels": {n: {i: o["label"] for i, o in pr.items()} for n, pr in per_row.items() if n != BEST}}
@@ -521,6 +561,8 @@ def reproduce(args: argparse.Namespace, report: dict) -> str:
         if value is not None:
             cmd += [flag, str(value)]
     names = [n for n in report["results"] if n != BEST]
+    if args.member_norm != "run":
+        cmd += ["--member-norm", args.member_norm]
     cmd += ["--systems", *[n for n in names if n in SYSTEMS]]
     extra = [f"{n}={report['systems'][n]}" for n in names if n not in SYSTEMS]
     return shlex.join(cmd + (["--extra", *extra] if extra else []))
@@ -535,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", nargs="*", default=[], help=f"built-in systems to run: {list(SYSTEMS)}")
     ap.add_argument("--extra", nargs="*", default=[], help='extra systems to run: NAME="job flags" ({task} allowed)')
     ap.add_argument("--profile", nargs="*", default=[], help="calibrated systems to run: NAME=PROFILE.json ({task} allowed)")
+    ap.add_argument("--member-norm", default="run", choices=("run", *CHOICE_NORMS),
+                    help="members' labels: as the job gave them (run), or recomputed offline under this "
+                    "normalisation from their choice scores (best-on-dev is chosen under it too)")
     ap.add_argument("--report-only", action="store_true", help="run nothing; report what has run")
     ap.add_argument("--fresh", action="store_true", help="move the runs' earlier outputs aside first")
     ap.add_argument("--export-dev", type=Path, help="write DIR/<task>.jsonl dev files for jobs.calibrate and exit")
@@ -562,7 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for name in [*args.systems, *new]:
             run_system(systems[name], rows, args.tasks, split_dir, args.batch_size, args.fresh, args.code.resolve())
-    report = collect(systems, list(args.tasks), args.split, rows, args.work, args.n_dev)
+    try:
+        report = collect(systems, list(args.tasks), args.split, rows, args.work, args.n_dev, args.member_norm)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     report["command"] = reproduce(args, report)
     report["runs"] = [json.loads(x) for x in (split_dir / "runs.jsonl").read_text().splitlines()] \
         if (split_dir / "runs.jsonl").exists() else []

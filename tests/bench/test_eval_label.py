@@ -144,3 +144,33 @@ def test_export_dev_writes_the_calibration_format(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "winogrande.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and set(lines[0]) == {"id", "prompt", "choices", "answer"}
     assert all(x["answer"] in x["choices"] and x["id"].startswith("winogrande/") for x in lines)
+
+
+@pytest.mark.slow
+def test_a_member_through_the_job_and_a_larger_split_resumes(tmp_path):
+    """Real member, local Spark: the dev report, then a larger prefix computes only the new rows."""
+    work, out = tmp_path / "work", tmp_path / "res"
+    base = ["--split", "dev", "--tasks", "boolq", "banking77", "--systems", "smollm2", "--work", str(work),
+            "--out", str(out)]
+    assert el.main([*base, "--n-dev", "1"]) == 0
+    assert el.main([*base, "--n-dev", "2"]) == 0
+    runs = [json.loads(x) for x in (work / "dev" / "runs.jsonl").read_text().splitlines()]
+    assert [(r["rows"], r["computed"]) for r in runs] == [(2, 2), (4, 2)]
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["n"] == {"boolq": 2, "banking77": 2} and rep["best_on_dev"] == {"boolq": "smollm2", "banking77": "smollm2"}
+    assert rep["results"]["smollm2"]["banking77"]["errors"] == 0
+    assert "| smollm2 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_relabel_recomputes_a_members_labels_under_a_norm():
+    rows = [{"id": "t/0", "task": "t", "choices": ["ab", "abcdefgh"], "gold": "abcdefgh"},
+            {"id": "t/1", "task": "t", "choices": ["ab", "abcdefgh"], "gold": "ab"}]
+    scores = {"choice_logprobs": [-2.0, -3.0], "choice_tokens": [1, 3], "choice_neutral": [-1.0, -6.0]}
+    ok = {"label": "ab", "correct": None, "conf": 0.7, "calls": 2, "ms": 1.0, "error": None, "stats": [scores]}
+    err = {"label": None, "correct": False, "conf": None, "calls": None, "ms": None, "error": "boom", "stats": []}
+    got = el.relabel({"t/0": ok, "t/1": err}, rows, "token")
+    assert got["t/0"]["label"] == "abcdefgh" and got["t/0"]["correct"] and got["t/0"]["conf"] > 0.5
+    assert got["t/1"] is err
+    assert el.relabel({"t/0": ok, "t/1": err}, rows, "sum")["t/0"]["label"] == "ab"
+    with pytest.raises(ValueError, match="row 't/0' has no choice scores for norm 'pmi'"):
+        el.relabel({"t/0": {**ok, "stats": [{**scores, "choice_neutral": None}]}, "t/1": err}, rows, "pmi")
