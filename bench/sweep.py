@@ -7,7 +7,7 @@ settings help the packaged trio on the labeling tasks?
    averaged over tasks, gives DeePEn-Adapt weights (``bench/compat.adapt_weights``).
 2. The trio under DeePEn with the defaults, each member as the main model, the adapt weights, a
    larger search lr, and the whole top-k (64) instead of the mass cut, and mean instead of summed
-   log-probabilities of a choice's tokens (``--deepen-label-norm``); SpecFuse with uniform and adapt weights.
+   log-probabilities of a choice's tokens (``--choice-norm``: token is the mean, sum the sum); SpecFuse with uniform and adapt weights.
 
 Everything runs through the job (``bench/evaluate.py`` with ``--extra`` systems) and is written to
 ``<out>.json`` / ``<out>.md`` / ``<out>.png``; the adapt weights are printed as a job flag.
@@ -41,7 +41,7 @@ def variants(weights: list[float]) -> dict[str, str]:
         "deepen trio (main smollm2, defaults)": deepen,
         "deepen trio, main qwen": f"{deepen} --main 1",
         "deepen trio, main gemma": f"{deepen} --main 2",
-        "deepen trio, label-norm mean": f"{deepen} --deepen-label-norm mean",
+        "deepen trio, choice-norm token": f"{deepen} --choice-norm token",
         "deepen trio, adapt weights": f"{deepen} --weights {w}",
         "specfuse trio": f"--method specfuse --members {TRIO}",
         "specfuse trio, adapt weights": f"--method specfuse --members {TRIO} --weights {w}",
