@@ -17,6 +17,13 @@ Contract:
   rewrites its own deterministic files). ``overwrite=true`` deletes the partition first.
 - ``publish`` runs only after the Spark task succeeded, checks the job's ``_SUCCESS`` marker and
   only then emits the Asset event (extra: the partition's path, date, run id, config hash).
+- Calibration (labeling only, :func:`calibration_params`): ``ensemble.dev_set``, a labeled dev set,
+  makes ``calibrate`` run ``python -m jobs.calibrate`` (docs/jobs.md, "Calibration") before the Spark
+  task; it writes the profile ``{partition}/_calibration/profile.json`` and the job applies it with
+  ``--profile`` instead of ``--method``/``--members`` (the profile decides them: it may drop members,
+  down to ``single``). Without a dev set ``calibrate`` is skipped and the job runs the Params' ensemble.
+  The project's Python runs it: ``PYSPARK_DRIVER_PYTHON`` (else ``PYSPARK_PYTHON``) of the Variable
+  ``ensemble_spark_env``, with that Variable's environment.
 
 Deployment settings (never in code):
 - connection ``spark_default``: the master and deploy mode, e.g.
@@ -36,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -56,6 +64,9 @@ ARG_PATTERN = r"^[^-\s].*$"
 # How many members each method takes (JobConfig's rule, jobs/config.py): (fewest, most).
 MAX_MEMBERS = 8
 MEMBERS_PER_METHOD = {"single": (1, 1), "deepen": (2, MAX_MEMBERS), "specfuse": (2, MAX_MEMBERS)}
+# Copy of jobs.calibrate.ENSEMBLES: the methods calibration takes (tests/airflow/test_fuse_submit.py checks it).
+CALIBRATED_METHODS = ("deepen", "specfuse")
+PROFILE_FILE = "_calibration/profile.json"  # under the partition; '_': not data to Spark or Arrow readers
 
 CONF_VARIABLE = "ensemble_spark_conf"
 ENV_VARIABLE = "ensemble_spark_env"
@@ -118,6 +129,17 @@ def sampling_params() -> dict[str, Param]:
     }
 
 
+def calibration_params() -> dict[str, Param]:
+    """Labeling's optional calibration: a labeled dev set. :func:`dag_params` puts it into ``ensemble``
+    (a rule across fields needs them in one Param): it needs method deepen or specfuse."""
+    return {"dev_set": Param(
+        None, type=["null", "string"], minLength=1, pattern=ARG_PATTERN, title="Dev set (calibration)",
+        description="A labeled dev set (JSON lines or Parquet: id, prompt, choices, answer) to calibrate the "
+        "ensemble on before labeling (python -m jobs.calibrate; its profile chooses the members, the main "
+        "member, the weights, the normalisation and the gate). Only with method " + " or ".join(CALIBRATED_METHODS)
+        + ". Null: no calibration, the members as given.")}
+
+
 def _members_rule(method: str) -> str:
     lo, hi = MEMBERS_PER_METHOD[method]
     return f"exactly {lo} member" if lo == hi == 1 else f"at least {lo} members"
@@ -125,27 +147,38 @@ def _members_rule(method: str) -> str:
 
 def dag_params(settings: dict[str, Param]) -> dict[str, Param]:
     """A DAG's Params: ``settings`` (:func:`common_params` and the DAG's own) with ``method`` and
-    ``members`` replaced by the one Param ``ensemble`` (in method's place). Its schema holds both
-    fields' schemas and, as if/then conditionals, how many members each method takes, so that a
-    trigger breaking that rule is refused when the run is created."""
-    method, members = settings["method"], settings["members"]
-    per_method = [
+    ``members`` (and ``dev_set``, when given: :func:`calibration_params`) replaced by the one Param
+    ``ensemble`` (in method's place). Its schema holds those fields' schemas and, as if/then
+    conditionals, how many members each method takes and which methods calibrate, so that a trigger
+    breaking a rule is refused when the run is created."""
+    method, members, dev_set = settings["method"], settings["members"], settings.get("dev_set")
+    rules = [
         {"if": {"properties": {"method": {"const": m}}, "required": ["method"]},
          "then": {"properties": {"members": {"minItems": lo, "maxItems": hi,
                                              "description": f"method {m} takes {_members_rule(m)}"}}}}
         for m, (lo, hi) in MEMBERS_PER_METHOD.items()]
+    value = {"method": method.value, "members": list(members.value)}
+    properties = {"method": method.schema, "members": members.schema}
+    description = ("{\"method\": " + " | ".join(METHODS) + ", \"members\": [...]"
+                   + (", \"dev_set\": null | path" if dev_set else "") + "}: "
+                   + "; ".join(f"{m} takes {_members_rule(m)}" for m in MEMBERS_PER_METHOD) + ". ")
+    if dev_set is not None:
+        value["dev_set"], properties["dev_set"] = dev_set.value, dev_set.schema
+        rules.append({"if": {"properties": {"dev_set": {"type": "string"}}, "required": ["dev_set"]},
+                      "then": {"properties": {"method": {
+                          "enum": list(CALIBRATED_METHODS),
+                          "description": "calibration (dev_set) needs method " + " or ".join(CALIBRATED_METHODS)}}}})
+        description += (dev_set.description or "") + " "
     ensemble = Param(
-        {"method": method.value, "members": list(members.value)}, type="object",
-        properties={"method": method.schema, "members": members.schema}, required=["method", "members"],
-        additionalProperties=False, allOf=per_method, title="Ensemble: method and members",
-        description="{\"method\": " + " | ".join(METHODS) + ", \"members\": [...]}: "
-        + "; ".join(f"{m} takes {_members_rule(m)}" for m in MEMBERS_PER_METHOD) + ". "
-        + (members.description or ""))
+        value, type="object", properties=properties, required=["method", "members"],
+        additionalProperties=False, allOf=rules,
+        title="Ensemble: method and members" + (" (and a dev set to calibrate them on)" if dev_set else ""),
+        description=description + (members.description or ""))
     out: dict[str, Param] = {}
     for name, param in settings.items():
         if name == "method":
             out["ensemble"] = ensemble
-        elif name != "members":
+        elif name not in ("members", "dev_set"):
             out[name] = param
     return out
 
@@ -155,18 +188,22 @@ def settings_of(params: Mapping[str, Any]) -> dict[str, Any]:
     """A run's Params -> the flat settings :func:`job_args` takes (``ensemble`` unpacked)."""
     flat = {k: v for k, v in params.items() if k != "ensemble"}
     flat["method"], flat["members"] = params["ensemble"]["method"], list(params["ensemble"]["members"])
+    if "dev_set" in params["ensemble"]:
+        flat["dev_set"] = params["ensemble"]["dev_set"]
     return flat
 
 
 def check_params(params: Mapping[str, Any]) -> None:
-    """How many members the method takes (the rule ``ensemble``'s schema states), on flat settings.
-    Raises ValueError naming the Param."""
+    """How many members the method takes and which methods calibrate (the rules ``ensemble``'s schema
+    states), on flat settings. Raises ValueError naming the Param."""
     method, members = params["method"], list(params["members"])
     if method not in MEMBERS_PER_METHOD:
         raise ValueError(f"method must be one of {list(MEMBERS_PER_METHOD)}, got {method!r}")
     lo, hi = MEMBERS_PER_METHOD[method]
     if not lo <= len(members) <= hi:
         raise ValueError(f"members must be {_members_rule(method)} for method {method}, got {members!r}")
+    if params.get("dev_set") is not None and method not in CALIBRATED_METHODS:
+        raise ValueError(f"dev_set (calibration) needs method {' or '.join(CALIBRATED_METHODS)}, got {method!r}")
 
 
 def check_conf(conf: Mapping[str, Any] | None, declared: Iterable[str]) -> None:
@@ -191,12 +228,26 @@ def partition_dir(output_root: str, ds: str) -> str:
     return f"{output_root.rstrip('/')}/ds={ds}"
 
 
+def profile_path(output: str) -> str:
+    """Where a run's calibration profile is written: under its partition."""
+    return f"{output.rstrip('/')}/{PROFILE_FILE}"
+
+
+def calibrate_args(params: Mapping[str, Any], *, profile: str) -> list[str]:
+    """``jobs.calibrate``'s command line (after ``python -m jobs.calibrate``) for validated flat settings
+    with a ``dev_set``: the run's members and method, its prompt budget and batch size."""
+    return ["--dev", params["dev_set"], "--members", *params["members"], "--method", params["method"],
+            "--output", profile, "--batch-size", str(params["batch_size"]),
+            "--max-prompt-tokens", str(params["max_prompt_tokens"])]
+
+
 def job_args(params: Mapping[str, Any], *, mode: str, input_path: str, output: str, run_id: str,
-             seed: int) -> list[str]:
+             seed: int, profile: str | None = None) -> list[str]:
     """The job's command line (after the application) for validated flat settings (:func:`settings_of`
-    a run's Params)."""
-    args = ["--input", input_path, "--output", output, "--run-id", run_id, "--mode", mode,
-            "--method", params["method"], "--members", *params["members"],
+    a run's Params). With a calibration ``profile`` the job takes method and members from it (it may
+    have dropped members, down to single): passing the Params' would contradict it, and be refused."""
+    ensemble = ["--profile", profile] if profile else ["--method", params["method"], "--members", *params["members"]]
+    args = ["--input", input_path, "--output", output, "--run-id", run_id, "--mode", mode, *ensemble,
             "--max-new-tokens", str(params["max_new_tokens"]),
             "--max-prompt-tokens", str(params["max_prompt_tokens"]),
             "--seed", str(seed), "--partitions", str(params["partitions"]),
@@ -300,10 +351,49 @@ def plan(mode: str, **context: Any) -> dict[str, Any]:
     conf.update(_json_object(Variable.get(f"{dag_id}_spark_conf", default=None), f"{dag_id}_spark_conf"))
     env = _json_object(Variable.get(ENV_VARIABLE, default=None), ENV_VARIABLE)
     application = Variable.get(APPLICATION_VARIABLE, default=None) or default_application()
-    args = job_args(params, mode=mode, input_path=input_path, output=output, run_id=run_id, seed=seed)
+    profile, calibration = None, None
+    if params.get("dev_set") is not None:
+        profile = profile_path(output)
+        calibration = calibrate_command(params, profile=profile, env=env)
+        log.info("calibration: %s", shlex.join(calibration))
+    args = job_args(params, mode=mode, input_path=input_path, output=output, run_id=run_id, seed=seed,
+                    profile=profile)
     log.info("partition %s, run id %s: spark-submit %s %s", output, run_id, application, " ".join(args))
     return {"application": application, "args": args, "conf": conf, "env": env or None,
-            "output": output, "run_id": run_id, "ds": ds, "name": f"{dag_id}-{ds_nodash}"}
+            "output": output, "run_id": run_id, "ds": ds, "name": f"{dag_id}-{ds_nodash}",
+            "calibrate": calibration}
+
+
+def calibrate_command(params: Mapping[str, Any], *, profile: str, env: Mapping[str, str]) -> list[str]:
+    """``python -m jobs.calibrate ...`` with the project's Python (the Spark driver's, from the Variable
+    ``ensemble_spark_env``). The profile is a local file (``jobs.calibrate`` writes it with the
+    file system), so the partition must be local."""
+    if _is_remote(profile):
+        raise ValueError(f"dev_set: calibration writes its profile under the partition, which must be a local "
+                         f"path, got {profile!r}")
+    python = env.get("PYSPARK_DRIVER_PYTHON") or env.get("PYSPARK_PYTHON")
+    if not python:
+        raise ValueError(f"dev_set: calibration runs in the project's Python: set PYSPARK_DRIVER_PYTHON (or "
+                         f"PYSPARK_PYTHON) in the Variable {ENV_VARIABLE}")
+    return [python, "-m", "jobs.calibrate", *calibrate_args(params, profile=str(_local(profile)))]
+
+
+@task(retries=0)
+def calibrate(command: list[str] | None, env: Mapping[str, str] | None) -> None:
+    """Run ``jobs.calibrate`` (its output into the task's log); skipped when the run has no dev set."""
+    import subprocess
+
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if not command:
+        raise AirflowSkipException("no dev_set: the job runs the Params' method and members, uncalibrated")
+    log.info("running %s", shlex.join(command))
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, **(env or {})}) as proc:
+        for line in proc.stdout:
+            log.info("%s", line.rstrip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"jobs.calibrate exited with {proc.returncode} (its log is above): {shlex.join(command)}")
 
 
 @task(retries=0)
@@ -320,16 +410,18 @@ def publish(output: str, date: str, **context: Any) -> dict[str, Any]:
 
 # ---- The DAG ---------------------------------------------------------------------------------------
 def fuse_dag(*, dag_id: str, description: str, mode: str, params: dict[str, Param], asset: Any,
-             tags: list[str], doc_md: str | None):
-    """The shape every ensemble DAG has: plan >> fuse (SparkSubmitOperator) >> publish (the Asset).
+             tags: list[str], doc_md: str | None, calibration: bool = False):
+    """The shape every ensemble DAG has: plan >> fuse (SparkSubmitOperator) >> publish (the Asset);
+    with ``calibration`` (the Params have ``ensemble.dev_set``): plan >> calibrate >> fuse, where fuse
+    runs when calibrate succeeded or was skipped (no dev set), not when it failed.
 
     ``mode`` is the job's ``--mode`` (label | generate). The Spark task retries: the job is
-    idempotent and resumes the partition's committed rows; plan and publish do not.
+    idempotent and resumes the partition's committed rows; plan, calibrate and publish do not.
     """
     from datetime import timedelta
 
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-    from airflow.sdk import DAG
+    from airflow.sdk import DAG, TriggerRule
 
     with DAG(dag_id=dag_id, description=description, schedule="@daily", start_date=datetime(2025, 1, 1),
              catchup=False, max_active_runs=1, params=params, tags=tags, doc_md=doc_md) as dag:
@@ -338,7 +430,10 @@ def fuse_dag(*, dag_id: str, description: str, mode: str, params: dict[str, Para
             task_id="fuse", conn_id="spark_default", application=submission["application"],
             application_args=submission["args"], conf=submission["conf"], env_vars=submission["env"],
             retries=2, retry_delay=timedelta(minutes=1), name=submission["name"],
+            trigger_rule=TriggerRule.NONE_FAILED if calibration else TriggerRule.ALL_SUCCESS,
         )
         published = publish.override(outlets=[asset])(submission["output"], submission["ds"])
+        if calibration:
+            submission >> calibrate(submission["calibrate"], submission["env"]) >> fuse
         submission >> fuse >> published
     return dag

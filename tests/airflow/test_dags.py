@@ -36,12 +36,19 @@ def test_dag_shape(dagbag, dag_id, asset_name):
     from airflow.sdk import Asset
 
     dag = dagbag.dags[dag_id]
-    assert set(dag.task_dict) == {"plan", "fuse", "publish"}
+    calibrates = dag_id == "ensemble_labeling"  # labeling only: calibrate on an optional dev set
+    assert set(dag.task_dict) == {"plan", "fuse", "publish"} | ({"calibrate"} if calibrates else set())
     plan, fuse, publish = (dag.get_task(t) for t in ("plan", "fuse", "publish"))
     assert isinstance(fuse, SparkSubmitOperator)
-    assert fuse.upstream_task_ids == {"plan"} and publish.upstream_task_ids == {"plan", "fuse"}
+    assert fuse.upstream_task_ids == {"plan"} | ({"calibrate"} if calibrates else set())
+    assert publish.upstream_task_ids == {"plan", "fuse"}
     assert fuse._conn_id == "spark_default"
     assert fuse.retries >= 1 and plan.retries == 0 and publish.retries == 0
+    # fuse runs after a skipped calibrate (no dev set), never after a failed one
+    assert fuse.trigger_rule == ("none_failed" if calibrates else "all_success")
+    if calibrates:
+        calibrate = dag.get_task("calibrate")
+        assert calibrate.upstream_task_ids == {"plan"} and calibrate.retries == 0 and calibrate.outlets == []
     # The Asset is published by the task after the job, and only by it.
     assert publish.outlets == [Asset(name=asset_name, uri=f"ensemble-fuse://{asset_name.split('.')[1]}")]
     assert plan.outlets == [] and fuse.outlets == []

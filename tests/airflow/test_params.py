@@ -1,6 +1,7 @@
 """Param validation: the defaults are valid (scheduled runs use them), and a trigger with a bad
-value, or members that do not fit the method, is refused when the run is created, before any task
-runs: through ``dag.test(run_conf=...)`` and through the REST API's trigger (400, no run)."""
+value, members that do not fit the method, or a dev set (calibration) with method single, is refused
+when the run is created, before any task runs: through ``dag.test(run_conf=...)`` and through the
+REST API's trigger (400, no run)."""
 from __future__ import annotations
 
 import sys
@@ -59,6 +60,16 @@ BAD_ENSEMBLE = [
 ]
 GOOD_ENSEMBLE = [ens("single", ["a"]), ens("deepen", ["a", "b"]), ens("specfuse", ["a", "b", "c"]),
                  ens("deepen", [f"m{i}" for i in range(8)])]
+# calibration (labeling only): a dev set path, only with an ensemble method
+BAD_DEV_SET = [
+    ens("single", ["a"], dev_set="/data/dev.jsonl"),
+    ens("deepen", ["a", "b"], dev_set=""),
+    ens("deepen", ["a", "b"], dev_set="--conf=x"),
+    ens("specfuse", ["a", "b"], dev_set=3),
+    ens("specfuse", ["a"], dev_set="/data/dev.jsonl"),
+]
+GOOD_DEV_SET = [ens("single", ["a"], dev_set=None), ens("deepen", ["a", "b"], dev_set="/data/dev.jsonl"),
+                ens("specfuse", ["a", "b", "c"], dev_set="dev/arc.parquet"), ens("specfuse", ["a", "b"], dev_set=None)]
 
 BAD_COMMON = [
     *BAD_ENSEMBLE,
@@ -96,19 +107,35 @@ BAD_SAMPLING = [
 @pytest.mark.parametrize("dag_id", ["ensemble_labeling", "synthetic_generation"])
 def test_defaults_and_good_values_validate(dagbag, dag_id):
     dag = served(dagbag.dags[dag_id])
-    assert dag.params.validate()["ensemble"] == {"method": "single", "members": ["smollm2-135m-instruct"]}
+    default = {"method": "single", "members": ["smollm2-135m-instruct"]}
+    if dag_id == "ensemble_labeling":
+        default["dev_set"] = None  # shown in the trigger form; no calibration
+    assert dag.params.validate()["ensemble"] == default
     assert dag.params.deep_merge(GOOD | {"seed": 7} | ens("deepen", ["a", "b"])).validate()["seed"] == 7
     for conf in GOOD_ENSEMBLE + [{"max_fuser_error_rate": 0}, {"max_fuser_error_rate": 1}]:
         assert dag.params.deep_merge(GOOD | conf).validate()
 
 
+def test_dev_set_is_a_labeling_param_that_needs_an_ensemble_method(dagbag):
+    labeling = served(dagbag.dags["ensemble_labeling"]).params
+    for conf in GOOD_DEV_SET:
+        assert labeling.deep_merge(GOOD | conf).validate()["ensemble"] == conf["ensemble"]
+    for conf in BAD_DEV_SET:
+        with rejected():
+            labeling.deep_merge(GOOD | conf).validate()
+    generation = served(dagbag.dags["synthetic_generation"]).params
+    with rejected():  # generation does not calibrate
+        generation.deep_merge(GOOD | ens("deepen", ["a", "b"], dev_set="/data/dev.jsonl")).validate()
+
+
 def test_the_members_rule_is_stated_once(dagbag):
-    """The schema's conditionals and plan's check agree (both from MEMBERS_PER_METHOD)."""
+    """The schema's conditionals and plan's check agree (both from MEMBERS_PER_METHOD and
+    CALIBRATED_METHODS), with and without a dev set."""
 
     params = served(dagbag.dags["ensemble_labeling"]).params
     for method in fs.METHODS:
-        for n in range(1, 10):
-            conf = ens(method, [f"m{i}" for i in range(n)])
+        for n, dev_set in [(n, None) for n in range(1, 10)] + [(n, "/d.jsonl") for n in range(1, 4)]:
+            conf = ens(method, [f"m{i}" for i in range(n)], dev_set=dev_set)
             try:
                 params.deep_merge(GOOD | conf).validate()
                 by_schema = True
@@ -119,7 +146,7 @@ def test_the_members_rule_is_stated_once(dagbag):
                 by_check = True
             except ValueError:
                 by_check = False
-            assert by_schema is by_check, (method, n)
+            assert by_schema is by_check, (method, n, dev_set)
 
 
 @pytest.mark.parametrize("conf", BAD_COMMON, ids=str)
@@ -155,7 +182,8 @@ def dag_runs(dag_id: str) -> list:
 @pytest.mark.parametrize("dag_id, conf", [
     ("synthetic_generation", ens("beam")), ("synthetic_generation", {"temperature": 0}),
     ("synthetic_generation", ens("single", ["-x"])), ("ensemble_labeling", ens("deepen", ["smollm2-135m-instruct"])),
-    ("ensemble_labeling", ens("single", ["a", "b"]))], ids=str)
+    ("ensemble_labeling", ens("single", ["a", "b"])),
+    ("ensemble_labeling", ens("single", ["smollm2-135m-instruct"], dev_set="/data/dev.jsonl"))], ids=str)
 def test_bad_trigger_is_refused_before_anything_runs(load_dag, airflow_db, tmp_path, dag_id, conf):
     """Through the code path of a trigger (create_dagrun validates the conf): no run, no task."""
     dag = load_dag(dag_id)
@@ -196,6 +224,11 @@ def test_rest_api_trigger_refuses_members_that_do_not_fit_the_method(api, tmp_pa
         r = api.post(url, json={"logical_date": None, "conf": conf | bad})
         assert r.status_code == 400, r.text
         assert "Invalid input for param ensemble" in r.json()["detail"] and "members" in r.json()["detail"]
+    assert dag_runs("ensemble_labeling") == before
+    r = api.post(url, json={"logical_date": None,
+                            "conf": conf | ens("single", ["smollm2-135m-instruct"], dev_set="/data/dev.jsonl")})
+    assert r.status_code == 400, r.text  # calibration needs an ensemble method
+    assert "Invalid input for param ensemble" in r.json()["detail"] and "method" in r.json()["detail"]
     assert dag_runs("ensemble_labeling") == before
     r = api.post(url, json={"logical_date": None, "conf": conf | ens("deepen", ["a", "b"])})
     assert r.status_code == 200, r.text

@@ -54,7 +54,8 @@ def test_conf_keys_that_are_not_params_stop_the_run_before_spark(load_dag, airfl
     dr = dag.test(logical_date=LOGICAL, run_conf={"input": str(tmp_path / "in.jsonl"), "output_root": str(tmp_path),
                                                   "method": "deepen", "members": [MEMBER, "gemma3-270m"]})
     assert str(dr.state) == "failed"
-    assert states(dr) == {"plan": "failed", "fuse": "upstream_failed", "publish": "upstream_failed"}
+    assert states(dr) == {"plan": "failed", "calibrate": "upstream_failed", "fuse": "upstream_failed",
+                          "publish": "upstream_failed"}
     assert list(tmp_path.iterdir()) == []
     assert asset_events("ensemble_fuse.labels", dr.run_id) == []
 
@@ -75,7 +76,7 @@ def test_no_asset_without_a_committed_partition(load_dag, airflow_db, tmp_path, 
     other.mkdir()
     dag = load_dag("ensemble_labeling")
     dr = dag.test(logical_date=LOGICAL, run_conf={"overwrite": True}, mark_success_pattern="fuse")
-    assert states(dr) == {"plan": "success", "fuse": "success", "publish": "failed"}
+    assert states(dr) == {"plan": "success", "calibrate": "skipped", "fuse": "success", "publish": "failed"}
     assert asset_events("ensemble_fuse.labels", dr.run_id) == []
     assert not partition.exists() and other.is_dir()  # its own date only
     args = xcom(dr, "plan", "args")
@@ -86,6 +87,32 @@ def test_no_asset_without_a_committed_partition(load_dag, airflow_db, tmp_path, 
     assert args[args.index("--mode") + 1] == "label"
     assert xcom(dr, "plan", "conf") == {"spark.task.resource.gpu.amount": "1",
                                         "spark.executor.resource.gpu.amount": "1"}
+    assert xcom(dr, "plan", "calibrate") is None and "--profile" not in args  # no dev set: no calibration
+
+
+def test_a_dev_set_runs_calibration_before_the_job(load_dag, airflow_db, tmp_path, monkeypatch):
+    """With ensemble.dev_set, plan builds jobs.calibrate's command (the project's Python from the
+    Variable ensemble_spark_env, the profile under the partition) and the job's arguments take the
+    profile instead of method and members; calibrate runs before fuse (here both are marked
+    successful without running). Without the project's Python plan refuses the run before any work."""
+    monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_SPARK_ENV", json.dumps({"PYSPARK_DRIVER_PYTHON": "/opt/proj/bin/python"}))
+    conf = {"input": str(tmp_path / "in.jsonl"), "output_root": str(tmp_path / "out"),
+            "ensemble": {"method": "specfuse", "members": [MEMBER, "gemma3-270m"], "dev_set": str(tmp_path / "dev.jsonl")}}
+    dr = load_dag("ensemble_labeling").test(logical_date=LOGICAL, run_conf=conf, mark_success_pattern="calibrate|fuse")
+    assert states(dr) == {"plan": "success", "calibrate": "success", "fuse": "success", "publish": "failed"}
+    profile = str(tmp_path / "out" / "ds=2025-03-04" / "_calibration" / "profile.json")
+    assert xcom(dr, "plan", "calibrate") == [
+        "/opt/proj/bin/python", "-m", "jobs.calibrate", "--dev", str(tmp_path / "dev.jsonl"),
+        "--members", MEMBER, "gemma3-270m", "--method", "specfuse", "--output", profile,
+        "--batch-size", "8", "--max-prompt-tokens", "2048"]
+    args = xcom(dr, "plan", "args")
+    assert args[args.index("--profile") + 1] == profile and "--method" not in args and "--members" not in args
+
+    monkeypatch.setenv("AIRFLOW_VAR_ENSEMBLE_SPARK_ENV", json.dumps({}))
+    dr = load_dag("ensemble_labeling").test(logical_date=LOGICAL, run_conf=conf)
+    assert states(dr) == {"plan": "failed", "calibrate": "upstream_failed", "fuse": "upstream_failed",
+                          "publish": "upstream_failed"}
+    assert not (tmp_path / "out").exists()
 
 
 def sample_rows(*, choices: bool, n: int) -> list[dict]:
@@ -172,7 +199,8 @@ def test_end_to_end_labeling_on_local_spark(load_dag, spark_deployment, tmp_path
     t0 = time.perf_counter()
     dr = load_dag("ensemble_labeling").test(logical_date=LOGICAL, run_conf=conf)
     seconds = time.perf_counter() - t0
-    assert states(dr) == {"plan": "success", "fuse": "success", "publish": "success"}, states(dr)
+    assert states(dr) == {"plan": "success", "calibrate": "skipped", "fuse": "success", "publish": "success"}, \
+        states(dr)
 
     partition = root / "ds=2025-03-04"
     assert (partition / "_SUCCESS").is_file() and (partition / "summary.parquet").is_file()
@@ -216,7 +244,7 @@ def test_a_failed_job_publishes_nothing(load_dag, spark_deployment, tmp_path):
     dag.get_task("fuse").retries = 0
     dr = dag.test(logical_date=LOGICAL, run_conf=conf)
     assert str(dr.state) == "failed"
-    assert states(dr) == {"plan": "success", "fuse": "failed", "publish": "upstream_failed"}
+    assert states(dr) == {"plan": "success", "calibrate": "skipped", "fuse": "failed", "publish": "upstream_failed"}
     args = xcom(dr, "plan", "args")
     assert args[args.index("--max-fuser-error-rate") + 1] == "0.0"
     partition = root / "ds=2025-03-04"
