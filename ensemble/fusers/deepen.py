@@ -29,7 +29,8 @@ each member's prompt plus its longest choice once per choice, as label holds one
 Per-member statistics per row: calls, tokens in (prompt and re-tokenisation included), tokens out (the
 member's tokenisation of the final response), agreement (fraction of steps where the member's own top
 token and the fused token are, in bytes, one a prefix of the other; for an EOS step: the member's top
-is its own EOS), mean ``KL(q_i || q)``.
+is its own EOS), mean ``KL(q_i || q)``; in label mode also the member's own scores of the choices
+(``choice_probs`` and the rest, ``ensemble.scoring.choice_stats``), and no agreement or KL on a gated row.
 """
 from __future__ import annotations
 
