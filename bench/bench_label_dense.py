@@ -14,7 +14,7 @@ the search). Reported: chosen-label agreement (target >= 99%), forced-token log-
 differences, accuracy of each. With ``--ab``: the plain fuser (no slices) with the search's KL
 reduced by its mean (the reference) and by its sum, accuracy on the same dev items.
 
-    python bench/bench_label_dense.py [--per-task 50] [--slice-top 64] [--max-batch-tokens 2048] [--ab]
+    python bench/bench_label_dense.py [--per-task 50] [--slice-top 64] [--max-batch-tokens 8192] [--ab]
 
 Writes bench/results/label_dense.json and label_dense.md. Heavy: run it under ``flock /tmp/heavy.lock``.
 """
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-task", type=int, default=50)
     ap.add_argument("--slice-top", type=int, default=64)
-    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--max-batch-tokens", type=int, default=8192)
     ap.add_argument("--ab", action="store_true", help="also mean vs sum reduction, plain fuser, dev accuracy")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
