@@ -33,7 +33,7 @@ WEIGHT_TOL = 1e-4
 """How far from 1 member weights may sum (weights printed with 6 decimals, as bench/compat.py does,
 miss 1 by up to ~1.5e-6); within it they are rescaled to sum to 1 exactly."""
 
-OUTPUTS_VERSION = 1
+OUTPUTS_VERSION = 2
 """Version of the code that computes outputs. Bump it in any change that alters what a fuser or the
 job writes for the same configuration (another token, score or statistic for some row): it enters the
 job's ``config_hash``, so that a resumed run never keeps rows computed by another version."""
