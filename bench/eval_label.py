@@ -361,6 +361,9 @@ def offline(per_row: dict[str, dict[str, dict]], rows: list[dict]) -> dict[str, 
                      for n in dict.fromkeys(n for p in posts[m] for n in p)} for m in members}
         if any(norms.values()):
             res[t]["norms"] = norms
+            res[t]["norms_ece"] = {m: {n: ece([max(p[n]) for p in posts[m] if n in p],
+                                              [best(p[n]) == g for p, g in zip(posts[m], golds) if n in p])
+                                       for n in v} for m, v in norms.items()}
         shared = set.intersection(*(set(v) for v in norms.values())) if len(members) == len(MEMBERS) else set()
         pools = {}
         for n in sorted(shared):
@@ -426,8 +429,9 @@ def markdown(report: dict) -> str:
         norm_rows = sorted({(m, n) for t in task_names for m, v in off[t].get("norms", {}).items() for n in v},
                            key=lambda mn: (MEMBERS.index(mn[0]), CHOICE_NORMS.index(mn[1])))
         for m, n in norm_rows:
-            md.append(f"| {m}, norm {n} | " + " | ".join(_pct(off[t].get("norms", {}).get(m, {}).get(n))
-                                                          for t in task_names) + " |")
+            md.append(f"| {m}, norm {n}: accuracy (ECE) | " + " | ".join(
+                f"{_pct(off[t].get('norms', {}).get(m, {}).get(n))} ({_pct(off[t].get('norms_ece', {}).get(m, {}).get(n))})"
+                for t in task_names) + " |")
         for k in sorted({k for t in task_names for k in off[t].get("pools", {})}):
             md.append(f"| pool {k} (uniform) | " + " | ".join(_pct(off[t].get("pools", {}).get(k))
                                                              for t in task_names) + " |")
