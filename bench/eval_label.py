@@ -321,6 +321,7 @@ def task_measures(per_row: dict[str, dict], ids: list[str]) -> dict:
     items = [per_row[i] for i in ids]
     ok = [o for o in items if o["error"] is None]
     return {"n": len(items), "accuracy": sum(o["correct"] for o in items) / len(items), "errors": len(items) - len(ok),
+            "delta": None, "delta_lo": None, "delta_hi": None, "calls_ratio": None, "time_ratio": None,
             "ece": ece([o["conf"] for o in ok], [o["correct"] for o in ok]) if ok else None,
             "calls_per_item": statistics.fmean(o["calls"] for o in ok) if ok else None,
             "ms_per_item": statistics.fmean(o["ms"] for o in ok if o["ms"] is not None) if ok else None}
@@ -389,10 +390,12 @@ def _ratio(x: float | None) -> str:
 def markdown(report: dict) -> str:
     task_names, res, best = report["tasks"], report["results"], report["best_on_dev"]
     split = report["split"]
+    chosen = (f"Best member on dev (per task, among {', '.join(report['dev_accuracy'])}): "
+              + ", ".join(f"{t} {best[t]}" for t in task_names) + "." if best
+              else "No member has dev outputs: no best-on-dev member.")
     md = [f"Split **{split}**: " + ", ".join(f"{t} {report['n'][t]}" for t in task_names) + " items. "
           f"Members' labels: {'as run' if report['member_norm'] == 'run' else 'norm ' + report['member_norm']}. "
-          f"Best member on dev (per task, among {', '.join(report['dev_accuracy'])}): "
-          + ", ".join(f"{t} {best[t]}" for t in task_names) + ".", "",
+          + chosen, "",
           "Accuracy (%) and, in brackets, the difference from the best-on-dev member in points with its "
           f"paired-bootstrap 95% interval ({N_BOOT} resamples, seed {BOOT_SEED}); errors count as wrong.", "",
           "| system | " + " | ".join(task_names) + " | mean |", "|" + "---|" * (len(task_names) + 2)]
@@ -459,6 +462,8 @@ def plot(report: dict, path: Path) -> None:
     for k, name in enumerate(names):
         r = report["results"][name]
         xs = [i - 0.4 + (k + 0.5) * width for i in range(len(task_names))]
+        if any(r[t]["delta"] is None for t in task_names):
+            continue
         ys = [100 * r[t]["delta"] for t in task_names]
         err = [[100 * (r[t]["delta"] - r[t]["delta_lo"]) for t in task_names],
                [100 * (r[t]["delta_hi"] - r[t]["delta"]) for t in task_names]]
@@ -467,7 +472,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(range(len(task_names)), task_names, rotation=20)
     ax.set_ylabel("accuracy − best-on-dev member's (points)")
     ax.set_title(f"{report['split']} split: difference from the best member on dev, paired-bootstrap 95% intervals")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -539,16 +545,20 @@ def collect(systems: dict[str, System], task_names: list[str], split: str, rows:
             if got is not None:
                 dev_acc[m] = {t: task_measures(got, [r["id"] for r in dev_rows if r["task"] == t])["accuracy"]
                               for t in task_names}
-    try:
-        best = best_on_dev(dev_acc, task_names)
-    except ValueError as exc:
-        raise SystemExit(f"run members on the dev split first ({exc})") from exc
-    missing = [m for m in set(best.values()) if m not in per_row]
-    if missing:
-        raise SystemExit(f"the best-on-dev members {missing} have no complete outputs on {split}: run them first")
     ids = {t: [r["id"] for r in rows if r["task"] == t] for t in task_names}
-    per_row[BEST] = {i: per_row[best[t]][i] for t in task_names for i in ids[t]}
-    order = [BEST] + [n for n in per_row if n != BEST]
+    best: dict[str, str] = {}
+    if dev_acc:
+        try:
+            best = best_on_dev(dev_acc, task_names)
+        except ValueError as exc:
+            raise SystemExit(f"run members on the dev split first ({exc})") from exc
+        missing = [m for m in set(best.values()) if m not in per_row]
+        if missing:
+            raise SystemExit(f"the best-on-dev members {missing} have no complete outputs on {split}: run them first")
+        per_row[BEST] = {i: per_row[best[t]][i] for t in task_names for i in ids[t]}
+    else:
+        log.warning("no member has outputs on the dev split: no best-on-dev member, differences or ratios")
+    order = [BEST] * bool(best) + [n for n in per_row if n != BEST]
     results = {n: {t: task_measures(per_row[n], ids[t]) for t in task_names} for n in order}
     compare(results, per_row, ids, best)
     return {"split": split, "tasks": task_names, "n": {t: len(ids[t]) for t in task_names}, "best_on_dev": best,

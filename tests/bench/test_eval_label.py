@@ -174,3 +174,18 @@ def test_relabel_recomputes_a_members_labels_under_a_norm():
     assert el.relabel({"t/0": ok, "t/1": err}, rows, "sum")["t/0"]["label"] == "ab"
     with pytest.raises(ValueError, match="row 't/0' has no choice scores for norm 'pmi'"):
         el.relabel({"t/0": {**ok, "stats": [{**scores, "choice_neutral": None}]}, "t/1": err}, rows, "pmi")
+
+
+def test_a_report_without_member_dev_outputs_has_no_comparisons(tmp_path, monkeypatch):
+    rows = [{"id": f"t/{i}", "task": "t", "prompt": "p", "choices": ["x", "y"], "gold": "x"} for i in range(3)]
+    monkeypatch.setattr(el, "build_rows", lambda names, split, cap: rows)
+    systems = {k: el.System(k, v) for k, v in el.SYSTEMS.items()}
+    _write(el.output_dirs(systems["deepen"], ["t"], tmp_path / "dev")["t"], rows, ["x", "y", "x"],
+           [[0.6, 0.4], [0.3, 0.7], [0.9, 0.1]], ms=500.0, calls=[3] * 3)
+    rep = el.collect(systems, ["t"], "dev", rows, tmp_path, None)
+    assert rep["best_on_dev"] == {} and list(rep["results"]) == ["deepen"]
+    assert rep["results"]["deepen"]["t"]["accuracy"] == pytest.approx(2 / 3)
+    assert rep["results"]["deepen"]["t"]["delta"] is None
+    md = el.markdown({**rep, "command": "x"})
+    assert "no best-on-dev member" in md and "| deepen | 66.7 (– [–, –]) |" in md
+    el.plot(rep, tmp_path / "p.png")
