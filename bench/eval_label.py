@@ -140,28 +140,24 @@ def ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BI
     return float(total)
 
 
-def norm_picks(stats: dict, choices: Sequence[str]) -> dict[str, int]:
-    """A member's pick under every normalisation it has the scores for (``ensemble.labeling``), from
-    its ``member_stats`` entry; {} when the entry has no ``choice_logprobs``."""
-    if not stats.get("choice_logprobs"):
-        return {}
-    from ensemble.labeling import CHOICE_NORMS, ChoiceScores, best, posterior
-
-    s = ChoiceScores(logprob=tuple(stats["choice_logprobs"]), tokens=tuple(stats["choice_tokens"]),
-                     chars=tuple(len(c) for c in choices),
-                     neutral=tuple(stats["choice_neutral"]) if stats.get("choice_neutral") else None)
-    return {n: best(posterior(s, n)) for n in CHOICE_NORMS if n != "pmi" or s.neutral is not None}
-
-
 def norm_posteriors(stats: dict, choices: Sequence[str]) -> dict[str, list[float]]:
+    """A member's posterior under every normalisation it has the scores for (``ensemble.labeling``),
+    from its ``member_stats`` entry; {} when the entry has no ``choice_logprobs``."""
     if not stats.get("choice_logprobs"):
         return {}
-    from ensemble.labeling import CHOICE_NORMS, ChoiceScores, posterior
+    from ensemble.labeling import ChoiceScores, posterior
 
     s = ChoiceScores(logprob=tuple(stats["choice_logprobs"]), tokens=tuple(stats["choice_tokens"]),
                      chars=tuple(len(c) for c in choices),
                      neutral=tuple(stats["choice_neutral"]) if stats.get("choice_neutral") else None)
     return {n: posterior(s, n) for n in CHOICE_NORMS if n != "pmi" or s.neutral is not None}
+
+
+def norm_picks(stats: dict, choices: Sequence[str]) -> dict[str, int]:
+    """A member's pick under every normalisation it has the scores for (see :func:`norm_posteriors`)."""
+    from ensemble.labeling import best
+
+    return {n: best(p) for n, p in norm_posteriors(stats, choices).items()}
 
 
 def relabel(per_row: dict[str, dict], rows: list[dict], norm: str) -> dict[str, dict]:
