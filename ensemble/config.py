@@ -10,7 +10,8 @@ Field metadata (set with :func:`knob`) read by the job:
 - ``flag``: the job's flag for the field when it is not ``--`` + the kebab-case field name. DeePEn's
   own settings are all spelt ``--deepen-<name>`` (``topk`` is ``--deepen-topk``, never confused with
   sampling's ``--top-k``); SpecFuse's keep their names (``segment_tokens``, ``exit_*`` exist only in
-  SpecFuse) except ``max_rounds`` (``--specfuse-max-rounds``, not a job budget). ``main`` and
+  SpecFuse) except ``max_rounds`` (``--specfuse-max-rounds``, not a job budget) and ``self_score``
+  (``--specfuse-self-score``). ``main`` and
   ``weights`` are the ensemble's ``--main`` / ``--weights``, shared by the methods that take them.
 - ``choices``: the allowed values of a string field.
 - ``hashed``: False for a field that changes speed or memory and never outputs; every other field
@@ -267,6 +268,10 @@ class DeePEnConfig:
 
 
 # ---- SpecFuse -------------------------------------------------------------------------------------
+EXIT_RULES = ("rank", "softmax")
+"""SpecFuse's model-exit rules (``SpecFuseConfig.exit_rule``; ``ensemble.segments``)."""
+
+
 @dataclass(frozen=True)
 class SpecFuseConfig:
     """Knobs of SpecFuse (validated; errors name the field and the value). SpecFuse has no main member:
@@ -276,14 +281,26 @@ class SpecFuseConfig:
     """L: the most tokens a member drafts per round (5-15 is the useful range)."""
     exit: bool = True
     """Model exit on or off."""
+    exit_rule: str = knob("rank", choices=EXIT_RULES)
+    """Model-exit rule (docs/algorithms.md): 'rank' exits a member whose candidate ranked last
+    significantly more often than 1/n in its last exit_window rounds while winning none of them
+    (exit_alpha); 'softmax' is the legacy rule (exit_delta, exit_min_temperature), which rarely fires."""
+    exit_window: int = 4
+    """Rule 'rank': the member's last rounds the test looks at (>= 1)."""
+    exit_alpha: float = 0.1
+    """Rule 'rank': a member exits when the p-value of its last places is <= exit_alpha; in [0, 1] (0: never)."""
     exit_delta: float = 0.5
-    """A member exits when its exit probability is below exit_delta / n_active; in [0, 1] (0: never)."""
+    """Rule 'softmax': a member exits when its exit probability is below exit_delta / n_active; in
+    [0, 1] (0: never)."""
     exit_min_rounds: int = 2
     """R_min: exits are first considered after this many rounds (and never before round 1)."""
     weights: tuple[float, ...] | None = knob(None, flag="--weights", group="ensemble")
     """Member weights (non-negative, one per member, summing to 1); None is uniform."""
     exit_min_temperature: float = 0.05
-    """Floor of the entropy-set exit temperature."""
+    """Rule 'softmax': floor of the entropy-set exit temperature."""
+    self_score: bool = knob(True, flag="--specfuse-self-score")
+    """Whether a member's score of its own candidate counts in the ranking (as the public SpecEM code
+    does); off: each candidate is ranked by the other members only."""
     max_rounds: int | None = knob(None, flag="--specfuse-max-rounds")
     """Most rounds per row; None: 2 * max_new_tokens of the row (a guard against rounds that add no
     main-member tokens)."""
@@ -296,8 +313,13 @@ class SpecFuseConfig:
             raise ValueError(f"segment_tokens must be >= 1, got {self.segment_tokens!r}")
         if not isinstance(self.exit, bool):
             raise ValueError(f"exit must be a bool, got {self.exit!r}")
+        check_choice(self, "exit_rule")
+        _int_at_least(self, "exit_window", 1)
+        _number(self, "exit_alpha", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _number(self, "exit_delta", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _int_at_least(self, "exit_min_rounds", 0)
+        if not isinstance(self.self_score, bool):
+            raise ValueError(f"self_score must be a bool, got {self.self_score!r}")
         object.__setattr__(self, "weights", _check_weights(self.weights))
         _number(self, "exit_min_temperature", "> 0", lambda v: v > 0)
         _int_at_least(self, "max_rounds", 1, optional=True)
@@ -368,7 +390,7 @@ def hashed_fields(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "DecodeParams", "DeePEnConfig", "EosPolicy", "FUSERS", "MAX_BATCH_TOKENS",
+    "DecodeParams", "DeePEnConfig", "EXIT_RULES", "EosPolicy", "FUSERS", "MAX_BATCH_TOKENS",
     "MAX_SEED", "METHODS", "Method", "OUTPUTS_VERSION", "POOLS", "ROW_STORES", "SpecFuseConfig", "WEIGHT_TOL",
     "check_batch_tokens", "flag_of", "fuser_config", "hashed_fields", "knob", "normalise_weights",
     "pack", "per_row",

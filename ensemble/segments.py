@@ -14,15 +14,39 @@ Contracts:
   draft (a member re-drafting from there reproduces its own greedy output token for token).
 - :func:`segment_score` ``(logprobs) -> float``: mean token probability ``mean(exp(logprobs))``;
   0.0 for an empty segment.
-- :func:`rank` ``(scores, weights) -> (final, winner)``: ``scores[j][c]`` is verifier j's score of
-  candidate c (in a round the matrix is square and its diagonal holds the self-scores). Each
-  verifier row is normalised to sum to 1 over the candidates (a row of zeros becomes uniform);
-  ``final[c] = sum_j w_j * normalised[j][c]`` with the weights renormalised over the active
-  members (all zero: uniform). ``final`` sums to 1. The winner is the argmax; exact ties go to the
-  lower index.
-- :func:`exit_mask` ``(quality, delta, min_temperature) -> exits``: the model-exit rule below.
+- :func:`rank` ``(scores, weights, self_score=True) -> (final, winner)``: ``scores[j][c]`` is
+  verifier j's score of candidate c (in a round the matrix is square and its diagonal holds the
+  self-scores). Each verifier row is normalised to sum to 1 over the candidates (a row of zeros
+  becomes uniform); ``final[c] = sum_j w_j * normalised[j][c]`` with the weights renormalised over
+  the active members (all zero: uniform). With ``self_score=False`` (square matrices only) a
+  candidate's own member does not vote for it: ``final[c]`` is the weighted mean over the verifiers
+  j != c (weights renormalised over them), each verifier's row still normalised over all candidates,
+  its own included, so its vote for c is relative to its own draft; ``final`` is then renormalised.
+  ``final`` sums to 1. The winner is the argmax; exact ties go to the lower index.
+- :func:`round_outcomes` ``(final, winner) -> [Outcome]``: each candidate's place in one round (won,
+  ranked last, number of candidates), the record the rank exit rule tests.
+- :func:`rank_exit_mask` ``(histories, window, alpha) -> exits``: the default model-exit rule
+  ('rank', below); :func:`exit_mask` ``(quality, delta, min_temperature) -> exits``: the legacy rule
+  ('softmax', below).
 
-Model exit (per row, evaluated after the ranking of every round t >= max(1, R_min)):
+Model exit, rule 'rank' (the default; per row, after the ranking of every round t >= max(1, R_min)):
+a sequential test of "this member's candidate ranks last no more often than chance". In a round with
+n active members, a member *ranks last* when its final score is below every other candidate's by more
+than :data:`LAST_MARGIN` (exact and near ties are nobody's last place, so identical members never rank
+last). Over the member's last ``m = min(window, rounds it was active)`` rounds, let ``k`` be how often
+it ranked last. Under the null hypothesis that it is as good as the others, each round it ranks last
+with probability ``1/n_t`` (n_t: the members active in that round), independently, so the p-value of
+its record is ``P(K >= k)`` for K a sum of Bernoulli(1/n_t) (binomial when n did not change;
+:func:`last_place_pvalue`). The member exits when it won none of those m rounds, ranked last at least
+once, and the p-value is <= ``alpha``. The rule looks only at a fixed window of recent rounds, so
+the evidence it needs is the same in a 5-round and a 50-round answer; ``alpha`` bounds the chance
+that one check removes a member no worse than the others (the no-win guard makes it stricter still).
+A member never exits in a round its candidate won (that round is in the window), and the winner of
+every round stays, so the last active member never exits (the function also guarantees it
+explicitly). With three members, window 4 and alpha 0.1: three last places in its first three rounds
+(p = 1/27), or four in four, remove a member; with two, four straight losses (p = 1/16).
+
+Model exit, rule 'softmax' (the legacy rule, selectable; evaluated at the same rounds):
 ``Q_i`` is member i's cumulative quality, the sum over rounds of its candidate's final score. Over
 the n >= 2 active members (all of which have been active in every round so far, so their Q are
 comparable), let ``s = Q / sum(Q)`` (uniform if sum(Q) == 0) and ``H(s) = -sum_i s_i ln s_i`` its
@@ -32,11 +56,14 @@ high entropy, hence a high temperature and a flat p: nobody exits. When a few me
 of the quality the entropy falls, T falls with it and p sharpens, so persistent losers drop below
 ``delta / n``. Because Q grows with every round, a member that keeps trailing by the same margin
 eventually exits. With ``delta <= 1`` the member with the largest p never exits (``max p >= 1/n``);
-the function also guarantees it explicitly, so the last active member never exits.
+the function also guarantees it explicitly, so the last active member never exits. This rule
+practically never fires: with shares near 1/n the entropy stays near ln n, so T does too, and a
+member trailing by a typical margin needs far more rounds than an answer has (docs/algorithms.md).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -87,23 +114,104 @@ def _normalised(values: Sequence[float]) -> list[float]:
     return [v / total for v in values]
 
 
-def rank(scores: Sequence[Sequence[float]], weights: Sequence[float]) -> tuple[list[float], int]:
+def rank(scores: Sequence[Sequence[float]], weights: Sequence[float],
+         self_score: bool = True) -> tuple[list[float], int]:
     """Final scores of the candidates from a verifier-by-candidate score matrix, and the winner.
 
     ``scores[j][c]``: verifier j's mean token probability of candidate c (in a propose/verify round
     the matrix is square and ``scores[c][c]`` is c's self-score; for labeling the candidates are the
-    choices); ``weights[j]``: the verifiers' member weights (renormalised here).
+    choices); ``weights[j]``: the verifiers' member weights (renormalised here); ``self_score``: False
+    leaves each candidate's own member out of its final score (square matrices only; see the module
+    docstring).
     """
     n_cand = len(scores[0]) if len(scores) else 0
     if n_cand == 0 or any(len(row) != n_cand for row in scores):
         raise ValueError(f"scores must be a non-empty verifier x candidate matrix, got row lengths {[len(r) for r in scores]}")
     if len(weights) != len(scores):
         raise ValueError(f"weights must have one entry per verifier ({len(scores)}), got {len(weights)}")
-    w = _normalised([float(x) for x in weights])  # (n_verifiers,)
+    if not self_score and len(scores) != n_cand:
+        raise ValueError(f"self_score=False needs a square matrix (one verifier per candidate), got "
+                         f"{len(scores)} verifiers x {n_cand} candidates")
     rows = [_normalised([float(v) for v in row]) for row in scores]  # (n_verifiers, n_cand), rows sum to 1
-    final = [math.fsum(w[j] * rows[j][c] for j in range(len(rows))) for c in range(n_cand)]  # (n_cand,)
+    if self_score or n_cand == 1:
+        w = _normalised([float(x) for x in weights])  # (n_verifiers,)
+        final = [math.fsum(w[j] * rows[j][c] for j in range(len(rows))) for c in range(n_cand)]  # (n_cand,)
+    else:
+        votes = []
+        for c in range(n_cand):
+            others = [j for j in range(n_cand) if j != c]
+            w = _normalised([float(weights[j]) for j in others])  # (n_cand - 1,)
+            votes.append(math.fsum(wj * rows[j][c] for wj, j in zip(w, others)))
+        final = _normalised(votes)
     winner = max(range(n_cand), key=lambda c: (final[c], -c))
     return final, winner
+
+
+# ---- model exit, rule 'rank' -------------------------------------------------------------------
+LAST_MARGIN = 1e-4
+"""How far (in final score, a share of 1) a candidate must trail every other one to rank last: near
+ties from float noise (a member's self-score and another's score of the same tokens) are no one's
+last place."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One member's place in one round: ``n`` candidates, ``won``, ``last`` (see the module docstring)."""
+
+    n: int
+    won: bool
+    last: bool
+
+
+def round_outcomes(final: Sequence[float], winner: int, margin: float = LAST_MARGIN) -> list[Outcome]:
+    """Each candidate's :class:`Outcome` of one round from its final scores and the winner's index."""
+    n = len(final)
+    out = []
+    for c in range(n):
+        rest = [final[d] for d in range(n) if d != c]
+        last = bool(rest) and final[c] < min(rest) - margin
+        out.append(Outcome(n=n, won=c == winner, last=last))
+    return out
+
+
+def last_place_pvalue(ns: Sequence[int], k: int) -> float:
+    """``P(K >= k)`` for K the number of last places in rounds with ``ns[t]`` candidates, each round
+    last with probability ``1 / ns[t]`` independently (the rank rule's null hypothesis)."""
+    dist = [1.0]  # dist[x] = P(x last places so far)
+    for n in ns:
+        q = 1.0 / n
+        nxt = [0.0] * (len(dist) + 1)
+        for x, p in enumerate(dist):
+            nxt[x] += p * (1.0 - q)
+            nxt[x + 1] += p * q
+        dist = nxt
+    return min(1.0, math.fsum(dist[max(k, 0):]))
+
+
+def rank_exit_pvalue(history: Sequence[Outcome], window: int) -> float | None:
+    """The p-value of a member's last ``window`` rounds, or None when they hold a win or no last
+    place (nothing to test)."""
+    recent = [o for o in history[-window:] if o.n >= 2]
+    k = sum(o.last for o in recent)
+    if k == 0 or any(o.won for o in recent):
+        return None
+    return last_place_pvalue([o.n for o in recent], k)
+
+
+def rank_exit_mask(histories: Sequence[Sequence[Outcome]], window: int, alpha: float) -> list[bool]:
+    """Which of the active members exit now under rule 'rank' (True = exits); ``histories[i]`` is
+    member i's outcomes in the rounds it was active, oldest first. Fewer than two members: nobody."""
+    n = len(histories)
+    if n < 2 or alpha <= 0:
+        return [False] * n
+    pvals = [rank_exit_pvalue(h, window) for h in histories]
+    exits = [p is not None and p <= alpha for p in pvals]
+    if all(exits):  # unreachable while every round has a winner; kept as the stated guarantee
+        exits[max(range(n), key=lambda i: (pvals[i], -i))] = False
+    return exits
+
+
+# ---- model exit, rule 'softmax' (legacy) ----------------------------------------------------------
 
 
 def exit_temperature(quality: Sequence[float], min_temperature: float) -> float:

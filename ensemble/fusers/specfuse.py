@@ -14,16 +14,22 @@ generate(prompts, params) runs rounds over each row's shared response until the 
    tokenisation of the candidate text (exactly the proposer's ids when the vocabularies are equal),
    followed by the verifier's EOS id when the candidate ended with EOS.
 3. Rank: :func:`ensemble.segments.rank` (per-verifier normalisation, weighted mean, ties to the
-   lower member index); the member weights are renormalised over the row's active members.
+   lower member index); the member weights are renormalised over the row's active members. With
+   ``self_score`` off a candidate is ranked by the other members' scores only.
 4. Broadcast: the winner's text extends the response. The proposer, and members with the same
    vocabulary and the same accepted tokens, append the winner's token ids exactly; the others
    re-tokenise only the unstable tail (``TokenTrack.sync``) and roll their cache back
    (``Member.feed(rollback=...)``). Nothing is re-encoded from the start.
-5. Model exit: :func:`ensemble.segments.exit_mask` after every round t >= max(1, exit_min_rounds):
-   cumulative quality Q = sum of a member's final scores; T = max(exit_min_temperature, entropy in
-   nats of Q / sum(Q)); p = softmax(Q / T); a member exits the row when p_i < exit_delta / n_active;
-   the last active member never exits. An exited member's row is dropped from its state: it neither
-   proposes nor verifies again. Rows are independent: each has its own active set, rounds and stop.
+5. Model exit, after every round t >= max(1, exit_min_rounds), by ``exit_rule``: 'rank' (default,
+   :func:`ensemble.segments.rank_exit_mask`): each round records every active member's place
+   (:func:`~ensemble.segments.round_outcomes`: won, ranked last); a member exits when it won none of
+   its last ``exit_window`` rounds and its last places in them have a p-value <= ``exit_alpha``
+   against the chance rate 1/n. 'softmax' (legacy, :func:`ensemble.segments.exit_mask`): cumulative
+   quality Q = sum of a member's final scores; T = max(exit_min_temperature, entropy in nats of
+   Q / sum(Q)); p = softmax(Q / T); a member exits when p_i < exit_delta / n_active. Under both rules
+   the round's winner never exits, so the last active member never does. An exited member's row is
+   dropped from its state: it neither proposes nor verifies again. Rows are independent: each has
+   its own active set, rounds, exit record and stop.
 6. Stop (per row): the winner ended with EOS (``stop``), the response contains a stop string (cut
    before it, ``stop``), the main (first) member's tokenisation of the response reaches
    ``max_new_tokens`` (truncated to it, ``length``), or ``max_rounds`` rounds (``length``).
@@ -67,7 +73,7 @@ from ensemble.labeling import LabelParams, gate, pool
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
 from ensemble.scoring import choice_stats, score_choices
-from ensemble.segments import exit_mask, rank, segment_score, trim_to_word
+from ensemble.segments import Outcome, exit_mask, rank, rank_exit_mask, round_outcomes, segment_score, trim_to_word
 from ensemble.text import TokenTrack
 from ensemble.utf8 import complete_utf8_prefix, valid_utf8
 
@@ -103,13 +109,14 @@ class _Row:
     stats: list[MemberStats] = field(default_factory=list)
     quality: list[float] = field(default_factory=list)
     score_sum: list[float] = field(default_factory=list)
+    outcomes: list[list[Outcome]] = field(default_factory=list)  # per member, its active rounds
 
 
 class SpecFuse(ConfiguredFuser):
     """Segment-level ensemble of heterogeneous members with model exit (see the module docstring).
 
-    ``SpecFuse(members, segment_tokens=, exit=, exit_delta=, exit_min_rounds=, weights=, ...,
-    max_batch_tokens=)``: the keywords are :class:`~ensemble.config.SpecFuseConfig`'s fields;
+    ``SpecFuse(members, segment_tokens=, exit=, exit_rule=, exit_window=, exit_alpha=, weights=,
+    self_score=, ..., max_batch_tokens=)``: the keywords are :class:`~ensemble.config.SpecFuseConfig`'s fields;
     ``SpecFuse.from_config(members, config)``."""
 
     name = "specfuse"
@@ -188,6 +195,7 @@ class SpecFuse(ConfiguredFuser):
                                proposed=0, accepted=0, rounds_active=0) for i, m in enumerate(self._members)],
             quality=[0.0] * n,
             score_sum=[0.0] * n,
+            outcomes=[[] for _ in range(n)],
         )
 
     def _propose(self, i: int, state: RowBatch, rows: list[_Row]) -> list[_Candidate]:
@@ -265,8 +273,10 @@ class SpecFuse(ConfiguredFuser):
         """Rank one row's candidates, update statistics and exits, extend the response, decide the stop."""
         cfg, act = self.config, sorted(cands)
         matrix = [[cands[c].self_score if j == c else verdicts[(j, c)] for c in act] for j in act]
-        final, w = rank(matrix, [self.weights[j] for j in act])
+        final, w = rank(matrix, [self.weights[j] for j in act], cfg.self_score)
         winner = cands[act[w]]
+        for i, outcome in zip(act, round_outcomes(final, w)):
+            row.outcomes[i].append(outcome)
         row.rounds += 1
         for k, i in enumerate(act):
             st = row.stats[i]
@@ -277,9 +287,9 @@ class SpecFuse(ConfiguredFuser):
             row.quality[i] += final[k]
             st.mean_score = row.score_sum[i] / st.proposed
         row.stats[winner.member].accepted += 1
-        if cfg.exit and cfg.exit_delta > 0 and row.rounds >= max(1, cfg.exit_min_rounds):
-            for i, out in zip(act, exit_mask([row.quality[i] for i in act], cfg.exit_delta, cfg.exit_min_temperature)):
-                if out:
+        if cfg.exit and row.rounds >= max(1, cfg.exit_min_rounds):
+            for i, out in zip(act, self._exits(row, act)):
+                if out and i != winner.member:  # the round's winner never exits
                     row.active[i] = False
                     row.stats[i].exit_round = row.rounds
                     log.debug("member %s exits after round %d", self._members[i].name, row.rounds)
@@ -290,6 +300,15 @@ class SpecFuse(ConfiguredFuser):
             for i in range(len(self._members)):
                 if row.active[i]:
                     row.pending[i] = main if i == 0 else self._extend(i, row, winner)
+
+    def _exits(self, row: _Row, act: list[int]) -> list[bool]:
+        """Which of the row's active members ``act`` the configured exit rule removes now."""
+        cfg = self.config
+        if cfg.exit_rule == "rank":
+            return rank_exit_mask([row.outcomes[i] for i in act], cfg.exit_window, cfg.exit_alpha)
+        if cfg.exit_delta == 0:
+            return [False] * len(act)
+        return exit_mask([row.quality[i] for i in act], cfg.exit_delta, cfg.exit_min_temperature)
 
     def _extend(self, i: int, row: _Row, winner: _Candidate) -> tuple[int, list[int]]:
         """Bring member i's token track to the new response; return (rollback, new ids) to feed."""

@@ -5,11 +5,16 @@ import pytest
 import torch
 
 from ensemble.segments import (
+    LAST_MARGIN,
+    Outcome,
     ends_inside_word,
     exit_mask,
     exit_probabilities,
     exit_temperature,
+    last_place_pvalue,
     rank,
+    rank_exit_mask,
+    round_outcomes,
     segment_score,
     trim_to_word,
 )
@@ -119,3 +124,70 @@ def test_the_last_member_never_exits():
         for delta in (0.5, 1.0, 3.0):  # delta > 1 would otherwise remove everyone
             assert not all(exit_mask(q, delta, 0.05))
     assert exit_mask([0.3, 0.3], 3.0, 0.05) == [False, True]  # ties keep the lower index
+
+
+# ---- rank without self-scores; the exit rule 'rank' ------------------------------------------------
+def test_rank_without_self_scores():
+    scores = [[0.9, 0.1, 0.1], [0.8, 0.2, 0.4], [0.2, 0.1, 0.7]]
+    final, winner = rank(scores, [1 / 3] * 3, self_score=False)
+    rows = [[v / sum(r) for v in r] for r in scores]
+    votes = [(rows[1][0] + rows[2][0]) / 2, (rows[0][1] + rows[2][1]) / 2, (rows[0][2] + rows[1][2]) / 2]
+    assert final == pytest.approx([v / sum(votes) for v in votes]) and winner == 0
+    # a member that loves its own draft cannot vote it in
+    loud = [[0.1, 0.8, 0.4], [0.8, 0.1, 0.4], [0.7, 0.2, 0.9]]  # member 2 rates its own draft highest
+    assert rank(loud, [1 / 3] * 3)[1] == 2 and rank(loud, [1 / 3] * 3, self_score=False)[1] == 0
+    assert rank([[0.4]], [1.0], self_score=False) == ([1.0], 0)
+    with pytest.raises(ValueError, match="self_score=False needs a square matrix"):
+        rank([[0.1, 0.3, 0.6], [0.2, 0.2, 0.2]], [0.5, 0.5], self_score=False)
+
+
+def test_round_outcomes_last_place_is_strict():
+    assert round_outcomes([0.5, 0.3, 0.2], 0) == [Outcome(3, True, False), Outcome(3, False, False), Outcome(3, False, True)]
+    # equal or nearly equal scores are nobody's last place (identical members never rank last)
+    assert not any(o.last for o in round_outcomes([1 / 3] * 3, 0))
+    assert not any(o.last for o in round_outcomes([0.5, 0.5 - LAST_MARGIN / 2], 0))
+    assert [o.last for o in round_outcomes([0.6, 0.2, 0.2], 0)] == [False, False, False]  # a tie for last
+    assert round_outcomes([1.0], 0) == [Outcome(1, True, False)]
+
+
+def test_last_place_pvalue_is_the_binomial_tail():
+    assert last_place_pvalue([3, 3, 3], 3) == pytest.approx(1 / 27)
+    assert last_place_pvalue([3] * 4, 3) == pytest.approx(4 * (1 / 27) * (2 / 3) + 1 / 81)
+    assert last_place_pvalue([2] * 4, 4) == pytest.approx(1 / 16)
+    assert last_place_pvalue([3, 2], 2) == pytest.approx(1 / 6)  # Poisson-binomial when n changed
+    assert last_place_pvalue([3, 3], 0) == 1.0 and last_place_pvalue([], 1) == 0.0
+
+
+def _history(*places: str, n: int = 3) -> list[Outcome]:
+    """'w' won, 'l' ranked last, 'm' in between."""
+    return [Outcome(n, p == "w", p == "l") for p in places]
+
+
+def test_rank_exit_rule():
+    fair = _history("w", "m", "l")
+    # three straight last places out of three: p = 1/27 <= 0.1 exits; three of four: p = 0.11 does not
+    assert rank_exit_mask([fair, fair, _history("l", "l", "l")], 4, 0.1) == [False, False, True]
+    assert rank_exit_mask([fair, fair, _history("m", "l", "l", "l")], 4, 0.1) == [False, False, False]
+    assert rank_exit_mask([fair, fair, _history("m", "l", "l", "l")], 4, 0.12) == [False, False, True]
+    # a win in the window keeps the member, however often it ranked last; out of the window it counts no more
+    assert rank_exit_mask([fair, fair, _history("w", "l", "l", "l")], 4, 0.5) == [False, False, False]
+    assert rank_exit_mask([fair, fair, _history("w", "l", "l", "l", "l")], 4, 0.1) == [False, False, True]
+    # never last, never winning: no evidence of last places, no exit
+    assert rank_exit_mask([fair, fair, _history(*"mmmmmm")], 4, 1.0) == [False, False, False]
+    # alpha 0 never exits; fewer than two members: nobody
+    assert rank_exit_mask([fair, _history("l", "l", "l")], 4, 0.0) == [False, False]
+    assert rank_exit_mask([_history("l", "l")], 4, 1.0) == [False]
+
+
+def test_rank_exit_rule_does_not_depend_on_the_answer_length():
+    # the same recent record decides after 4 rounds and after 40
+    recent = ["l", "l", "l", "l"]
+    short, long = _history(*recent, n=2), _history(*(["w", "l"] * 18 + recent), n=2)
+    assert rank_exit_mask([_history(*"wwww", n=2), short], 4, 0.1) == [False, True]
+    assert rank_exit_mask([_history(*("lw" * 18 + "wwww"), n=2), long], 4, 0.1) == [False, True]
+
+
+def test_rank_rule_the_last_member_never_exits():
+    # every member's record would exit it: the one with the weakest evidence stays (ties: lower index)
+    assert rank_exit_mask([_history("l", "l", "l"), _history("l", "l", "l")], 4, 1.0) == [False, True]
+    assert rank_exit_mask([_history("l", "l", "l"), _history("m", "l", "l")], 4, 1.0) == [True, False]

@@ -172,9 +172,10 @@ def test_segments_are_cut_to_whole_words():
     assert out.member_stats[0].rounds_active == 4 and out.member_stats[0].tokens_out == 6 + 6 + 6 + 3
 
 
-def test_exit_removes_the_outlier_and_it_makes_no_more_calls():
+@pytest.mark.parametrize("rule", ["rank", "softmax"])
+def test_exit_removes_the_outlier_and_it_makes_no_more_calls(rule):
     a, b, c = trio()
-    out = SpecFuse([a, b, c], segment_tokens=4).generate(["p0"], DecodeParams(max_new_tokens=40))[0]
+    out = SpecFuse([a, b, c], segment_tokens=4, exit_rule=rule).generate(["p0"], DecodeParams(max_new_tokens=40))[0]
     sa, sb, sc = out.member_stats
     assert out.text == T[:40]
     assert sc.exit_round == 3 and sc.rounds_active == 3 and sa.exit_round is None and sb.exit_round is None
@@ -196,25 +197,37 @@ def test_without_exit_every_round_costs_2n_member_calls():
 
 def test_exit_min_rounds_and_delta():
     a, b, c = trio()
-    late = SpecFuse([a, b, c], segment_tokens=4, exit_min_rounds=6).generate(["p0"], DecodeParams(max_new_tokens=40))[0]
-    assert late.member_stats[2].exit_round == 6
-    never = SpecFuse([a, b, c], segment_tokens=4, exit_delta=0.0).generate(["p0"], DecodeParams(max_new_tokens=40))[0]
-    assert all(s.exit_round is None for s in never.member_stats)
+    for rule in ("rank", "softmax"):
+        late = SpecFuse([a, b, c], segment_tokens=4, exit_rule=rule, exit_min_rounds=6).generate(
+            ["p0"], DecodeParams(max_new_tokens=40))[0]
+        assert late.member_stats[2].exit_round == 6
+    never = [SpecFuse([a, b, c], segment_tokens=4, exit_rule="softmax", exit_delta=0.0),
+             SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank", exit_alpha=0.0)]
+    for fuser in never:
+        out = fuser.generate(["p0"], DecodeParams(max_new_tokens=40))[0]
+        assert all(s.exit_round is None for s in out.member_stats)
 
 
-def test_the_last_member_never_exits():
+@pytest.mark.parametrize("rule, settings, exit_round", [
+    ("softmax", {"exit_delta": 1.0}, 1),  # the legacy rule as before
+    ("rank", {"exit_alpha": 0.5}, 1),  # one loss out of two candidates: p = 1/2
+    ("rank", {}, 4),  # the defaults: four straight losses out of two, p = 1/16
+])
+def test_the_last_member_never_exits(rule, settings, exit_round):
     a = Scripted("A", {"p": [(T, 0.9)]})
     c = Scripted("C", {"p": [(U, 0.35), (T, 0.3)]})
-    out = SpecFuse([a, c], segment_tokens=4, exit_delta=1.0, exit_min_rounds=1).generate(
+    out = SpecFuse([a, c], segment_tokens=4, exit_rule=rule, exit_min_rounds=1, **settings).generate(
         ["p"], DecodeParams(max_new_tokens=30))[0]
     sa, sc = out.member_stats
-    assert sc.exit_round == 1 and sa.exit_round is None and out.text == T[:30]
-    assert sa.rounds_active > 1 and sa.calls == 2 + (sa.rounds_active - 1)  # alone: nothing to verify
+    assert sc.exit_round == exit_round and sa.exit_round is None and out.text == T[:30]
+    # alone after the exit: nothing to verify, one call a round
+    assert sa.rounds_active > exit_round and sa.calls == 2 * exit_round + (sa.rounds_active - exit_round)
 
 
-def test_rows_are_independent_in_a_batch():
+@pytest.mark.parametrize("rule", ["rank", "softmax"])
+def test_rows_are_independent_in_a_batch(rule):
     a, b, c = trio()
-    fuser = SpecFuse([a, b, c], segment_tokens=4)
+    fuser = SpecFuse([a, b, c], segment_tokens=4, exit_rule=rule)
     params = [DecodeParams(max_new_tokens=40), DecodeParams(max_new_tokens=23)]
     both = fuser.generate(["p0", "p1"], params)
     alone = [fuser.generate([p], q)[0] for p, q in zip(["p0", "p1"], params)]
@@ -258,6 +271,10 @@ def test_label_is_one_verification_round():
         ({"weights": [1.0]}, "weights must have one entry per member (2), got [1.0]"),
         ({"weights": [0.5, 0.6]}, "weights must sum to 1"),
         ({"exit": "yes"}, "exit must be a bool, got 'yes'"),
+        ({"exit_rule": "legacy"}, "exit_rule must be one of ('rank', 'softmax'), got 'legacy'"),
+        ({"exit_window": 0}, "exit_window must be an integer >= 1, got 0"),
+        ({"exit_alpha": 1.5}, "exit_alpha must be in [0, 1], got 1.5"),
+        ({"self_score": 1}, "self_score must be a bool, got 1"),
         ({"max_rounds": 0}, "max_rounds must be None or an integer >= 1, got 0"),
     ],
 )
