@@ -9,10 +9,11 @@ Field metadata (set with :func:`knob`) read by the job:
 
 - ``flag``: the job's flag for the field when it is not ``--`` + the kebab-case field name. DeePEn's
   own settings are all spelt ``--deepen-<name>`` (``topk`` is ``--deepen-topk``, never confused with
-  sampling's ``--top-k``); SpecFuse's keep their names (``segment_tokens``, ``exit_*`` exist only in
-  SpecFuse) except ``max_rounds`` (``--specfuse-max-rounds``, not a job budget) and ``self_score``
-  (``--specfuse-self-score``). ``main`` and
-  ``weights`` are the ensemble's ``--main`` / ``--weights``, shared by the methods that take them.
+  sampling's ``--top-k``) except its generation gate, ``--fuse-below`` and ``--fuse-gate-on``;
+  SpecFuse's keep their names (``segment_tokens``, ``exit_*`` exist only in SpecFuse) except
+  ``max_rounds`` (``--specfuse-max-rounds``, not a job budget) and ``self_score``
+  (``--specfuse-self-score``). ``main`` and ``weights`` are the ensemble's ``--main`` / ``--weights``,
+  shared by the methods that take them.
 - ``choices``: the allowed values of a string field.
 - ``hashed``: False for a field that changes speed or memory and never outputs; every other field
   of the resolved fuser config enters the job's ``config_hash``.
@@ -42,6 +43,8 @@ job's ``config_hash``, so that a resumed run never keeps rows computed by anothe
 ROW_STORES = ("float32", "float16")
 KL_REDUCTIONS = ("mean", "sum")
 """How the inverse search reduces its KL over the anchors (``ensemble.relative.SearchParams``)."""
+GATES = ("top1", "margin")
+"""What gated DeePEn reads of the main member's own next-token distribution (``DeePEnConfig.gate_on``)."""
 POOLS = ("linear", "loglinear")
 """How an ensemble pools its members' posteriors over a row's choices (``ensemble.labeling.pool``)."""
 
@@ -234,6 +237,14 @@ class DeePEnConfig:
     """Reference path: dense (V, A) matrices and a search over the whole main vocabulary (small vocabs)."""
     tail_window: int = knob(2, flag="--deepen-tail-window")
     """Tokens re-encoded at least, back from the end, when another member follows the response."""
+    fuse_below: float = knob(1.0, flag="--fuse-below")
+    """Generation gate, in [0, 1]: a step is fused only where the main member's confidence (gate_on)
+    is below this; elsewhere the main member's own token is emitted and the other members are not run
+    (they catch up later, docs/algorithms.md). 1 fuses every step (DeePEn as published), 0 none (the
+    main member alone). Default 1: a gated default is still to be chosen on a dev split."""
+    gate_on: str = knob("top1", flag="--fuse-gate-on", choices=GATES)
+    """The main member's confidence that fuse_below is compared with, from its own next-token
+    distribution at temperature 1: 'top1' (the top-1 probability) or 'margin' (top-1 minus top-2)."""
 
     def __post_init__(self) -> None:
         _int_at_least(self, "main", 0)
@@ -257,6 +268,8 @@ class DeePEnConfig:
         if not isinstance(self.dense, bool):
             raise ValueError(f"dense must be a bool, got {self.dense!r}")
         _int_at_least(self, "tail_window", 1)
+        _number(self, "fuse_below", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        check_choice(self, "gate_on", either=True)
         check_choice(self, "kl_reduction", either=True)
 
     def search_params(self):
@@ -391,7 +404,7 @@ def hashed_fields(config: Any) -> dict[str, Any]:
 
 __all__ = [
     "DecodeParams", "DeePEnConfig", "EXIT_RULES", "EosPolicy", "FUSERS", "MAX_BATCH_TOKENS",
-    "MAX_SEED", "METHODS", "Method", "OUTPUTS_VERSION", "POOLS", "ROW_STORES", "SpecFuseConfig", "WEIGHT_TOL",
+    "GATES", "MAX_SEED", "METHODS", "Method", "OUTPUTS_VERSION", "POOLS", "ROW_STORES", "SpecFuseConfig", "WEIGHT_TOL",
     "check_batch_tokens", "flag_of", "fuser_config", "hashed_fields", "knob", "normalise_weights",
     "pack", "per_row",
 ]

@@ -39,6 +39,7 @@ class MemberStats:
     # DeePEn
     agreement: float | None = None
     mean_kl: float | None = None
+    fused_share: float | None = None  # generate: share of the row's steps that were fused (DeePEnConfig.fuse_below)
     # SpecFuse
     proposed: int | None = None
     accepted: int | None = None

@@ -11,6 +11,15 @@ members with the same vocabulary fingerprint take the token id as is; every othe
 only the unstable tail (:class:`~ensemble.text.TokenTrack`) and feeds what changed, rolling its KV
 cache back over the rest (incomplete UTF-8 is held back until it completes).
 
+Gate (``fuse_below``, ``gate_on``; ``ensemble.fusers.gate``): a step is fused only for the rows where
+the main member's own confidence is below ``fuse_below``; a confident row takes the main member's
+token (greedy: its argmax; sampled: a draw from its own distribution with the row's temperature,
+top-k/top-p and generator, as Single draws) and stops only on the main member's EOS, whatever the
+``eos_policy``. Only the main member is fed every step; the others catch up lazily, their whole
+backlog in one forward at the next fused step of the row (none at the end: their ``tokens_out`` is a
+re-tokenisation of the response). ``fuse_below=1`` (the default) is DeePEn as published, token for
+token; ``0`` is the main member alone (docs/algorithms.md).
+
 label (the paper's): each choice is teacher-forced in the main member's tokenisation of the one scorer
 (``ensemble.scoring.continuation_ids``: target delimiter for a completion-style main member); the other
 members follow its text. At each position the forced token's log-probability under the fused
@@ -27,10 +36,12 @@ each member's prompt plus its longest choice once per choice, as label holds one
 ``ensemble.batching.pack``).
 
 Per-member statistics per row: calls, tokens in (prompt and re-tokenisation included), tokens out (the
-member's tokenisation of the final response), agreement (fraction of steps where the member's own top
-token and the fused token are, in bytes, one a prefix of the other; for an EOS step: the member's top
-is its own EOS), mean ``KL(q_i || q)``; in label mode also the member's own scores of the choices
-(``choice_probs`` and the rest, ``ensemble.scoring.choice_stats``), and no agreement or KL on a gated row.
+member's tokenisation of the final response), agreement (fraction of fused steps where the member's own
+top token and the fused token are, in bytes, one a prefix of the other; for an EOS step: the member's
+top is its own EOS), mean ``KL(q_i || q)`` over the fused steps (both None when no step was fused), in
+generate ``fused_share`` (the row's fused steps over all its steps, the same on every member); in label
+mode also the member's own scores of the choices (``choice_probs`` and the rest,
+``ensemble.scoring.choice_stats``), and no agreement or KL on a gated row.
 """
 from __future__ import annotations
 
@@ -43,6 +54,7 @@ from ensemble.config import (DecodeParams, DeePEnConfig, EosPolicy, check_batch_
                              normalise_weights, per_row)
 from ensemble.fusers.base import (ConfiguredFuser, FusedOutput, LabelOutput, MemberStats, check_choices, encode_prompts, fit_prompts,
                                   in_groups, label_output)
+from ensemble.fusers.gate import catch_up, confident_rows
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
 from ensemble.labeling import ChoiceScores, LabelParams, gate, posterior
 from ensemble.members import Member, RowBatch
@@ -134,7 +146,13 @@ class DeePEn(ConfiguredFuser):
         return bool(a) and bool(f) and (f.startswith(a) or a.startswith(f))
 
     def _record(self, st: _Rows, res: FuseResult, live: list[int], picks: list[int], states: list[RowBatch]):
-        tops = [s.logits.argmax(dim=-1).tolist() for s in states]
+        return self._record_logits(st, res, live, picks, [s.logits for s in states])
+
+    def _record_logits(self, st: _Rows, res: FuseResult, live: list[int], picks: list[int],
+                       logits: list[torch.Tensor]) -> list[list[int]]:
+        """Agreement and KL sums of the fused rows ``live`` (``logits[i]`` ``(B, V_i)``, in their
+        order); returns each member's top token per row."""
+        tops = [lg.argmax(dim=-1).tolist() for lg in logits]
         kls = [k.tolist() for k in res.member_kl()]
         for j, r in enumerate(live):
             st.steps[r] += 1
@@ -195,40 +213,69 @@ class DeePEn(ConfiguredFuser):
                          lambda g: self._generate([[e[r] for r in g] for e in encoded], [rows[r] for r in g]))
 
     def _generate(self, encoded: list[list[list[int]]], rows: list[DecodeParams]) -> list[FusedOutput]:
-        """One group: ``encoded[member][row]`` prompt ids, decoded together."""
+        """One group: ``encoded[member][row]`` prompt ids, decoded together. Each step the gate
+        (``ensemble.fusers.gate``) splits the rows: the confident ones take the main member's own token,
+        the others catch every member up and are fused; then only the main member is fed."""
+        cfg, main_i = self.config, self.config.main
         states = [m.start_ids(e) for m, e in zip(self.members, encoded)]
         gens = [None if p.greedy else make_generator(p.seed, self.main.device) for p in rows]
         st = _Rows(self, len(rows))
+        steps = [0] * len(rows)  # every step of the row; st.steps counts its fused ones
         outputs: list[FusedOutput | None] = [None] * len(rows)
         live = list(range(len(rows)))
         checks = [StopChecker(p.stop, p.max_new_tokens, self.main.eos_ids, token_bytes=self.main.token_bytes)
                   for p in rows]
         while live:
-            greedy = torch.tensor([rows[r].greedy for r in live])  # (B,): these rows need only the argmax
-            res = self.engine.fuse([s.logits for s in states], greedy_rows=greedy)
-            picks = self._pick(res, [rows[r] for r in live], [gens[r] for r in live])
-            tops = self._record(st, res, live, picks, states)
-            feeds: list[list] = [[] for _ in self.members]
-            rbs: list[list] = [[] for _ in self.members]
+            main_logits = states[main_i].logits  # (B, V_main)
+            sure = confident_rows(main_logits, cfg.fuse_below, cfg.gate_on)
+            picks = [choose(main_logits[j], rows[r], gens[r]) if sure[j] else -1 for j, r in enumerate(live)]
+            eos = [p in self.main.eos_ids for p in picks]  # a confident step stops on the main member's EOS
+            fuse = [j for j, ok in enumerate(sure) if not ok]
+            if fuse:
+                self._fuse_rows(st, states, live, fuse, rows, gens, picks, eos)
+            feed: list[list[int]] = []
             keep: list[int] = []
             for j, (r, tok) in enumerate(zip(live, picks)):
-                stop = checks[r].token(tok, eos=self._is_stop_token(tok, tops, j))
+                steps[r] += 1
+                stop = checks[r].token(tok, eos=eos[j])
                 if stop is None or not stop.eos:
                     st.out[r].append(tok)
+                    st.resp[r] += self.main.codec.token_bytes(tok)
                 if stop is None:
                     keep.append(j)
-                    self._broadcast(st, r, tok, feeds, rbs)
+                    feed.append([tok])
                     continue
-                if not stop.eos:
-                    st.resp[r] += self.main.codec.token_bytes(tok)
                 counts = [(s.calls[j], s.tokens_in[j]) for s in states]
+                stats = self._stats(st, [r], counts, self._tokens_out(st, r))
+                for x in stats:
+                    x.fused_share = st.steps[r] / steps[r]
                 outputs[r] = FusedOutput(
                     text=cut_at_stop(self.main.decode(st.out[r]), rows[r].stop), token_count=len(st.out[r]),
-                    finish_reason=stop.reason, member_stats=self._stats(st, [r], counts, self._tokens_out(st, r)))
+                    finish_reason=stop.reason, member_stats=stats)
             if not keep:
                 break
-            states, live = self._advance(states, live, keep, feeds, rbs)
+            if len(keep) < len(live):
+                states = [m.select(s, keep) for m, s in zip(self.members, states)]
+                live = [live[j] for j in keep]
+            self.main.feed(states[main_i], feed, rollback=[0] * len(feed))
         return outputs  # type: ignore[return-value]
+
+    def _fuse_rows(self, st: _Rows, states: list[RowBatch], live: list[int], fuse: list[int],
+                   rows: list[DecodeParams], gens: list, picks: list[int], eos: list[bool]) -> None:
+        """Fuse state rows ``fuse`` (after catching the other members up): their tokens into
+        ``picks`` and their stop decisions into ``eos``, in place; agreement and KL recorded."""
+        catch_up(self.members, self.config.main, self.same_ids, st.tracks, st.out, st.resp, states, live, fuse)
+        fl = [live[j] for j in fuse]
+        if len(fuse) == len(live):
+            logits = [s.logits for s in states]
+        else:
+            index = torch.tensor(fuse, device=self.main.device)
+            logits = [s.logits.index_select(0, index.to(s.logits.device)) for s in states]
+        res = self.engine.fuse(logits, greedy_rows=torch.tensor([rows[r].greedy for r in fl]))
+        got = self._pick(res, [rows[r] for r in fl], [gens[r] for r in fl])
+        tops = self._record_logits(st, res, fl, got, logits)
+        for k, j in enumerate(fuse):
+            picks[j], eos[j] = got[k], self._is_stop_token(got[k], tops, k)
 
     # ---- label ------------------------------------------------------------------------------------
     def label(self, prompts: Sequence[str], choices: Sequence[Sequence[str]],
@@ -340,30 +387,41 @@ class DeePEn(ConfiguredFuser):
                         cache_main: bool = False) -> list[int]:
         """Greedy DeePEn for one prompt, re-encoding every member's whole sequence each step (the
         reference code's structure). With ``cache_main`` the main member keeps a KV cache (as the
-        reference's ``generate`` does) and only the other members are re-encoded."""
+        reference's ``generate`` does) and only the other members are re-encoded. The gate
+        (``fuse_below``) applies: at a confident step no other member is encoded."""
         ms, main_i = self.members, self.config.main
         prompt_ids = [m.encode_prompt(prompt, system) for m in ms]
         state = self.main.start_ids([prompt_ids[main_i]]) if cache_main else None
         out: list[int] = []
         resp = b""
         for _ in range(max_new_tokens):
-            logits = []
-            for i, m in enumerate(ms):
-                if i == main_i and state is not None:
-                    logits.append(state.logits)
-                    continue
-                if self.same_ids[i]:
-                    ids = prompt_ids[i] + out
-                else:
-                    ids = prompt_ids[i] + m.encode_text(complete_utf8_prefix(valid_utf8(resp)).decode("utf-8"))
-                logits.append(next_logits_uncached(m, ids)[None])
-            res = self.engine.fuse(logits)
-            tok = int(res.greedy()[0])
-            tops = [[int(lg[0].argmax())] for lg in logits]
-            if self._is_stop_token(tok, tops, 0):
+            main_logits = state.logits if state is not None else next_logits_uncached(
+                self.main, prompt_ids[main_i] + out)[None]
+            if confident_rows(main_logits, self.config.fuse_below, self.config.gate_on)[0]:  # the gate
+                tok = int(main_logits[0].argmax())
+                stop = tok in self.main.eos_ids
+            else:
+                tok, stop = self._fuse_uncached(main_logits, prompt_ids, out, resp)
+            if stop:
                 break
             out.append(tok)
             resp += self.main.codec.token_bytes(tok)
             if state is not None:
                 self.main.feed(state, [[tok]])
         return out
+
+    def _fuse_uncached(self, main_logits: torch.Tensor, prompt_ids: list[list[int]], out: list[int],
+                       resp: bytes) -> tuple[int, bool]:
+        """The oracle's fused step: every other member re-encodes its whole sequence; returns the
+        greedy token and whether it stops the row."""
+        logits = []
+        for i, m in enumerate(self.members):
+            if i == self.config.main:
+                logits.append(main_logits)
+            elif self.same_ids[i]:
+                logits.append(next_logits_uncached(m, prompt_ids[i] + out)[None])
+            else:
+                text = complete_utf8_prefix(valid_utf8(resp)).decode("utf-8")
+                logits.append(next_logits_uncached(m, prompt_ids[i] + m.encode_text(text))[None])
+        tok = int(self.engine.fuse(logits).greedy()[0])
+        return tok, self._is_stop_token(tok, [[int(lg[0].argmax())] for lg in logits], 0)
