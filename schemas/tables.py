@@ -37,6 +37,7 @@ MEMBER_STATS_TYPE = pa.struct(
         # DeePEn
         pa.field("agreement", pa.float64()),
         pa.field("mean_kl", pa.float64()),
+        pa.field("fused_share", pa.float64()),  # generate: share of the row's steps that were fused (--fuse-below)
         # SpecFuse
         pa.field("proposed", pa.int64()),
         pa.field("accepted", pa.int64()),
