@@ -15,9 +15,9 @@ Gate (``fuse_below``, ``gate_on``; ``ensemble.fusers.gate``): a step is fused on
 the main member's own confidence is below ``fuse_below``; a confident row takes the main member's
 token (greedy: its argmax; sampled: a draw from its own distribution with the row's temperature,
 top-k/top-p and generator, as Single draws) and stops only on the main member's EOS, whatever the
-``eos_policy``. Only the main member is fed every step; the others catch up lazily, their whole
-backlog in one forward at the next fused step of the row (none at the end: their ``tokens_out`` is a
-re-tokenisation of the response). ``fuse_below=1`` (the default) is DeePEn as published, token for
+``eos_policy``. Only the main member is fed every step; the others catch up lazily, every row's whole
+backlog in one batched forward at the next step that fuses some row (none at the end: their
+``tokens_out`` is a re-tokenisation of the response). ``fuse_below=1`` (the default) is DeePEn as published, token for
 token; ``0`` is the main member alone (docs/algorithms.md).
 
 label (the paper's): each choice is teacher-forced in the main member's tokenisation of the one scorer
@@ -262,9 +262,10 @@ class DeePEn(ConfiguredFuser):
 
     def _fuse_rows(self, st: _Rows, states: list[RowBatch], live: list[int], fuse: list[int],
                    rows: list[DecodeParams], gens: list, picks: list[int], eos: list[bool]) -> None:
-        """Fuse state rows ``fuse`` (after catching the other members up): their tokens into
-        ``picks`` and their stop decisions into ``eos``, in place; agreement and KL recorded."""
-        catch_up(self.members, self.config.main, self.same_ids, st.tracks, st.out, st.resp, states, live, fuse)
+        """Fuse state rows ``fuse``, after catching the other members up (every live row, see
+        ``ensemble.fusers.gate``): their tokens into ``picks`` and their stop decisions into ``eos``,
+        in place; agreement and KL recorded."""
+        catch_up(self.members, self.config.main, self.same_ids, st.tracks, st.out, st.resp, states, live)
         fl = [live[j] for j in fuse]
         if len(fuse) == len(live):
             logits = [s.logits for s in states]

@@ -10,9 +10,14 @@ every step, even a degenerate top-1 probability of exactly 1, so it is DeePEn as
 
 Lazy catch-up: a member that was not run keeps its KV state at its last forward; its backlog is the
 response text since then, held by the row's :class:`~ensemble.text.TokenTrack` (the main member's
-new ids for a member with the same vocabulary). When the member is next needed, the whole backlog is
-fed in one forward (``TokenTrack.sync`` re-tokenises the tail and rolls back what changed), all the
-rows that need it in one batched :meth:`~ensemble.members.Member.feed` of per-row lists.
+new ids for a member with the same vocabulary). When the member is next needed, at a step where some
+row is fused, the whole backlog is fed in one forward (``TokenTrack.sync`` re-tokenises the tail and
+rolls back what changed): one batched :meth:`~ensemble.members.Member.feed` of per-row lists for
+every live row, the confident ones included. A batched forward computes every row of its chunk,
+padding or not, so a confident row caught up there costs nothing extra, and it keeps every row's
+backlog (the chunk's width, and the KV slots it adds) to the steps since the last fused step of any
+row, as short as it can be; with one row, a fused step after k confident ones is one forward of
+k + 1 tokens' worth (its re-tokenised tail).
 """
 from __future__ import annotations
 
@@ -42,23 +47,20 @@ def confident_rows(logits: torch.Tensor, fuse_below: float, gate_on: str) -> lis
 
 
 def catch_up(members: Sequence, main: int, same_ids: Sequence[bool], tracks: list[list], out: list[list[int]],
-             resp: list[bytes], states: list, live: list[int], rows: list[int]) -> None:
-    """Feed every member but ``main``, at state rows ``rows`` (positions in ``live``, the original
-    row of each state row), all of the response since its last forward: for a member of the main
-    member's vocabulary (``same_ids``) the ids of ``out[r]`` its track does not hold yet, otherwise
-    its track synced to ``resp[r]``. One batched forward per member, none when no row has anything
-    pending; the other rows get nothing and count no call."""
-    want = set(rows)
+             resp: list[bytes], states: list, live: list[int]) -> None:
+    """Feed every member but ``main``, at every state row (``live[j]``: the original row of state row
+    j), all of the response since its last forward: for a member of the main member's vocabulary
+    (``same_ids``) the ids of ``out[r]`` its track does not hold yet, otherwise its track synced to
+    ``resp[r]``. One batched forward per member, none when no row has anything pending; a row with
+    nothing pending counts no call."""
     for i, (m, s) in enumerate(zip(members, states)):
         if i == main:
             continue
         feeds: list[list[int]] = []
         rbs: list[int] = []
-        for j, r in enumerate(live):
+        for r in live:
             tr = tracks[i][r]
-            if j not in want:
-                rb, new = 0, []
-            elif same_ids[i]:
+            if same_ids[i]:
                 rb, new = 0, out[r][len(tr.ids):]
                 tr.push_tokens(new)
             else:

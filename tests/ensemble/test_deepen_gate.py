@@ -133,8 +133,10 @@ def test_lazy_catch_up_equals_eager_feeding(trio):
 
 
 def test_a_confident_step_runs_no_other_member(bpe_member, sp_member, monkeypatch):
-    """The other members run at fused steps only (one forward each, whatever their backlog); the main
-    member runs every step. A copy of the main member (same vocabulary) catches up from its ids."""
+    """The other members run only at steps that fuse some row (one forward each, whatever the
+    backlog); the main member runs every step. Alone, a row's other members are called once per
+    fused step (none at the first: nothing to catch up); in a batch, every row is caught up at a step
+    that fuses any of them. A copy of the main member (same vocabulary) catches up from its ids."""
     copy = Member(bpe_member.model, bpe_member.tokenizer, name="copy")
     forwards = {"copy": 0, sp_member.name: 0}
     for m in (sp_member, copy):
@@ -151,18 +153,24 @@ def test_a_confident_step_runs_no_other_member(bpe_member, sp_member, monkeypatc
         return fuse_rows(st, states, live, fuse, *args)
 
     fuser._fuse_rows = spy
+    for prompt in PROMPTS:
+        fusing_steps.clear()
+        [o] = fuser.generate([prompt], GREEDY)
+        f, n = _fused_steps(o), o.token_count + (o.finish_reason.value == "stop")
+        main, sp, cp = o.member_stats
+        assert main.calls == n  # the prefill, then one feed per step but the last
+        assert f <= cp.calls <= 1 + f and 1 <= sp.calls <= 1 + f and sp.tokens_out > 0
+        assert len(fusing_steps) == f
+    fusing_steps.clear()
+    forwards.update({k: 0 for k in forwards})
     outs = fuser.generate(PROMPTS, GREEDY)
     fused = [_fused_steps(o) for o in outs]
     steps = [o.token_count + (o.finish_reason.value == "stop") for o in outs]
     assert 0 < sum(fused) < sum(steps)
-    for o, f, n in zip(outs, fused, steps):
-        main, sp, cp = o.member_stats
-        assert main.calls == n  # the prefill, then one feed per step but the last
-        assert f <= cp.calls <= 1 + f  # the prefill, then one per fused step (the first has no backlog)
-        assert 1 <= sp.calls <= 1 + f and sp.tokens_out > 0
-    # forwards of the other members: the prefill, then at most one per step that fused some row
-    assert forwards["copy"] <= 1 + len(fusing_steps) and forwards[sp_member.name] <= 1 + len(fusing_steps)
     assert sum(fusing_steps) == sum(fused)  # fused_share counts the rows each step fused
+    # the other members' forwards: the prefill, then at most one per step that fused some row
+    assert 1 < forwards["copy"] <= 1 + len(fusing_steps) and 1 < forwards[sp_member.name] <= 1 + len(fusing_steps)
+    assert all(s.calls <= 1 + len(fusing_steps) for o in outs for s in o.member_stats[1:])
 
 
 def test_sampled_rows_are_reproducible_by_seed(trio):
@@ -187,3 +195,27 @@ def test_config_flag_and_errors():
                         "--fuse-below", "0.4", "--fuse-gate-on", "margin"])
     assert (cfg.fuser.fuse_below, cfg.fuser.gate_on) == (0.4, "margin")
     assert {"fuse_below", "gate_on"} <= set(hashed_fields(cfg.fuser))
+
+
+@pytest.mark.slow
+def test_reductions_on_packaged_members():
+    """SmolLM2-135M-Instruct (main) and Gemma-3-270M (SentencePiece, 262k): fuse_below=1 is the ungated
+    DeePEn of the oracle, 0 is SmolLM2 alone (Gemma prefilled only), and a gate in between fuses some
+    steps, catching Gemma up lazily, as the gated oracle does."""
+    from ensemble import load_member
+
+    pair = [load_member("smollm2-135m-instruct"), load_member("gemma3-270m")]
+    prompts = ["What is the capital of France?", "Name three colours of the rainbow."]
+    params = DecodeParams(max_new_tokens=16)
+    for fuse_below in (1.0, 0.6):
+        fuser = DeePEn(pair, fuse_below=fuse_below)
+        outs = fuser.generate(prompts, params)
+        for prompt, out in zip(prompts, outs):
+            ref = fuser.greedy_uncached(prompt, params.max_new_tokens, cache_main=True)
+            assert (out.text, out.token_count) == (fuser.main.decode(ref), len(ref)) and ref
+        shares = [o.member_stats[0].fused_share for o in outs]
+        assert all(s == 1.0 for s in shares) if fuse_below == 1.0 else any(s < 1.0 for s in shares), shares
+    alone = Single(pair[0]).generate(prompts, params)
+    zero = DeePEn(pair, fuse_below=0.0).generate(prompts, params)
+    assert _texts(zero) == _texts(alone) and all(o.token_count for o in alone)
+    assert all(o.member_stats[1].calls == 1 and o.member_stats[1].fused_share == 0.0 for o in zero)
