@@ -1,0 +1,129 @@
+"""Gated DeePEn benchmark (issue 17, points 1 and 5) on the packaged trio (SmolLM2-135M-Instruct main,
+Qwen2.5-Coder-0.5B-Instruct, Gemma-3-270M), CPU, greedy, 8 prompts x 64 new tokens, all in one run.
+
+For the main member alone (Single), ungated DeePEn (``fuse_below=1``) and each gate asked for
+(``--top1`` thresholds, ``--margin`` thresholds): decoding time as a ratio to the main member alone
+(target <= 1.5 at the default gate), the share of fused steps (mean over rows), the other members'
+calls past the prefill per generated token (summed over them), and how close the text is to ungated DeePEn and to the main member
+alone (rows with the same text; mean share of the main member's tokens of the longer output that
+are a common prefix). Systems are interleaved within a repeat and the median over ``--repeats`` is
+reported; each fuser is built once (anchors) and warmed up untimed on 4 tokens.
+
+    python bench/bench_deepen_gate.py [--prompts 8] [--max-new-tokens 64] [--repeats 1]
+                                      [--top1 0.9 0.7 0.5] [--margin 0.5 0.2]
+
+Writes bench/results/deepen_gate.json and deepen_gate.md and prints the table. Times are wall-clock
+on a shared machine: compare ratios inside one run, never absolute times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_deepen import PROMPTS, TRIO  # noqa: E402
+from ensemble import DecodeParams, Single, load_member  # noqa: E402
+from ensemble.fusers.deepen import DeePEn  # noqa: E402
+
+log = logging.getLogger("bench.deepen_gate")
+RESULTS = REPO / "bench" / "results"
+
+
+def timed(fuser, prompts, params):
+    t0 = time.perf_counter()
+    outs = fuser.generate(prompts, params)
+    return outs, time.perf_counter() - t0
+
+
+def prefix_share(a: list[int], b: list[int]) -> float:
+    """Common-prefix length over the longer of two token lists (1 for two empty lists)."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return n / max(len(a), len(b), 1)
+
+
+def summarise(name, outs, times, alone_s, main, ref_ungated, ref_alone):
+    """One system's row of the table."""
+    toks = [main.encode_text(o.text) for o in outs]
+    generated = sum(o.token_count for o in outs)
+    others = [sum(s.calls - 1 for s in o.member_stats if s.role != "main") for o in outs]  # past the prefill
+    shares = [o.member_stats[0].fused_share for o in outs]  # None for the main member alone
+    s = statistics.median(times)
+    return {
+        "system": name, "time_s": s, "ratio_to_main": s / alone_s,
+        "fused_share": None if None in shares else statistics.mean(shares),
+        "other_forwards_per_token": sum(others) / max(generated, 1),
+        "tokens": generated,
+        "same_text_as_ungated": sum(o.text == r.text for o, r in zip(outs, ref_ungated[0])),
+        "prefix_share_ungated": statistics.mean(prefix_share(t, r) for t, r in zip(toks, ref_ungated[1])),
+        "same_text_as_main": sum(o.text == r.text for o, r in zip(outs, ref_alone[0])),
+        "prefix_share_main": statistics.mean(prefix_share(t, r) for t, r in zip(toks, ref_alone[1])),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--top1", type=float, nargs="*", default=[0.9, 0.7, 0.5])
+    ap.add_argument("--margin", type=float, nargs="*", default=[0.5, 0.2])
+    ap.add_argument("--out", default=str(RESULTS / "deepen_gate"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    members = [load_member(n) for n in TRIO]
+    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
+    params = DecodeParams(max_new_tokens=args.max_new_tokens)
+    systems = {"main alone": Single(members[0]), "DeePEn ungated": DeePEn(members)}
+    systems |= {f"gated top1 {g}": DeePEn(members, fuse_below=g) for g in args.top1}
+    systems |= {f"gated margin {g}": DeePEn(members, fuse_below=g, gate_on="margin") for g in args.margin}
+    for f in systems.values():  # warm-up, untimed
+        f.generate(prompts[:2], DecodeParams(max_new_tokens=4))
+    times: dict[str, list[float]] = {k: [] for k in systems}
+    outs: dict[str, list] = {}
+    for rep in range(args.repeats):
+        for name, f in systems.items():
+            outs[name], t = timed(f, prompts, params)
+            times[name].append(t)
+            log.info("repeat %d: %s %.1f s", rep, name, t)
+    alone_s = statistics.median(times["main alone"])
+    main = members[0]
+
+    def ref(name):
+        return outs[name], [main.encode_text(o.text) for o in outs[name]]
+
+    rows = [summarise(n, outs[n], times[n], alone_s, main, ref("DeePEn ungated"), ref("main alone")) for n in systems]
+    result = {"members": TRIO, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "systems": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    md = [f"# Gated DeePEn: {', '.join(TRIO)} (main first)", "",
+          f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, CPU ({torch.get_num_threads()} torch "
+          f"threads), median of {args.repeats} repeat(s). Ratio: time / the main member alone; other forwards: the "
+          f"other members' calls past the prefill, summed over them, per generated token (row by row); same "
+          f"text: rows of {len(prompts)}.", "",
+          "| system | time s | ratio to main | fused share | other forwards / token | same text as ungated "
+          "| prefix share ungated | same text as main | prefix share main |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = "-" if r["fused_share"] is None else f"{r['fused_share']:.3f}"
+        md.append(f"| {r['system']} | {r['time_s']:.1f} | {r['ratio_to_main']:.2f} | {share} | "
+                  f"{r['other_forwards_per_token']:.2f} | {r['same_text_as_ungated']} | {r['prefix_share_ungated']:.2f} | "
+                  f"{r['same_text_as_main']} | {r['prefix_share_main']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
