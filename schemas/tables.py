@@ -3,13 +3,14 @@
 Nested lists are written with the Parquet-compliant ``element`` naming that Spark and pyarrow read.
 Bump ``SCHEMA_VERSION`` on any change to OUTPUT_SCHEMA: it is part of ``config_hash``, so a run
 never resumes into an output directory written with another schema (version 2 added ``error_kind``;
-version 3 the label mode's ``gated`` and the members' ``choice_*`` scores in ``member_stats``).
+version 3 the label mode's ``gated`` and the members' ``choice_*`` scores in ``member_stats``; version 4
+``member_stats.fused_share``, gated DeePEn's share of fused steps).
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ERROR_KINDS = ("input", "fuser")
 """``error_kind`` of an error row: a bad input row, or a fuser failure (its micro-batch and its own retry
 raised). Only fuser errors count against the run's error budget (docs/jobs.md)."""
