@@ -185,6 +185,11 @@ def same_outputs(a: dict[str, dict], b: dict[str, dict]) -> dict:
             "max_label_prob_gap": gap}
 
 
+def per_row(run: dict) -> float:
+    """Fuser seconds per row of a run, summed over its executors."""
+    return sum(run["fuser_s_per_partition"].values()) / run["rows"]
+
+
 def markdown(res: dict) -> str:
     one, two = res["runs"]["1"], res["runs"]["2"]
     s = res["settings"]
@@ -207,6 +212,9 @@ def markdown(res: dict) -> str:
            f"- job time / fuser-only time, 2 workers: **{two['job_over_fuser_only']:.3f}** (target <= 1.10); "
            f"to the executors' mean fuser time {two['job_over_fuser_mean']:.3f}; 1 worker "
            f"{one['job_over_fuser_only']:.3f}",
+           f"- fuser seconds per row, summed over executors: 1 worker {per_row(one):.3f}, 2 workers "
+           f"{per_row(two):.3f} (ratio {per_row(two) / per_row(one):.2f}: above 1, the two executors' fuser "
+           f"calls ran slower side by side than alone, i.e. they did not have a core each)",
            f"- balance, max/min rows per partition: **{two['balance_max_over_min']:.3f}** (target <= 1.2)",
            f"- outputs of the two runs: {json.dumps(res['outputs_1w_vs_2w'])}"]
     return "\n".join(md) + "\n"
