@@ -13,10 +13,14 @@ choice under a normalisation (:data:`CHOICE_NORMS`):
 - ``pmi``: the sum minus the sum after the neutral context (pointwise mutual information with the
   prompt: how much the prompt raises the choice over its prior).
 
-:func:`posterior` is the softmax of those scores over the row's choices. An ensemble pools its members'
+:func:`posterior` is the softmax of those scores, divided by ``LabelParams.temperature``, over the
+row's choices (a temperature rescales the probabilities and never reorders them: the label of a member,
+of ``Single`` and of DeePEn does not depend on it). An ensemble pools its members'
 posteriors with :func:`pool` (``linear``: weighted mean; ``loglinear``: normalised weighted geometric
 mean). The gate (:func:`gate`) keeps the main member's posterior for a row when its :func:`margin`
-(top-1 minus top-2 probability) reaches ``LabelParams.gate``.
+(top-1 minus top-2 probability) reaches ``LabelParams.gate``. SpecFuse pools the tempered member
+posteriors, so with the ``linear`` pool (not ``loglinear``) its label can change with the temperature,
+and the gate's margins are read after it.
 
 Continuation token ids themselves come from ``ensemble.scoring`` (it needs the members).
 """
@@ -41,9 +45,13 @@ with this log-probability (the most a float posterior can say), never as -inf.""
 
 @dataclass(frozen=True)
 class LabelParams:
-    """How a choice is scored and a row's label decided (validated; errors name the field and value)."""
+    """How a choice is scored and a row's label decided (validated; errors name the field and value).
 
-    norm: str = knob("token", flag="--choice-norm", choices=CHOICE_NORMS, group=LABEL_GROUP)
+    The default normalisation, ``pmi``, was chosen on the dev splits of the labeling evaluation, where it
+    is the most accurate for the members (docs/results.md); it costs one more scoring pass per member
+    after the neutral context (for DeePEn, a second fused pass)."""
+
+    norm: str = knob("pmi", flag="--choice-norm", choices=CHOICE_NORMS, group=LABEL_GROUP)
     """Normalisation of a choice's summed token log-probability: 'sum', 'token' (mean per token), 'char'
     (per character of the choice) or 'pmi' (minus its log-probability after the neutral context)."""
     neutral_context: str = knob("Answer:", flag="--neutral-context", group=LABEL_GROUP)
@@ -54,6 +62,10 @@ class LabelParams:
     gate: float | None = knob(None, flag="--label-gate", group=LABEL_GROUP)
     """Keep the main member's own label and posterior on a row when its posterior margin (top-1 minus
     top-2 probability) is at least this; None: never (always the ensemble), 0: always the main member."""
+    temperature: float = knob(1.0, flag="--label-temperature", group=LABEL_GROUP)
+    """Posterior temperature (> 0): every posterior is softmax(scores / temperature), the members' and
+    the fused one, so SpecFuse pools tempered posteriors; > 1 flattens over-confident probabilities.
+    ``jobs.calibrate`` fits it on a dev set (docs/jobs.md, "Calibration")."""
 
     def __post_init__(self) -> None:
         check_choice(self, "norm")
@@ -66,6 +78,7 @@ class LabelParams:
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
                 raise ValueError(f"gate must be None or a number in [0, 1], got {g!r}")
             object.__setattr__(self, "gate", float(g))
+        object.__setattr__(self, "temperature", check_temperature(self.temperature))
 
     def with_(self, **changes) -> "LabelParams":
         """A copy with some fields changed (validated again)."""
@@ -120,9 +133,24 @@ def softmax(scores: Sequence[float]) -> list[float]:
     return [e / total for e in exps]
 
 
-def posterior(s: ChoiceScores, norm: str) -> list[float]:
-    """The posterior over the choices: softmax of :func:`log_scores`."""
-    return softmax(log_scores(s, norm))
+def check_temperature(t: float) -> float:
+    """``t`` as a float when it is a finite number > 0; ValueError naming it otherwise."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
+    return float(t)
+
+
+def posterior(s: ChoiceScores, norm: str, temperature: float = 1.0) -> list[float]:
+    """The posterior over the choices: softmax of :func:`log_scores` divided by ``temperature``."""
+    return temper(log_scores(s, norm), temperature)
+
+
+def temper(scores: Sequence[float], temperature: float) -> list[float]:
+    """softmax(scores / temperature) over log-domain scores (a posterior's logarithms give the same
+    result as its scores: softmax ignores a shift). -inf (a probability of 0) counts as the log of the
+    smallest double."""
+    t = check_temperature(temperature)
+    return softmax([(_LOG_FLOOR if x == -math.inf else x) / t for x in scores])
 
 
 def pool(posteriors: Sequence[Sequence[float]], weights: Sequence[float], kind: str) -> list[float]:
@@ -165,5 +193,5 @@ def best(probs: Sequence[float]) -> int:
     return max(range(len(probs)), key=lambda i: (probs[i], -i))
 
 
-__all__ = ["CHOICE_NORMS", "ChoiceScores", "LabelParams", "POOLS", "best", "gate", "log_scores", "margin",
-           "pool", "posterior", "softmax"]
+__all__ = ["CHOICE_NORMS", "ChoiceScores", "LabelParams", "POOLS", "best", "check_temperature", "gate",
+           "log_scores", "margin", "pool", "posterior", "softmax", "temper"]

@@ -112,8 +112,9 @@ def score_choices(member: Member, prompts: Sequence[str], choices: Sequence[Sequ
 
 
 def choice_stats(scores: ChoiceScores, params: LabelParams) -> dict:
-    """The ``MemberStats`` label fields of a member's scores (its posterior under ``params.norm``)."""
-    return {"choice_probs": posterior(scores, params.norm), "choice_logprobs": list(scores.logprob),
+    """The ``MemberStats`` label fields of a member's scores (its posterior under ``params.norm`` and
+    ``params.temperature``)."""
+    return {"choice_probs": posterior(scores, params.norm, params.temperature), "choice_logprobs": list(scores.logprob),
             "choice_tokens": list(scores.tokens),
             "choice_neutral": None if scores.neutral is None else list(scores.neutral)}
 

@@ -330,7 +330,7 @@ class DeePEn(ConfiguredFuser):
                                   chars=tuple(len(c) for c in cs),
                                   neutral=tuple(sums[tuple(f)] for f in forced[b]) if params.norm == "pmi" else None)
             stats = self._label_stats(k, fused, [base[i][b] for i in range(len(self.members))], stats_fields)
-            out.append(label_output(cs, posterior(scores, params.norm), stats))
+            out.append(label_output(cs, posterior(scores, params.norm, params.temperature), stats))
         return out
 
     def _forced_sums(self, states: list[RowBatch], rows: list[int], forced: list[list[list[int]]]):

@@ -5,7 +5,7 @@ from dataclasses import fields
 import pytest
 
 from ensemble.labeling import (CHOICE_NORMS, POOLS, ChoiceScores, LabelParams, best, gate, log_scores, margin, pool,
-                               posterior)
+                               posterior, softmax, temper)
 
 S = ChoiceScores(logprob=(-2.0, -3.0, -6.0), tokens=(1, 2, 4), chars=(4, 5, 12), neutral=(-1.0, -4.0, -3.0))
 
@@ -47,6 +47,26 @@ def test_choice_scores_are_checked():
 def test_posterior_is_stable_for_large_scores():
     s = ChoiceScores(logprob=(-1000.0, -1001.0), tokens=(1, 1), chars=(1, 1))
     assert posterior(s, "sum") == pytest.approx([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))])
+
+
+@pytest.mark.parametrize("norm", CHOICE_NORMS)
+@pytest.mark.parametrize("t", [0.25, 0.5, 2.0, 16.0])
+def test_temperature_rescales_and_never_reorders(norm, t):
+    want = softmax([x / t for x in log_scores(S, norm)])
+    assert posterior(S, norm, t) == pytest.approx(want)
+    assert posterior(S, norm, 1.0) == posterior(S, norm)  # 1.0: bitwise the untempered posterior
+    assert best(posterior(S, norm, t)) == best(posterior(S, norm))
+    # a posterior's logarithms temper to the same result as its scores (softmax ignores the shift)
+    assert temper([math.log(q) for q in posterior(S, norm)], t) == pytest.approx(want)
+    assert max(posterior(S, norm, 2 * t)) <= max(posterior(S, norm, t)) + 1e-12  # hotter: flatter
+
+
+def test_temper_takes_a_zero_probability_and_refuses_bad_temperatures():
+    out = temper([0.0, -math.inf], 2.0)
+    assert out[0] == pytest.approx(1.0) and out[1] >= 0.0 and all(math.isfinite(q) for q in out)
+    for bad in (0, -1.0, math.inf, math.nan, True, "2"):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0, got"):
+            temper([0.0, 1.0], bad)
 
 
 def test_linear_pool_is_the_weighted_mean():
@@ -93,8 +113,9 @@ def test_margin_and_gate():
 
 def test_label_params_defaults_validation_and_flags():
     p = LabelParams()
-    assert (p.norm, p.neutral_context, p.target_delimiter, p.gate) == ("token", "Answer:", " ", None)
+    assert (p.norm, p.neutral_context, p.target_delimiter, p.gate, p.temperature) == ("pmi", "Answer:", " ", None, 1.0)
     assert LabelParams(gate=0).gate == 0.0 and isinstance(LabelParams(gate=1).gate, float)
+    assert LabelParams(temperature=2).temperature == 2.0 and isinstance(LabelParams(temperature=2).temperature, float)
     assert p.with_(norm="pmi").norm == "pmi"
     for kwargs, message in [
         ({"norm": "mean"}, "norm must be one of ('sum', 'token', 'char', 'pmi'), got 'mean'"),
@@ -102,13 +123,18 @@ def test_label_params_defaults_validation_and_flags():
         ({"target_delimiter": None}, "target_delimiter must be a string, got None"),
         ({"gate": 1.5}, "gate must be None or a number in [0, 1], got 1.5"),
         ({"gate": True}, "gate must be None or a number in [0, 1], got True"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0"),
+        ({"temperature": -2}, "temperature must be a finite number > 0, got -2"),
+        ({"temperature": math.inf}, "temperature must be a finite number > 0, got inf"),
+        ({"temperature": None}, "temperature must be a finite number > 0, got None"),
     ]:
         with pytest.raises(ValueError, match=None) as e:
             LabelParams(**kwargs)
         assert str(e.value) == message
     flags = {f.name: f.metadata["flag"] for f in fields(LabelParams)}
     assert flags == {"norm": "--choice-norm", "neutral_context": "--neutral-context",
-                     "target_delimiter": "--target-delimiter", "gate": "--label-gate"}
+                     "target_delimiter": "--target-delimiter", "gate": "--label-gate",
+                     "temperature": "--label-temperature"}
     assert dict(fields(LabelParams)[0].metadata)["choices"] == CHOICE_NORMS
 
 

@@ -11,7 +11,7 @@ import pytest
 from ensemble import Single
 from ensemble.fusers.deepen import DeePEn
 from ensemble.fusers.specfuse import SpecFuse
-from ensemble.labeling import CHOICE_NORMS, POOLS, LabelParams, posterior
+from ensemble.labeling import CHOICE_NORMS, POOLS, LabelParams, pool, posterior, temper
 from ensemble.members import Member
 from ensemble.reference import logprobs_uncached
 from ensemble.scoring import continuation_ids, score_choices
@@ -148,3 +148,35 @@ def test_deepen_pmi_is_batch_independent(bpe_member, sp_member):
         alone = fuser.label([PROMPTS[b]], [CHOICES[b]], params=params)[0]
         assert out.label == alone.label and out.probs == pytest.approx(alone.probs, abs=1e-4)
         assert all(s.choice_neutral is not None for s in out.member_stats)
+
+
+def test_temperature_tempers_every_posterior_and_keeps_single_and_deepen_labels(bpe_member, sp_member):
+    """LabelParams.temperature: every member's choice_probs and the fused probabilities are
+    softmax(scores / T); Single's and DeePEn's labels do not move, SpecFuse pools the tempered posteriors."""
+    t, members = 3.0, [sp_member, bpe_member]
+    base, hot = LabelParams(norm="token"), LabelParams(norm="token", temperature=t)
+    scored = [score_choices(m, PROMPTS, CHOICES, params=base) for m in members]
+    for fuser in (Single(sp_member), DeePEn(members), SpecFuse(members, label_pool="linear"),
+                  SpecFuse(members, label_pool="loglinear")):
+        cold, warm = fuser.label(PROMPTS, CHOICES, params=base), fuser.label(PROMPTS, CHOICES, params=hot)
+        for b, (c, w) in enumerate(zip(cold, warm)):
+            for i, s in enumerate(w.member_stats):
+                assert s.choice_probs == pytest.approx(posterior(scored[i][b].scores, "token", t), abs=1e-9)
+            if isinstance(fuser, SpecFuse):
+                want = pool([s.choice_probs for s in w.member_stats], fuser.weights, fuser.config.label_pool)
+                assert w.probs == pytest.approx(want, abs=1e-12)
+            else:  # the fused (or the member's) posterior, tempered
+                assert w.probs == pytest.approx(temper([math.log(q) for q in c.probs], t), abs=1e-6)
+            if not (isinstance(fuser, SpecFuse) and fuser.config.label_pool == "linear"):
+                assert w.label == c.label
+            assert max(w.probs) <= max(c.probs) + 1e-12
+
+
+@pytest.mark.parametrize("norm", ["token", "pmi"])
+def test_invariants_hold_under_a_temperature(member, norm):
+    params = LabelParams(norm=norm, temperature=0.5)
+    want = Single(member).label(PROMPTS, CHOICES, params=params)
+    for got, tol in ((SpecFuse([member]).label(PROMPTS, CHOICES, params=params), 1e-6),
+                     (DeePEn([member, _copy(member, "copy")]).label(PROMPTS, CHOICES, params=params), 1e-5)):
+        for g, w in zip(got, want):
+            assert g.label == w.label and g.probs == pytest.approx(w.probs, abs=tol)

@@ -119,10 +119,10 @@ def test_label_probabilities(any_member):
     single = Single(m)
     choices = [["yes", "no", "maybe so"], ["Paris", "Rome"]]
     prompts = ["Is fire hot? Answer yes or no.", "Capital of France?"]
-    outs = single.label(prompts, choices)
+    outs = single.label(prompts, choices, params=LabelParams(norm="token"))
     for prompt, cs, out in zip(prompts, choices, outs):
         assert math.isclose(sum(out.probs), 1.0, rel_tol=1e-6)
-        # the default norm 'token': mean log-prob of the continuation (" " + choice without a chat template)
+        # norm 'token': mean log-prob of the continuation (" " + choice without a chat template)
         means = [float(logprobs_uncached(m, m.encode_prompt(prompt), continuation_ids(m, c, LabelParams())).mean())
                  for c in cs]
         want = torch.softmax(torch.tensor(means), 0).tolist()

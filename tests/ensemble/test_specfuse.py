@@ -249,7 +249,7 @@ def test_eos_and_stop_strings():
 
 def test_label_is_one_verification_round():
     a, b, c = trio()
-    out = SpecFuse([a, b, c]).label(["p0"], [["abc", "zzz", "q"]])[0]
+    out = SpecFuse([a, b, c]).label(["p0"], [["abc", "zzz", "q"]], params=LabelParams(norm="token"))[0]
     # every token of a choice has the same probability, so each member's posterior (norm 'token':
     # softmax of the mean log-prob) is proportional to that probability; the pool is the weighted mean
     low = 0.1 / V  # A and B: mass 0.9 on T's letters, the remaining 0.1 spread over all V tokens
@@ -437,9 +437,9 @@ def test_eos_draft_stops_the_row(bpe_member):
 
 def test_label_with_tiny_models(mixed):
     prompts, choices = ["Is fire hot? Answer yes or no.", "Capital of France?"], [["yes", "no"], ["Paris", "Rome", "Tokyo"]]
-    outs = SpecFuse(mixed, weights=[0.5, 0.25, 0.25]).label(prompts, choices)
+    outs = SpecFuse(mixed, weights=[0.5, 0.25, 0.25]).label(prompts, choices, params=LabelParams(norm="token"))
     for prompt, cs, out in zip(prompts, choices, outs):
-        per = []  # each member's posterior under the default norm 'token', pooled linearly
+        per = []  # each member's posterior under the norm 'token', pooled linearly
         for m in mixed:
             means = [logprobs_uncached(m, m.encode_prompt(prompt), continuation_ids(m, c, LabelParams())).mean()
                      for c in cs]

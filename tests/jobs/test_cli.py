@@ -122,13 +122,19 @@ def test_console_script_and_subcommands(capsys):
 def test_every_label_param_is_hashed_and_set_by_flag_or_file(tmp_path):
     base = JobConfig(input="i", output="o")
     for f in dataclasses.fields(LabelParams):
-        value = {"norm": "pmi", "neutral_context": "Q:", "target_delimiter": "", "gate": 0.25}[f.name]
+        value = {"norm": "token", "neutral_context": "Q:", "target_delimiter": "", "gate": 0.25,
+                 "temperature": 2.0}[f.name]
         assert JobConfig(input="i", output="o", label={f.name: value}).config_hash != base.config_hash, f.name
-    cfg = parse_config(BASE + ["--choice-norm", "char", "--label-gate", "0.4", "--target-delimiter", ""])
-    assert cfg.label == LabelParams(norm="char", gate=0.4, target_delimiter="")
+    cfg = parse_config(BASE + ["--choice-norm", "char", "--label-gate", "0.4", "--target-delimiter", "",
+                               "--label-temperature", "2.5"])
+    assert cfg.label == LabelParams(norm="char", gate=0.4, target_delimiter="", temperature=2.5)
+    assert parse_config(BASE).label == LabelParams(norm="pmi", temperature=1.0)  # the defaults
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got"):
+            parse_config(BASE + ["--label-temperature", bad])
     f = tmp_path / "job.yaml"
-    f.write_text("input: i\noutput: o\nlabel: {norm: pmi, neutral_context: 'Answer:'}\n")
-    assert parse_config(["--config", str(f), "--label-gate", "none"]).label == LabelParams(norm="pmi")
+    f.write_text("input: i\noutput: o\nlabel: {norm: token, neutral_context: 'Answer:'}\n")
+    assert parse_config(["--config", str(f), "--label-gate", "none"]).label == LabelParams(norm="token")
     f.write_text("input: i\noutput: o\nchoice_norm: pmi\n")
     with pytest.raises(ValueError, match=r"'choice_norm' is a labeling setting: write it as label: \{norm: ...\} "
                                          r"\(flag --choice-norm\)"):

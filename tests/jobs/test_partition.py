@@ -253,8 +253,8 @@ def test_deepen_approximation_flags():
     assert main_all.fuser.main_top_mass is None and main_all.config_hash != cfg.config_hash
     with pytest.raises(ValueError, match=r"main_top_mass must be None or in \(0, 1\], got 0.0"):
         parse_config(base + ["--deepen-main-top-mass", "0"])
-    pmi = parse_config(base + ["--choice-norm", "pmi"])  # every method's normalisation (was --deepen-label-norm)
-    assert pmi.label.norm == "pmi" and pmi.fuser == cfg.fuser and pmi.config_hash != cfg.config_hash
+    pmi = parse_config(base + ["--choice-norm", "token"])  # every method's normalisation (was --deepen-label-norm)
+    assert pmi.label.norm == "token" and pmi.fuser == cfg.fuser and pmi.config_hash != cfg.config_hash
     exact = parse_config(base + ["--deepen-top-mass", "none", "--deepen-anchor-subset", "8192", "--deepen-topk", "32"])
     assert (exact.fuser.top_mass, exact.fuser.anchor_subset, exact.fuser.topk) == (None, 8192, 32)
     assert exact.config_hash != cfg.config_hash
