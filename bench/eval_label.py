@@ -73,6 +73,7 @@ import evaluate  # noqa: E402
 import tasks  # noqa: E402
 
 from ensemble.labeling import CHOICE_NORMS  # noqa: E402
+from jobs.calibration import ECE_BINS, ece  # noqa: E402  (the one ECE, also calibration's)
 
 log = logging.getLogger("bench.eval_label")
 
@@ -87,7 +88,7 @@ SYSTEMS: dict[str, tuple[str, ...]] = {
     "specfuse": ("--method", "specfuse", "--members", *TRIO),
 }
 BEST = "best member (dev)"
-N_BOOT, BOOT_SEED, ECE_BINS = 2000, 0, 10
+N_BOOT, BOOT_SEED = 2000, 0
 
 
 @dataclass(frozen=True)
@@ -121,23 +122,6 @@ def paired_bootstrap(system: Sequence[bool], base: Sequence[bool], n_boot: int =
     diffs = (a - b)[idx].mean(axis=1)
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return float(a.mean() - b.mean()), float(lo), float(hi)
-
-
-def ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float:
-    """Expected calibration error: ``bins`` equal-width bins of ``confidence`` over [0, 1] (the last
-    one includes 1.0); the sum over bins of (rows in bin / rows) * |accuracy - mean confidence|."""
-    conf, ok = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
-    if conf.shape != ok.shape or conf.size == 0:
-        raise ValueError(f"ece needs equally long non-empty confidences and outcomes, got {conf.shape} and {ok.shape}")
-    if ((conf < 0) | (conf > 1)).any():
-        raise ValueError(f"confidences must lie in [0, 1], got min {conf.min()} max {conf.max()}")
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            total += m.mean() * abs(ok[m].mean() - conf[m].mean())
-    return float(total)
 
 
 def norm_posteriors(stats: dict, choices: Sequence[str]) -> dict[str, list[float]]:

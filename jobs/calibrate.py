@@ -13,20 +13,29 @@ Each member scores the dev set once (jobs/dev_scores.py: in process, or through 
 for large dev sets; cached as Parquet in ``<output>.cache/``). Everything else is decided offline from
 those scores by the rules of jobs/calibration.py: each member's accuracy under every normalisation
 with a 95% Wilson interval, the members' pairwise agreement, the normalisation, the main member,
-the dropped members, the DeePEn-Adapt weights, SpecFuse's pool and the gate. Only DeePEn's gate needs
-the ensemble itself on dev: DeePEn labels the first ``--deepen-dev-limit`` dev rows once (cached too).
+the dropped members, the DeePEn-Adapt weights, SpecFuse's pool, the posterior temperature and the
+gate. Only DeePEn needs the ensemble itself on dev: DeePEn labels the first ``--deepen-dev-limit`` dev
+rows once (cached too, with its fused probabilities), and its temperature and gate are fitted on those
+rows. The temperature is fitted on the label probabilities of the system the profile applies (the
+pooled ones for SpecFuse, the fused ones for DeePEn, the member's for a single member), before the
+gate, which is then chosen on the tempered posteriors (a gate of 0 keeps the main member's answer on
+every row: the temperature is then refitted on its posteriors, which changes no label); the summary
+reports the dev NLL and expected calibration error at temperature 1 and at the fitted one
+(``--no-temperature``: keep 1).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
 from ensemble.config import DeePEnConfig, SpecFuseConfig
-from ensemble.labeling import LabelParams, best
-from jobs.calibration import (DROP_GAP, adapt_weights, choose_gate, choose_norm, choose_pool, member_report,
-                              pairwise_agreement, pooled, posteriors, select_members)
+from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
+from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
+                              choose_pool, label_ece, member_report, pairwise_agreement, pooled, posteriors,
+                              select_members, temperature_record, tempered)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
 from jobs.devset import DevSetError, read_dev
 from jobs.profile import Profile
@@ -39,15 +48,16 @@ DEEPEN_DEV_LIMIT = 200
 
 def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt: Runtime = Runtime(),
               label: LabelParams = LabelParams(), gap: float | None = DROP_GAP,
-              deepen_dev_limit: int | None = DEEPEN_DEV_LIMIT) -> Profile:
-    """Score, decide, write ``output`` (the profile) and return it. ``gap`` None keeps every member."""
+              deepen_dev_limit: int | None = DEEPEN_DEV_LIMIT, fit_temperature: bool = True) -> Profile:
+    """Score, decide, write ``output`` (the profile) and return it. ``gap`` None keeps every member;
+    ``fit_temperature`` False keeps the posterior temperature at 1."""
     if method not in ENSEMBLES:
         raise ValueError(f"method must be one of {ENSEMBLES}, got {method!r}")
     if len(members) < 2 or len(set(members)) != len(members):
         raise ValueError(f"members must be two or more distinct member specs, got {members!r}")
     dev = read_dev(dev_path)
     cache_dir = Path(output).with_suffix(".cache")
-    raw = {m: member_scores(dev, m, label, rt, cache_dir) for m in members}
+    raw = {m: member_scores(dev, m, label.with_(temperature=1.0), rt, cache_dir) for m in members}  # raw scores
     rows = [r for r in dev.rows if all(r.id in raw[m] for m in members)]
     if not rows:
         raise ValueError(f"no dev row of {dev_path!r} could be scored by every member (see the warnings)")
@@ -68,7 +78,9 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                     reports[main][norm]["accuracy"], reports[main][norm]["low"], chance)
     posts = {m: posteriors(scores[m], norm) for m in members}
     agreement = pairwise_agreement({m: [best(p) for p in posts[m]] for m in members})
-    params = label.with_(norm=norm, gate=None)
+    params = label.with_(norm=norm, gate=None, temperature=1.0)
+    grid = TEMPERATURE_GRID if fit_temperature else (1.0,)
+    logs = {m: [log_scores(s, norm) for s in scores[m]] for m in members}
     chosen: dict = {"norm": {n: sum(r[n]["accuracy"] for r in reports.values()) / len(reports) for n in reports[main]},
                     "main_accuracy": reports[main][norm]["accuracy"]}
     pool_kind = None
@@ -76,34 +88,51 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
         log.warning("only %s survives the drop rule: the profile is method single (an ensemble is not expected "
                     "to beat it on this dev set)", main)
         final, order, weights, main_idx, gate = "single", [main], None, 0, None
+        temperature, chosen["temperature"] = temperature_record(lambda t: tempered(logs[main], t), golds, grid,
+                                                                f"{main}'s posteriors")
     else:
         final = method
         order = [main] + [m for m in kept if m != main] if method == "specfuse" else kept
         main_idx = order.index(main)
         weights = adapt_weights([reports[m][norm]["accuracy"] for m in order])
         if method == "specfuse":
-            member_posts = [posts[m] for m in order]
-            pool_kind, chosen["pool"] = choose_pool(member_posts, weights, golds)
-            ens = [best(p) for p in pooled(member_posts, weights, pool_kind)]
-            gate_rows, main_posts = golds, posts[main]
+            member_logs = [logs[m] for m in order]
+            pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
+            temperature, chosen["temperature"] = records[pool_kind]["temperature"], records[pool_kind]
+            ens_probs = pooled([tempered(x, temperature) for x in member_logs], weights, pool_kind)
+            gate_rows, main_posts = golds, tempered(logs[main], temperature)
         else:
             fuser = DeePEnConfig(main=main_idx, weights=tuple(weights))
             probs = ensemble_labels(dev, "deepen", order, fuser, params, rt, cache_dir, deepen_dev_limit)
             idx = [i for i, r in enumerate(rows) if r.id in probs]
             if not idx:
                 raise ValueError("DeePEn labeled no dev row that every member scored (see the warnings)")
-            ens = [best(probs[rows[i].id]) for i in idx]
-            gate_rows, main_posts = [golds[i] for i in idx], [posts[main][i] for i in idx]
-        gate, chosen["gate"] = choose_gate(main_posts, ens, gate_rows)
+            # the cached fused probabilities (temperature 1): their logs temper exactly as the fused scores
+            fused_logs = [[math.log(q) if q > 0 else -math.inf for q in probs[rows[i].id]] for i in idx]
+            gate_rows = [golds[i] for i in idx]
+            temperature, chosen["temperature"] = temperature_record(lambda t: tempered(fused_logs, t), gate_rows,
+                                                                    grid, "DeePEn's fused probabilities")
+            ens_probs = tempered(fused_logs, temperature)
+            main_posts = tempered([logs[main][i] for i in idx], temperature)
+        gate, chosen["gate"] = choose_gate(main_posts, [best(p) for p in ens_probs], gate_rows)
         chosen["gate_rows"] = len(gate_rows)
         chosen["ensemble_accuracy"] = chosen["gate"]["None"]
         chosen["gated_accuracy"] = chosen["gate"][str(gate)]
+        if gate == 0.0:  # every row keeps the main member's answer: its posteriors are the output
+            ensemble_fit = chosen["temperature"]
+            temperature, chosen["temperature"] = temperature_record(
+                lambda t: tempered(logs[main], t), golds, grid,
+                f"{main}'s posteriors (the gate keeps them on every row)")
+            chosen["temperature"]["ensemble"] = ensemble_fit  # the first fit, on the ensemble's probabilities
+        else:
+            chosen["temperature"]["ece_gated"] = label_ece(
+                [m if gate_keeps(m, gate) else e for m, e in zip(main_posts, ens_probs)], gate_rows)
     if method == "specfuse" and final == "specfuse":
         SpecFuseConfig(weights=tuple(weights), label_pool=pool_kind)  # the job's own checks, before writing
     profile = Profile(method=final, members=tuple(order), main=main_idx,
                       weights=None if weights is None else tuple(weights), choice_norm=norm,
                       neutral_context=label.neutral_context, target_delimiter=label.target_delimiter, gate=gate,
-                      label_pool=pool_kind, requested_method=method, dropped=dropped,
+                      label_pool=pool_kind, temperature=temperature, requested_method=method, dropped=dropped,
                       dev={"path": dev.path, "sha256": dev.sha256, "rows": len(dev.rows), "scored": len(rows),
                            "chance": chance},
                       member_accuracy=reports, agreement=agreement, chosen_on=chosen)
@@ -127,6 +156,14 @@ def summary(p: Profile) -> str:
                      + (f" (weight {p.weights[p.members.index(m)]:.3f})" if p.weights and m in p.members else ""))
     lines += [f"  dropped {m}: {why}" for m, why in p.dropped.items()]
     lines += [f"  agreement {pair}: {a:.3f}" for pair, a in p.agreement.items()]
+    if "temperature" in p.chosen_on:
+        r = p.chosen_on["temperature"]
+        how = "fitted" if len(r["nll"]) > 1 else "kept at 1 (not fitted), measured"
+        lines.append(f"temperature: {p.temperature:g}, {how} on {r['fitted_on']} ({r['rows']} dev rows, lowest "
+                     f"NLL of the gold choice): NLL {r['nll_before']:.3f} -> {r['nll_after']:.3f}, ECE "
+                     f"{100 * r['ece_before']:.1f}% -> {100 * r['ece_after']:.1f}% ({ECE_BINS} bins of the top "
+                     f"probability)" + (f"; ECE of the gated labels {100 * r['ece_gated']:.1f}%"
+                                         if "ece_gated" in r else ""))
     if "pool" in p.chosen_on:
         lines.append(f"pool: {p.label_pool} (" + ", ".join(f"{k} {a:.3f}" for k, a in p.chosen_on["pool"].items()) + ")")
     if "gate" in p.chosen_on:
@@ -149,6 +186,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--drop-gap", type=float, default=DROP_GAP,
                     help=f"drop a member more than this far below the best member's dev accuracy (default: {DROP_GAP})")
     ap.add_argument("--no-drop", action="store_true", help="keep every member (no drop rule)")
+    ap.add_argument("--no-temperature", action="store_true",
+                    help="keep the posterior temperature at 1 (default: fitted on dev, see jobs/calibration.py)")
     ap.add_argument("--neutral-context", default=LabelParams.neutral_context, help="pmi's neutral prompt")
     ap.add_argument("--target-delimiter", default=LabelParams.target_delimiter,
                     help="put before a choice for completion-style members")
@@ -172,7 +211,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
                      batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
         label = LabelParams(neutral_context=args.neutral_context, target_delimiter=args.target_delimiter)
         calibrate(args.dev, args.members, args.method, args.output, rt=rt, label=label,
-                  gap=None if args.no_drop else args.drop_gap, deepen_dev_limit=args.deepen_dev_limit or None)
+                  gap=None if args.no_drop else args.drop_gap, deepen_dev_limit=args.deepen_dev_limit or None,
+                  fit_temperature=not args.no_temperature)
     except (DevSetError, ValueError) as exc:
         log.error("calibration refused: %s", exc)
         return 2

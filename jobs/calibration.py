@@ -15,20 +15,28 @@ The rules (each documented where it is applied):
   as UniTE (Yao et al., 2024, choosing members within a fixed accuracy gap of the base model) and DFPE
   (filtering members whose dev score is far below the best) use; the main member is never dropped;
 - weights (:func:`adapt_weights`): DeePEn-Adapt, w_i = acc_i / sum_j acc_j over the kept members;
-- SpecFuse's pool (:func:`choose_pool`): linear or log-linear, the higher pooled dev accuracy (ties:
-  linear, the first of ``POOLS``);
+- the posterior temperature (:func:`fit_temperature`): from :data:`TEMPERATURE_GRID`, the one with the
+  lowest mean dev negative log-likelihood of the gold choice (:func:`nll`) under the chosen system's
+  label probabilities without the gate (ties: the closest to 1, then the smaller); a temperature
+  rescales the probabilities without reordering them, so it fixes their calibration (:func:`ece`) and
+  not the labels, except SpecFuse's linear pool of tempered posteriors;
+- SpecFuse's pool (:func:`choose_pool`): linear or log-linear, each at its own fitted temperature, the
+  higher pooled dev accuracy (ties: linear, the first of ``POOLS``);
 - the gate (:func:`choose_gate`): theta from :data:`GATE_GRID` (None: never keep the main member's
   answer, 0.0: always), the highest gated dev accuracy; ties go to the theta that keeps the main
   member's answer on more dev rows (cheaper: DeePEn skips the fused pass on those rows), then to the
-  smaller theta.
+  smaller theta. The margins are read from the tempered posteriors, as the job reads them.
+
+Expected calibration error (:func:`ece`) is the one ``bench/eval_label.py`` reports: confidence = the
+top label probability, :data:`ECE_BINS` equal-width bins.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from ensemble.labeling import CHOICE_NORMS, POOLS, ChoiceScores, best, gate, pool, posterior
+from ensemble.labeling import CHOICE_NORMS, POOLS, ChoiceScores, best, gate, pool, posterior, temper
 
 NORM_PREFERENCE = ("token", "char", "sum", "pmi")
 """Tie order of the normalisations: pmi last (it costs a second pass after the neutral context)."""
@@ -37,6 +45,12 @@ GATE_GRID: tuple[float | None, ...] = (None, 0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5,
 DROP_GAP = 0.10
 """Default of ``gap`` in :func:`select_members`: 10 accuracy points below the main member."""
 Z95 = 1.959963984540054
+TEMPERATURE_GRID: tuple[float, ...] = tuple(2.0 ** (k / 4) for k in range(-8, 17))
+"""Candidate posterior temperatures: 0.25 to 16, log-spaced (4 per doubling), 1.0 included."""
+ECE_BINS = 10
+"""Equal-width bins of the top probability over [0, 1] in :func:`ece`."""
+_NLL_CAP = -math.log(5e-324)
+"""The negative log-likelihood of a gold choice whose probability underflowed to 0."""
 
 
 def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -123,11 +137,72 @@ def pooled(posts: Sequence[Sequence[Sequence[float]]], weights: Sequence[float],
     return [pool([p[r] for p in posts], weights, kind) for r in range(len(posts[0]))]
 
 
-def choose_pool(posts: Sequence[Sequence[Sequence[float]]], weights: Sequence[float],
-                golds: Sequence[int]) -> tuple[str, dict[str, float]]:
-    """SpecFuse's pool: (the kind with the best pooled dev accuracy, {kind: accuracy}); ties: POOLS order."""
-    accs = {kind: accuracy([best(p) for p in pooled(posts, weights, kind)], golds) for kind in POOLS}
-    return max(POOLS, key=lambda k: (accs[k], -POOLS.index(k))), accs
+def tempered(logs: Sequence[Sequence[float]], t: float) -> list[list[float]]:
+    """Each row's posterior at temperature ``t`` from its log-domain scores (or log-probabilities)."""
+    return [temper(x, t) for x in logs]
+
+
+def ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float:
+    """Expected calibration error: ``bins`` equal-width bins of ``confidence`` over [0, 1] (the last
+    one includes 1.0); the sum over bins of (rows in bin / rows) * |accuracy - mean confidence|."""
+    conf, ok = [float(c) for c in confidence], [bool(x) for x in correct]
+    if len(conf) != len(ok) or not conf:
+        raise ValueError(f"ece needs equally long non-empty confidences and outcomes, got {len(conf)} and {len(ok)}")
+    if any(not 0.0 <= c <= 1.0 for c in conf):
+        raise ValueError(f"confidences must lie in [0, 1], got min {min(conf)} max {max(conf)}")
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(conf):
+        groups.setdefault(min(int(c * bins), bins - 1), []).append(i)
+    return sum(len(g) / len(conf) * abs(sum(ok[i] for i in g) / len(g) - sum(conf[i] for i in g) / len(g))
+               for g in groups.values())
+
+
+def label_ece(probs: Sequence[Sequence[float]], golds: Sequence[int]) -> float:
+    """:func:`ece` of label probabilities: each row's top probability against whether its label is right."""
+    return ece([max(p) for p in probs], [best(p) == g for p, g in zip(probs, golds)])
+
+
+def nll(probs: Sequence[Sequence[float]], golds: Sequence[int]) -> float:
+    """Mean negative log-likelihood of the gold choice (a probability of 0 counts as the smallest double)."""
+    if len(probs) != len(golds) or not golds:
+        raise ValueError(f"probs and golds must be equally long and non-empty, got {len(probs)} and {len(golds)}")
+    return sum(-math.log(p[g]) if p[g] > 0 else _NLL_CAP for p, g in zip(probs, golds)) / len(golds)
+
+
+def fit_temperature(probs_at: Callable[[float], Sequence[Sequence[float]]], golds: Sequence[int],
+                    grid: Sequence[float] = TEMPERATURE_GRID) -> tuple[float, dict[str, float]]:
+    """(temperature, {str(t): dev NLL}): the grid's temperature whose label probabilities
+    ``probs_at(t)`` give the gold choices the lowest mean NLL (ties: the closest to 1, then the smaller)."""
+    nlls = {t: nll(probs_at(t), golds) for t in grid}
+    chosen = min(grid, key=lambda t: (nlls[t], abs(math.log(t)), t))
+    return chosen, {str(t): v for t, v in nlls.items()}
+
+
+def temperature_record(probs_at: Callable[[float], Sequence[Sequence[float]]], golds: Sequence[int],
+                       grid: Sequence[float], fitted_on: str) -> tuple[float, dict]:
+    """(the fitted temperature, the profile's record of it: the grid's NLLs and the dev NLL and ECE of
+    the label probabilities at temperature 1 ("before") and at the fitted one ("after"))."""
+    t, nlls = fit_temperature(probs_at, golds, grid)
+    before, after = probs_at(1.0), probs_at(t)
+    return t, {"temperature": t, "fitted_on": fitted_on, "rows": len(golds), "nll": nlls,
+               "nll_before": nll(before, golds), "nll_after": nll(after, golds),
+               "ece_before": label_ece(before, golds), "ece_after": label_ece(after, golds)}
+
+
+def choose_pool(logs: Sequence[Sequence[Sequence[float]]], weights: Sequence[float], golds: Sequence[int],
+                grid: Sequence[float] = TEMPERATURE_GRID) -> tuple[str, dict[str, float], dict[str, dict]]:
+    """SpecFuse's pool from the members' log-domain scores ``logs[member][row]``: each kind at its own
+    fitted temperature (:func:`temperature_record`; the members' posteriors are tempered, then pooled);
+    (the kind with the best pooled dev accuracy (ties: POOLS order), {kind: accuracy}, {kind: record})."""
+    records, accs = {}, {}
+    for kind in POOLS:
+        def probs_at(t: float, kind: str = kind) -> list[list[float]]:
+            return pooled([tempered(m, t) for m in logs], weights, kind)
+
+        t, records[kind] = temperature_record(probs_at, golds, grid, f"the {kind} pool of the members' posteriors")
+        accs[kind] = accuracy([best(p) for p in probs_at(t)], golds)
+    kind = max(POOLS, key=lambda k: (accs[k], -POOLS.index(k)))
+    return kind, accs, records
 
 
 def gated_picks(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[int],

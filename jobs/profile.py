@@ -2,7 +2,8 @@
 and ``python -m jobs.fuse --profile PROFILE.json`` applies.
 
 The file is JSON, versioned (:data:`PROFILE_VERSION`). The job applies its method, members (in
-order), main member, weights, choice normalisation and scorer texts, SpecFuse's pool and the gate;
+order), main member, weights, choice normalisation and scorer texts, SpecFuse's pool, the posterior
+temperature (``--label-temperature``; 1 in a profile written before it existed) and the gate;
 everything else in it (the dev file's sha256 and size, each member's dev accuracy with its interval,
 the members' agreement, the dropped members and why, the accuracies the choices were made on) is the
 record of why. A flag or config-file setting that contradicts an applied one is refused, naming both
@@ -38,6 +39,9 @@ class Profile:
     gate: float | None
     label_pool: str | None = None
     """SpecFuse's pool of the members' posteriors (None for the other methods)."""
+    temperature: float = 1.0
+    """Posterior temperature fitted on dev (``LabelParams.temperature``); its record, with the dev NLL
+    and expected calibration error before and after, is ``chosen_on["temperature"]``."""
     requested_method: str = ""
     """The method calibrate was asked for."""
     dropped: dict[str, str] = field(default_factory=dict)
@@ -49,7 +53,8 @@ class Profile:
     agreement: dict[str, float] = field(default_factory=dict)
     """{"a|b": share of dev rows where a and b choose the same label} under choice_norm."""
     chosen_on: dict[str, Any] = field(default_factory=dict)
-    """The dev accuracies each choice was made on (pool, gate, the ensemble's)."""
+    """The dev figures each choice was made on (pool, gate, the ensemble's accuracy; the temperature's
+    NLL and expected calibration error)."""
     version: int = PROFILE_VERSION
 
     def __post_init__(self) -> None:
@@ -85,7 +90,7 @@ class Profile:
 
     def label_params(self) -> LabelParams:
         return LabelParams(norm=self.choice_norm, neutral_context=self.neutral_context,
-                           target_delimiter=self.target_delimiter, gate=self.gate)
+                           target_delimiter=self.target_delimiter, gate=self.gate, temperature=self.temperature)
 
     def job_settings(self) -> dict[str, Any]:
         """The JobConfig settings this profile applies (``fuser`` and ``label`` nested, as a config file's)."""

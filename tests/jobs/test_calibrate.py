@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -110,14 +111,55 @@ def test_gate_and_pool_rules():
     # a tie between "never" and "always": the main member (cheaper) wins
     gate, _ = cal.choose_gate([[0.9, 0.1]], [0], [0])
     assert gate == 0.0
-    kind, accs = cal.choose_pool([[[0.6, 0.4]], [[0.0, 1.0]]], [0.5, 0.5], [0])
-    assert set(accs) == {"linear", "loglinear"} and kind == "linear"
+    # one member sure and right, two fairly sure and wrong: at temperature 1 the linear pool follows the
+    # two (0.47 on the gold choice); hotter, the sure member's larger score difference wins (log-linear: always)
+    logs = [[[0.0, -14.0]], [[0.0, math.log(4)]], [[0.0, math.log(4)]]]
+    kind, accs, records = cal.choose_pool(logs, [1 / 3] * 3, [0], grid=(1.0,))
+    assert set(accs) == {"linear", "loglinear"} and kind == "loglinear" and accs == {"linear": 0.0, "loglinear": 1.0}
+    assert records["linear"]["temperature"] == 1.0 and records["linear"]["nll_before"] == pytest.approx(
+        -math.log((1 + 0.2 + 0.2) / 3), abs=1e-5)
+    kind, accs, records = cal.choose_pool(logs, [1 / 3] * 3, [0])
+    assert kind == "linear" and accs == {"linear": 1.0, "loglinear": 1.0} and records["linear"]["temperature"] > 1
+    assert records["linear"]["fitted_on"] == "the linear pool of the members' posteriors"
+
+
+def test_ece_and_nll():
+    # two bins: conf 0.95 (1.0 falls in the last bin) all right -> |1-0.975|; conf 0.55 half right -> |0.5-0.55|
+    assert cal.ece([0.95, 1.0, 0.55, 0.55], [True, True, True, False]) == pytest.approx(
+        0.5 * abs(1 - 0.975) + 0.5 * abs(0.5 - 0.55))
+    assert cal.ece([0.7] * 10, [True] * 7 + [False] * 3) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        cal.ece([1.2], [True])
+    with pytest.raises(ValueError, match="non-empty"):
+        cal.ece([], [])
+    assert cal.label_ece([[0.9, 0.1], [0.8, 0.2]], [0, 1]) == pytest.approx(0.5 * 0.1 + 0.5 * 0.8)
+    assert cal.nll([[0.5, 0.5], [0.25, 0.75]], [0, 1]) == pytest.approx((math.log(2) + -math.log(0.75)) / 2)
+    assert cal.nll([[1.0, 0.0]], [1]) == pytest.approx(744.44, abs=0.01)  # an underflowed 0: finite
+
+
+def test_temperature_fit():
+    grid = cal.TEMPERATURE_GRID
+    assert grid[0] == 0.25 and grid[-1] == 16.0 and 1.0 in grid and len(grid) == 25
+    assert all(b / a == pytest.approx(2 ** 0.25) for a, b in zip(grid, grid[1:]))
+    # over-confident scores: right 60% of the time with a top probability of 0.88 -> a temperature > 1
+    logs = [[0.0, -2.0]] * 6 + [[-2.0, 0.0]] * 4
+    golds = [0] * 10
+    t, rec = cal.temperature_record(lambda t: cal.tempered(logs, t), golds, grid, "test")
+    assert t > 1 and rec["temperature"] == t and rec["fitted_on"] == "test" and rec["rows"] == 10
+    assert rec["nll_after"] < rec["nll_before"] and rec["ece_after"] < rec["ece_before"]
+    assert rec["nll"][str(t)] == min(rec["nll"].values()) and set(rec["nll"]) == {str(g) for g in grid}
+    # the fitted temperature makes the top probability close to the 60% accuracy (the best is 2 / log(1.5), ~4.9)
+    assert max(cal.tempered(logs, t)[0]) == pytest.approx(0.6, abs=0.01)
+    # under-confident scores: right every time -> the coldest temperature
+    assert cal.fit_temperature(lambda t: cal.tempered([[0.1, 0.0]] * 5, t), [0] * 5)[0] == 0.25
+    # ties (every temperature gives the same NLL): the closest to 1
+    assert cal.fit_temperature(lambda t: cal.tempered([[0.0, 0.0]], t), [0])[0] == 1.0
 
 
 # ---- the profile applied by the job ---------------------------------------------------------------
 def _profile(tmp_path, name="p.json", **kw):
     fields = dict(method="deepen", members=("a", "b", "c"), main=1, weights=(0.3, 0.4, 0.3), choice_norm="pmi",
-                  neutral_context="Answer:", target_delimiter=" ", gate=0.3)
+                  neutral_context="Answer:", target_delimiter=" ", gate=0.3, temperature=2.0)
     fields.update(kw)
     path = tmp_path / name
     Profile(**fields).save(path)
@@ -128,7 +170,7 @@ def test_the_job_applies_a_profile_and_refuses_contradicting_flags(tmp_path):
     path = _profile(tmp_path)
     cfg = parse_config(BASE + ["--profile", path])
     assert (cfg.method, cfg.members, cfg.fuser.main, cfg.fuser.weights) == ("deepen", ("a", "b", "c"), 1, (0.3, 0.4, 0.3))
-    assert cfg.label == LabelParams(norm="pmi", gate=0.3) and cfg.profile == path
+    assert cfg.label == LabelParams(norm="pmi", gate=0.3, temperature=2.0) and cfg.profile == path
     same = parse_config(BASE + ["--profile", path, "--method", "deepen", "--choice-norm", "pmi", "--main", "1",
                                 "--deepen-topk", "32"])  # agreeing flags, and settings it does not make
     assert same.fuser.topk == 32
@@ -137,12 +179,19 @@ def test_the_job_applies_a_profile_and_refuses_contradicting_flags(tmp_path):
                          (["--weights", "0.2", "0.4", "0.4"], r"--weights is \[0.2, 0.4, 0.4\] but the profile .* "
                                                                r"sets weights to \[0.3, 0.4, 0.3\]"),
                          (["--label-gate", "none"], r"--label-gate is None but the profile .* sets gate to 0.3"),
-                         (["--choice-norm", "token"], r"--choice-norm is 'token' but the profile .* sets norm to 'pmi'")]:
+                         (["--choice-norm", "token"], r"--choice-norm is 'token' but the profile .* sets norm to 'pmi'"),
+                         (["--label-temperature", "1"],
+                          r"--label-temperature is 1.0 but the profile .* sets temperature to 2.0")]:
         with pytest.raises(ValueError, match=match):
             parse_config(BASE + ["--profile", path] + flags)
     spec = parse_config(BASE + ["--profile", _profile(tmp_path, "s.json", method="specfuse", main=0,
                                                         label_pool="loglinear", gate=None)])
     assert spec.fuser.label_pool == "loglinear" and spec.fuser.weights == (0.3, 0.4, 0.3) and spec.label.gate is None
+    # a profile written before the temperature existed applies temperature 1
+    old = json.loads(open(path).read())
+    del old["temperature"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert parse_config(BASE + ["--profile", str(tmp_path / "old.json")]).label.temperature == 1.0
 
 
 def test_config_hash_follows_the_profile(tmp_path):
@@ -150,7 +199,7 @@ def test_config_hash_follows_the_profile(tmp_path):
     before = parse_config(BASE + ["--profile", path]).config_hash
     assert parse_config(BASE + ["--profile", path]).config_hash == before
     for change in ({"gate": 0.5}, {"weights": (0.2, 0.5, 0.3)}, {"choice_norm": "char"}, {"main": 0},
-                   {"target_delimiter": ""}):
+                   {"target_delimiter": ""}, {"temperature": 0.5}):
         _profile(tmp_path, **change)
         assert parse_config(BASE + ["--profile", path]).config_hash != before, change
     _profile(tmp_path, dropped={"d": "at chance"})  # the record of why changes no output setting
@@ -164,7 +213,8 @@ def test_a_bad_profile_is_refused(tmp_path):
     good = json.loads(open(_profile(tmp_path)).read())
     for change, match in [({"version": 99}, "version must be 1"), ({"main": 5}, "main must be an index"),
                           ({"choice_norm": "mean"}, "choice_norm must be one of"), ({"extra": 1}, "unknown keys"),
-                          ({"label_pool": "linear"}, "label_pool must be one of .* for specfuse and None otherwise")]:
+                          ({"label_pool": "linear"}, "label_pool must be one of .* for specfuse and None otherwise"),
+                          ({"temperature": 0}, "temperature must be a finite number > 0, got 0")]:
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(ValueError, match=match):
             load_profile(path)
@@ -224,6 +274,14 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
     assert prof.weights == pytest.approx(tuple(cal.adapt_weights([acc[m] for m in prof.members])))
     assert prof.dev["rows"] == prof.dev["scored"] == 8 and prof.dev["sha256"] == read_dev(path).sha256
     assert set(prof.chosen_on["gate"]) == {str(g) for g in cal.GATE_GRID} and prof.label_pool in ("linear", "loglinear")
+    rec = prof.chosen_on["temperature"]
+    assert prof.temperature == rec["temperature"] in cal.TEMPERATURE_GRID and rec["rows"] == 8
+    assert rec["nll_after"] <= rec["nll_before"] and {"ece_before", "ece_after"} <= set(rec)
+    if prof.gate == 0.0:  # the main member's answer on every row: the temperature is fitted on its posteriors
+        assert rec["fitted_on"].startswith(f"{prof.members[0]}'s posteriors") and "ece_gated" not in rec
+        assert rec["ensemble"]["fitted_on"] == f"the {prof.label_pool} pool of the members' posteriors"
+    else:
+        assert rec["fitted_on"] == f"the {prof.label_pool} pool of the members' posteriors" and "ece_gated" in rec
     assert list(prof.agreement) == [f"{tiny_dirs[0]}|{tiny_dirs[1]}"]
     cache = sorted(p.name for p in (tmp_path / "prof" / "spec.cache").iterdir())
     assert len(cache) == 2 and all(n.startswith("scores-") for n in cache)
@@ -238,7 +296,7 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
                               max_new_tokens=4)
     assert (cfg.method, cfg.members, cfg.fuser.weights, cfg.fuser.label_pool) == (
         "specfuse", prof.members, prof.weights, prof.label_pool)
-    assert (cfg.label.norm, cfg.label.gate) == (prof.choice_norm, prof.gate)
+    assert (cfg.label.norm, cfg.label.gate, cfg.label.temperature) == (prof.choice_norm, prof.gate, prof.temperature)
     got = _job_rows(cfg, rows)
     assert all(r["status"] == "ok" for r in got)
     answers = {r["id"]: r["answer"] for r in rows}
@@ -264,6 +322,14 @@ def test_calibrate_deepen_labels_a_dev_prefix_once(tiny_dirs, dev_file, tmp_path
         prof.member_accuracy[m][prof.choice_norm]["accuracy"], -tiny_dirs.index(m)))
     labels = [p for p in (tmp_path / "deep.cache").iterdir() if p.name.startswith("labels-deepen-")]
     assert len(labels) == 1 and pq.read_table(labels[0]).num_rows == 3
+    rec = prof.chosen_on["temperature"]  # fitted on the cached fused probabilities of the 3 rows
+    fused = rec["ensemble"] if prof.gate == 0.0 else rec  # gate 0: refitted on the main member's posteriors
+    assert fused["fitted_on"] == "DeePEn's fused probabilities" and fused["rows"] == 3
+    assert fused["nll_after"] <= fused["nll_before"] and (prof.gate == 0.0) == (rec["rows"] == 8)
+    assert prof.temperature == rec["temperature"] and rec["nll_after"] <= rec["nll_before"]
+    fixed = calibrate(path, tiny_dirs, "deepen", str(out), gap=None, deepen_dev_limit=3,
+                      fit_temperature=False)  # same cache, temperature kept at 1
+    assert fixed.temperature == 1.0 and fixed.chosen_on["temperature"]["nll"] == {"1.0": rec["nll_before"]}
     with caplog.at_level(logging.INFO):
         calibrate(path, tiny_dirs, "deepen", str(out), gap=None, deepen_dev_limit=3)
     assert caplog.text.count("cache hit") == 3 and "labeling 3 dev rows" not in caplog.text
