@@ -38,7 +38,7 @@ from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weight
                               select_members, temperature_record, tempered)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
 from jobs.devset import DevSetError, read_dev
-from jobs.profile import Profile
+from jobs.profiles import Profile
 
 log = logging.getLogger("jobs.calibrate")
 ENSEMBLES = ("deepen", "specfuse")

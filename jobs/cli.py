@@ -202,7 +202,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "python -m jobs.fuse
             settings[key] = value
     settings.update({k: v for k, v in nested.items() if v})
     if settings.get("profile"):
-        from jobs.profile import apply_profile
+        from jobs.profiles import apply_profile
 
         settings = apply_profile(settings, settings["profile"])
     missing = [k for k in ("input", "output") if k not in settings]

@@ -219,7 +219,7 @@ _CALIBRATION_PROBE = r"""
 import json, sys
 from jobs.calibrate import ENSEMBLES, build_parser
 from jobs.cli import parse_config
-from jobs.profile import Profile
+from jobs.profiles import Profile
 
 profile, calibrate_args, job_args = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 cal = vars(build_parser("jobs.calibrate").parse_args(calibrate_args))

@@ -16,7 +16,7 @@ from ensemble.labeling import ChoiceScores, LabelParams
 from jobs import calibration as cal
 from jobs.cli import entry, parse_config
 from jobs.devset import DevSetError, read_dev
-from jobs.profile import Profile, load_profile
+from jobs.profiles import Profile, load_profile
 
 BASE = ["--input", "i", "--output", "o"]
 CH = ["Paris", "Rome", "the cat", "a big house near the river"]
