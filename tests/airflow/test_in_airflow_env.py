@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("AIRFLOW_VENV", REPO / ".venv-airflow"))
 MAIN_ENV_TESTS = ("test_end_to_end_synthetic_generation_on_local_spark", "test_end_to_end_labeling_on_local_spark",
-                  "test_a_failed_job_publishes_nothing",
+                  "test_end_to_end_calibrated_labeling_on_local_spark", "test_a_failed_job_publishes_nothing",
+                  "test_calibration_flags_are_accepted_by_calibrate_and_the_job",
                   "test_every_flag_a_dag_passes_is_accepted_by_the_job[ensemble_labeling-label]",
                   "test_every_flag_a_dag_passes_is_accepted_by_the_job[synthetic_generation-generate]")
 
@@ -35,7 +36,7 @@ def test_airflow_dags_in_their_environment(tmp_path):
     proc = subprocess.run(
         [str(python), "-m", "pytest", "tests/airflow", "-q", "-p", "no:cacheprovider", "-rfEs",
          f"--junitxml={junit}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )
     tail = (proc.stdout + "\n" + proc.stderr)[-8000:]
     assert proc.returncode == 0, f"tests/airflow failed (exit {proc.returncode}):\n{tail}"

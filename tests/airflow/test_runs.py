@@ -252,3 +252,62 @@ def test_a_failed_job_publishes_nothing(load_dag, spark_deployment, tmp_path):
     rows = pq.read_table(partition / "data").to_pylist()
     assert len(rows) == 2 and {(r["status"], r["error_kind"]) for r in rows} == {("error", "fuser")}
     assert asset_events("ensemble_fuse.labels", dr.run_id) == []
+
+
+@pytest.mark.slow
+def test_end_to_end_calibrated_labeling_on_local_spark(load_dag, spark_deployment, tmp_path):
+    """ensemble_labeling with a dev set: calibrate runs jobs.calibrate (SpecFuse over the two smallest
+    packaged members, in process on a four-row dev set) and writes the profile under the partition;
+    the job applies it (--profile): the Parquet's method, members, per-member weights and gate, and the
+    run's config (choice normalisation, gate, pool), are the profile's; the Asset is published."""
+    import pyarrow.parquet as pq
+
+    dev = [dict(r, answer=r["choices"][0]) for r in sample_rows(choices=True, n=14) if r["id"].startswith("PIQA")]
+    assert len(dev) == 4
+    dev_path = write_jsonl(tmp_path / "dev.jsonl", dev)
+    labeled = sample_rows(choices=True, n=2)
+    src = write_jsonl(tmp_path / "prompts.jsonl", labeled)
+    root = tmp_path / "out"
+    members = [MEMBER, "gemma3-270m"]
+    conf = {"input": str(src), "output_root": str(root), "partitions": 1, "batch_size": 4, "max_prompt_tokens": 512,
+            "ensemble": {"method": "specfuse", "members": members, "dev_set": str(dev_path)}}
+    dag = load_dag("ensemble_labeling")
+    dag.get_task("fuse").retries = 0  # a failure shows at once (a retry would resume and fail the same way)
+    t0 = time.perf_counter()
+    dr = dag.test(logical_date=LOGICAL, run_conf=conf)
+    seconds = time.perf_counter() - t0
+    assert states(dr) == {"plan": "success", "calibrate": "success", "fuse": "success", "publish": "success"}, \
+        states(dr)
+
+    partition = root / "ds=2025-03-04"
+    profile_file = partition / "_calibration" / "profile.json"
+    assert profile_file.is_file() and (partition / "_SUCCESS").is_file()
+    profile = json.loads(profile_file.read_text())
+    assert profile["requested_method"] == "specfuse" and profile["dev"]["rows"] == 4
+    assert set(profile["members"]) | set(profile["dropped"]) == set(members)
+    manifest = json.loads((partition / "_run.json").read_text())
+    config = manifest["config"]
+    assert config["profile"] == str(profile_file)
+    assert (config["method"], config["members"]) == (profile["method"], profile["members"])
+    assert config["label"]["norm"] == profile["choice_norm"] and config["label"]["gate"] == profile["gate"]
+    if profile["method"] == "specfuse":
+        assert config["fuser"]["label_pool"] == profile["label_pool"]
+        assert config["fuser"]["weights"] == pytest.approx(profile["weights"])
+
+    rows = {r["id"]: r for r in pq.read_table(partition / "data").to_pylist()}
+    assert sorted(rows) == sorted(r["id"] for r in labeled)
+    for src_row in labeled:
+        row = rows[src_row["id"]]
+        assert row["status"] == "ok", row["error"]
+        assert row["method"] == profile["method"] and row["members"] == profile["members"]
+        assert row["config_hash"] == manifest["config_hash"]
+        assert row["label"] in src_row["choices"]
+        assert sum(row["label_probs"]) == pytest.approx(1.0, abs=1e-6)
+        if profile["gate"] is None:
+            assert not row["gated"]
+        if profile["weights"] is not None:
+            assert [s["weight"] for s in row["member_stats"]] == pytest.approx(profile["weights"])
+    events = asset_events("ensemble_fuse.labels", dr.run_id)
+    assert len(events) == 1 and events[0]["config_hash"] == manifest["config_hash"]
+    print(f"calibrated labeling end to end: {seconds:.0f}s; profile: {profile['method']} over {profile['members']}, "
+          f"norm {profile['choice_norm']}, gate {profile['gate']}, pool {profile['label_pool']}")
