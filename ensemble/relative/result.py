@@ -17,7 +17,8 @@ class FuseResult:
     candidates ``cand`` plus, in the sparse path, a last "tail" column standing for every other token
     (it takes probability mass but is never chosen).
 
-    ``rest`` (sparse path; None in the dense path, which has no other tokens): per row, the log of the
+    ``rest`` (sparse path with forced tokens; None in the dense path, which has no other tokens, and in
+    a step without forced tokens, i.e. generation, which never reads it): per row, the log of the
     fused mass the main member's non-candidate tokens carry *as the exact dense search leaves them*:
     ``logsumexp`` over those tokens of the main member's own logits, times the search's weight-decay
     factor when the row was searched. Under the reference's mean reduction their gradients are far
@@ -30,7 +31,7 @@ class FuseResult:
     z: torch.Tensor  # (B, k + tail) searched logits
     q_members: list[torch.Tensor]  # per member (B, A): relative distributions
     q: torch.Tensor  # (B, A): their aggregate
-    rest: torch.Tensor | None = None  # (B,) log-mass of the non-candidate tokens (sparse path), see above
+    rest: torch.Tensor | None = None  # (B,) log-mass of the non-candidate tokens (sparse path, forced tokens given), see above
 
     def token_logits(self) -> torch.Tensor:
         """Searched logits of the candidate tokens ``(B, k)``, ``-inf`` where masked."""

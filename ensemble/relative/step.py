@@ -210,7 +210,8 @@ class RelativeEnsemble:
             if is_main:
                 main_rows, cand, valid, z0, main_lg = rows, ids, ok, zi, lg
         q = aggregate(qs, self.weights, self.main)  # (B, A)
-        moved = moving_rows(qs[self.main], q, self.search)  # (B,): rows the search changes
+        # rows the search changes: only labeling (forced tokens) reads them, through ``rest``
+        moved = None if self.dense or extra is None else moving_rows(qs[self.main], q, self.search)  # (B,)
         if main_part is not None and main_part.open_rows is not None:
             # undecided rows only, on the table rows they use (a prefix): the others keep z0
             z = z0.clone()
@@ -220,11 +221,13 @@ class RelativeEnsemble:
                 sub = IndexedRows(main_rows.table[:n_search], main_rows.index[rows_open], main_rows.scale)
                 z[rows_open] = inverse_search(z0[rows_open], valid[rows_open], sub, q[rows_open], self.search,
                                               pred0=qs[self.main][rows_open])
-            moved &= torch.zeros_like(moved).index_fill_(0, rows_open, True)
+            if moved is not None:
+                moved &= torch.zeros_like(moved).index_fill_(0, rows_open, True)
         else:
             z = inverse_search(z0, valid, main_rows, q, self.search, pred0=qs[self.main])  # (B, k+1)
         self.peak_step_bytes = max(self.peak_step_bytes, peak + (len(qs) + 6) * q.numel() * 4)
-        rest = None if self.dense else self._rest(main_lg, cand, z0[:, -1].masked_fill(~valid[:, -1], float("-inf")), moved)
+        rest = None if moved is None else self._rest(
+            main_lg, cand, z0[:, -1].masked_fill(~valid[:, -1], float("-inf")), moved)
         return FuseResult(cand=cand, valid=valid, z=z, q_members=qs, q=q, rest=rest)
 
     def _rest(self, lg: torch.Tensor, cand: torch.Tensor, tail: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:

@@ -91,9 +91,11 @@ def test_rest_is_the_decayed_mass_outside_the_candidates():
     sources, logits = _sources(), _logits()
     params = SearchParams()
     eng = RelativeEnsemble(sources, (0.5, 0.5), 0, topk=16, top_mass=None, main_top_mass=None, search=params)
-    res = eng.fuse(logits)
+    assert eng.fuse(logits).rest is None  # generation (no forced tokens) never reads it, so skips it
+    forced = logits[0].argmax(dim=-1)  # (B,): already a candidate, so the candidates stay the same
+    res = eng.fuse(logits, extra=forced)
     other = logits[0].scatter(1, res.cand, float("-inf"))
     torch.testing.assert_close(res.rest, torch.logsumexp(other * params.decay(), -1))
     kept = RelativeEnsemble(sources, (1.0, 0.0), 0, topk=16, top_mass=None, main_top_mass=None, search=params)
-    res = kept.fuse(logits)
+    res = kept.fuse(logits, extra=forced)
     torch.testing.assert_close(res.rest, torch.logsumexp(other, -1), atol=0, rtol=0)
