@@ -60,7 +60,7 @@ from ensemble.labeling import ChoiceScores, LabelParams, gate, posterior
 from ensemble.members import Member, RowBatch
 from ensemble.reference import next_logits_uncached
 from ensemble.relative import FuseResult, RelativeEnsemble, RowSource, find_anchors
-from ensemble.sampling import choose, make_generator
+from ensemble.sampling import choose, choose_batch, make_generator
 from ensemble.scoring import choice_ids, choice_stats, neutral_sums, score_prefilled
 from ensemble.text import TokenTrack
 from ensemble.utf8 import complete_utf8_prefix, valid_utf8
@@ -228,7 +228,13 @@ class DeePEn(ConfiguredFuser):
         while live:
             main_logits = states[main_i].logits  # (B, V_main)
             sure = confident_rows(main_logits, cfg.fuse_below, cfg.gate_on)
-            picks = [choose(main_logits[j], rows[r], gens[r]) if sure[j] else -1 for j, r in enumerate(live)]
+            picks = [-1] * len(live)
+            confident = [j for j, ok in enumerate(sure) if ok]
+            if confident:  # the main member's own choice, as Single's (greedy rows in one argmax)
+                got = choose_batch(main_logits[confident], [rows[live[j]] for j in confident],
+                                   [gens[live[j]] for j in confident])
+                for j, tok in zip(confident, got):
+                    picks[j] = tok
             eos = [p in self.main.eos_ids for p in picks]  # a confident step stops on the main member's EOS
             fuse = [j for j, ok in enumerate(sure) if not ok]
             if fuse:
