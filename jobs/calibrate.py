@@ -37,7 +37,7 @@ from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weight
                               choose_pool, label_ece, member_report, pairwise_agreement, pooled, posteriors,
                               select_members, temperature_record, tempered)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
-from jobs.devset import DevSetError, read_dev
+from jobs.devset import read_dev
 from jobs.profiles import Profile
 
 log = logging.getLogger("jobs.calibrate")
@@ -127,7 +127,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
         else:
             chosen["temperature"]["ece_gated"] = label_ece(
                 [m if gate_keeps(m, gate) else e for m, e in zip(main_posts, ens_probs)], gate_rows)
-    if method == "specfuse" and final == "specfuse":
+    if final == "specfuse":  # final is "single" or the method asked for
         SpecFuseConfig(weights=tuple(weights), label_pool=pool_kind)  # the job's own checks, before writing
     profile = Profile(method=final, members=tuple(order), main=main_idx,
                       weights=None if weights is None else tuple(weights), choice_norm=norm,
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         calibrate(args.dev, args.members, args.method, args.output, rt=rt, label=label,
                   gap=None if args.no_drop else args.drop_gap, deepen_dev_limit=args.deepen_dev_limit or None,
                   fit_temperature=not args.no_temperature)
-    except (DevSetError, ValueError) as exc:
+    except ValueError as exc:  # DevSetError included
         log.error("calibration refused: %s", exc)
         return 2
     sys.stdout.write(f"\nWrote {args.output}\nApply it: python -m jobs.fuse --input ... --output ... "

@@ -45,7 +45,6 @@ mode also the member's own scores of the choices (``choice_probs`` and the rest,
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
@@ -64,9 +63,6 @@ from ensemble.sampling import choose, choose_batch, make_generator
 from ensemble.scoring import choice_ids, choice_stats, neutral_sums, score_prefilled
 from ensemble.text import TokenTrack
 from ensemble.utf8 import complete_utf8_prefix, valid_utf8
-
-log = logging.getLogger(__name__)
-
 
 
 class _Rows:

@@ -12,7 +12,6 @@ prompt plus ``max_new_tokens``, or plus the longest choice, per row; ``ensemble.
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 from ensemble.config import MAX_BATCH_TOKENS, DecodeParams, check_batch_tokens, per_row
@@ -31,8 +30,6 @@ from ensemble.labeling import LabelParams
 from ensemble.members import Member
 from ensemble.sampling import choose_batch, make_generator
 from ensemble.scoring import choice_stats, score_choices
-
-log = logging.getLogger(__name__)
 
 
 class Single:
