@@ -1,8 +1,8 @@
 """Run summary (Parquet, SUMMARY_SCHEMA) and a human-readable report (Markdown + PNG plots).
 
 Per member: rows, calls, calls per row, tokens in/out, mean agreement and KL (DeePEn), win rate
-(share of accepted segments, SpecFuse), exit rate and mean exit round (SpecFuse), tokens/s. For the
-run: rows by status and error kind, and the error budget's verdict (jobs/budget.py).
+(share of accepted segments, SpecFuse), exit rate and mean exit round (SpecFuse), tokens/s; and on every row the run's committed rows by status and error kind and the error
+budget's verdict (jobs/budget.py), also in the report.
 Plots: win rates (or agreement), throughput per partition, and exit rounds when rows exited.
 """
 from __future__ import annotations
@@ -50,6 +50,23 @@ def member_summary(spark, cfg: JobConfig, data_dir: str, fuser_seconds: float) -
     return out
 
 
+RUN_COLUMNS = ("rows_ok", "rows_input_error", "rows_fuser_error", "fuser_error_rate", "budget_exceeded")
+"""SUMMARY_SCHEMA's run-level columns: the same on every member's row."""
+
+
+def with_run_counts(rows: list[dict], cfg: JobConfig, held: Outcome) -> list[dict]:
+    """``rows`` with the run-level columns (:data:`RUN_COLUMNS`) from ``held``; one row with a null
+    member when no member has a row (nothing ok), so the counts are always in the summary."""
+    unknown = sorted(f"{s}/{k}" for s, k in held.rows if (s, k) not in (("ok", None), ("error", "input"),
+                                                                          ("error", "fuser")))
+    if unknown:  # a status or kind the schema has no column for: fail rather than drop rows from the count
+        raise ValueError(f"committed rows with an unknown (status, error_kind): {unknown}")
+    run = {"rows_ok": held.rows.get(("ok", None), 0), "rows_input_error": held.rows.get(("error", "input"), 0),
+           "rows_fuser_error": held.rows.get(("error", "fuser"), 0), "fuser_error_rate": held.rate,
+           "budget_exceeded": held.exceeded}
+    return [{**r, **run} for r in rows] or [{"run_id": cfg.effective_run_id, "member": None, **run}]
+
+
 def _fmt(v) -> str:
     if v is None:
         return "–"
@@ -65,7 +82,7 @@ def write_summary(spark, cfg: JobConfig, result: RunResult, held: Outcome) -> No
     fs, root = filesystem(cfg.output)
     commits = result.commits
     fuser_s = sum(c["fuser_s"] for c in commits)
-    rows = member_summary(spark, cfg, result.data_dir, fuser_s)
+    rows = with_run_counts(member_summary(spark, cfg, result.data_dir, fuser_s), cfg, held)
     pq.write_table(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA), f"{root}/summary.parquet", filesystem=fs)
     data = spark.read.parquet(result.data_dir)
     errors = (data.where(F.col("status") == "error").groupBy("error_kind", "error").count()
@@ -83,9 +100,9 @@ def write_summary(spark, cfg: JobConfig, result: RunResult, held: Outcome) -> No
              "", f"error budget: {held.describe()}: "
              + ("**exceeded, the run failed (no `_SUCCESS`)**" if held.exceeded else "within budget"),
              "", "## Members", ""]
-    cols = [f.name for f in SUMMARY_SCHEMA if f.name != "run_id"]
+    cols = [f.name for f in SUMMARY_SCHEMA if f.name != "run_id" and f.name not in RUN_COLUMNS]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows if r["member"] is not None]
     lines += ["", "## Partitions", "", "| partition | files | rows | tokens | tokens/s |", "|---|---|---|---|---|"]
     parts: dict[int, list] = {}
     for c in commits:

@@ -107,6 +107,13 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("exit_rate", pa.float64()),
         pa.field("mean_exit_round", pa.float64()),
         pa.field("tokens_per_s", pa.float64()),
+        # run-level, the same on every row (one row with a null member when no row is ok): the
+        # committed rows by status and error kind, and the error budget's verdict (jobs/budget.py)
+        pa.field("rows_ok", pa.int64()),
+        pa.field("rows_input_error", pa.int64()),
+        pa.field("rows_fuser_error", pa.int64()),
+        pa.field("fuser_error_rate", pa.float64()),
+        pa.field("budget_exceeded", pa.bool_()),
     ]
 )
 

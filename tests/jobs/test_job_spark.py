@@ -12,7 +12,7 @@ from ensemble import DecodeParams, Single, load_member
 from jobs.budget import ErrorBudgetExceeded
 from jobs.config import JobConfig
 from jobs.sink import InjectedFailure
-from schemas import OUTPUT_SCHEMA, spark_schema
+from schemas import OUTPUT_SCHEMA, SUMMARY_SCHEMA, spark_schema
 from tests import tiny
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
@@ -114,6 +114,8 @@ def test_job_writes_one_row_per_input(spark, tiny_dir, sample, tmp_path):
            "within budget" in report
     summary = pq.read_table(tmp_path / "o" / "summary.parquet").to_pylist()
     assert summary[0]["rows"] == len(ok) and summary[0]["calls"] == sum(r["member_stats"][0]["calls"] for r in ok) > 0
+    assert [(s["rows_ok"], s["rows_input_error"], s["rows_fuser_error"], s["fuser_error_rate"], s["budget_exceeded"])
+            for s in summary] == [(len(ok), n_errors, 0, 0.0, False)] * len(summary)
     names = sorted(p.name for p in (tmp_path / "o" / "data").iterdir())
     assert all(nm.startswith("part-0000") for nm in names)
 
@@ -190,6 +192,12 @@ def test_fuser_failing_on_every_batch_fails_the_run(spark, broken_dir, sample, t
     assert "First errors: " + "; ".join(f"{i!r}: {e}" for i, e in fuser[:3]) + ". " in msg
     report = (out / "report.md").read_text()
     assert f"error/input {kinds['input']}, error/fuser {kinds['fuser']}" in report and "**exceeded" in report
+    # no row is ok, so the summary is one run-level row: the counts by kind and the verdict
+    (summary,) = pq.read_table(out / "summary.parquet").to_pylist()
+    assert summary["run_id"] and summary == {
+        **{f: None for f in SUMMARY_SCHEMA.names}, "run_id": summary["run_id"], "rows_ok": 0,
+        "rows_input_error": kinds["input"], "rows_fuser_error": kinds["fuser"], "fuser_error_rate": 1.0,
+        "budget_exceeded": True}
     # a rerun skips the committed rows, error rows included (not retried), and reaches the same verdict
     with pytest.raises(ErrorBudgetExceeded) as again:
         run(spark, _cfg(broken_dir, inp, out, partitions=2, batch_size=4))

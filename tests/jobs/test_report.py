@@ -28,3 +28,21 @@ def test_plots_only_panels_with_data(tmp_path, rows, exits, titles):
     png = (tmp_path / "report.png").read_bytes()
     width = struct.unpack(">I", png[16:20])[0]  # IHDR: one 4.4-inch panel per title at 90 dpi
     assert width == pytest.approx(4.4 * 90 * len(titles), abs=2)
+
+
+def test_run_counts_on_every_member_row_and_refuse_unknown_kinds():
+    from jobs.budget import tallied
+    from jobs.report import RUN_COLUMNS, with_run_counts
+
+    class Cfg:
+        effective_run_id = "r1"
+
+    held = tallied([("ok", None, 7, 7), ("error", "input", 2, 2), ("error", "fuser", 1, 1)], [("x", "boom")], 0.01)
+    rows = with_run_counts([{"member": "a"}, {"member": "b"}], Cfg, held)
+    assert [tuple(r[c] for c in RUN_COLUMNS) for r in rows] == [(7, 2, 1, 0.125, True)] * 2
+    assert with_run_counts([], Cfg, held) == [{"run_id": "r1", "member": None, "rows_ok": 7, "rows_input_error": 2,
+                                               "rows_fuser_error": 1, "fuser_error_rate": 0.125,
+                                               "budget_exceeded": True}]
+    odd = tallied([("ok", None, 1, 1), ("error", "disk", 1, 1)], [], 0.01)
+    with pytest.raises(ValueError, match=r"unknown \(status, error_kind\): \['error/disk'\]"):
+        with_run_counts([{"member": "a"}], Cfg, odd)
