@@ -61,7 +61,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import evaluate  # noqa: E402
+import label_offline  # noqa: E402
 import tasks  # noqa: E402
 
 from ensemble.labeling import CHOICE_NORMS  # noqa: E402
@@ -127,13 +128,11 @@ def paired_bootstrap(system: Sequence[bool], base: Sequence[bool], n_boot: int =
 def norm_posteriors(stats: dict, choices: Sequence[str]) -> dict[str, list[float]]:
     """A member's posterior under every normalisation it has the scores for (``ensemble.labeling``),
     from its ``member_stats`` entry; {} when the entry has no ``choice_logprobs``."""
-    if not stats.get("choice_logprobs"):
+    s = label_offline.choice_scores(stats, choices)
+    if s is None:
         return {}
-    from ensemble.labeling import ChoiceScores, posterior
+    from ensemble.labeling import posterior
 
-    s = ChoiceScores(logprob=tuple(stats["choice_logprobs"]), tokens=tuple(stats["choice_tokens"]),
-                     chars=tuple(len(c) for c in choices),
-                     neutral=tuple(stats["choice_neutral"]) if stats.get("choice_neutral") else None)
     return {n: posterior(s, n) for n in CHOICE_NORMS if n != "pmi" or s.neutral is not None}
 
 
@@ -501,10 +500,24 @@ def member_outcomes(system: System, task_names: Sequence[str], split_dir: Path, 
     return got if got is None or member_norm == "run" else relabel(got, rows, member_norm)
 
 
+def offline_systems(rules: Mapping[str, "label_offline.PoolRule | str"], per_row: dict[str, dict[str, dict]],
+                    task_names: Sequence[str], rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """SpecFuse systems computed from the members' outcomes (``bench/label_offline.py``), per rule."""
+    out = {}
+    for name, rule in rules.items():
+        out[name] = {}
+        for t in task_names:
+            out[name].update(label_offline.pooled_outcomes(label_offline.rule_for(rule, t), per_row,
+                                                           [r for r in rows if r["task"] == t]))
+    return out
+
+
 def collect(systems: dict[str, System], task_names: list[str], split: str, rows: list[dict], work: Path,
-            dev_cap: int | None, member_norm: str = "run") -> dict:
+            dev_cap: int | None, member_norm: str = "run",
+            offline_rules: Mapping[str, "label_offline.PoolRule | str"] | None = None) -> dict:
     """Every number of the report from the outputs present (no model calls); members' labels as run,
-    or recomputed under ``member_norm``."""
+    or recomputed under ``member_norm``; ``offline_rules`` adds SpecFuse systems computed from the
+    members' outcomes as run (``bench/label_offline.py``)."""
     split_dir = work / split
     per_row, incomplete = {}, []
     for name, system in systems.items():
@@ -514,6 +527,10 @@ def collect(systems: dict[str, System], task_names: list[str], split: str, rows:
             incomplete.append(name)
         else:
             per_row[name] = got
+    if offline_rules:
+        as_run = {m: per_row[m] if member_norm == "run" else read_outcomes(
+            output_dirs(systems[m], task_names, split_dir), rows) for m in MEMBERS if m in per_row}
+        per_row.update(offline_systems(offline_rules, as_run, task_names, rows))
     if split == "dev":
         dev_acc = {m: {t: task_measures(per_row[m], [r["id"] for r in rows if r["task"] == t])["accuracy"]
                        for t in task_names} for m in MEMBERS if m in per_row}
@@ -545,6 +562,7 @@ def collect(systems: dict[str, System], task_names: list[str], split: str, rows:
             "member_norm": member_norm,
             "dev_accuracy": dev_acc, "results": results, "offline": offline(per_row, rows), "incomplete": incomplete,
             "systems": {n: shlex.join(s.flags) for n, s in systems.items()},
+            "offline_systems": {n: r if isinstance(r, str) else repr(r) for n, r in (offline_rules or {}).items()},
             "labels": {n: {i: o["label"] for i, o in pr.items()} for n, pr in per_row.items() if n != BEST}}
 
 
@@ -558,8 +576,9 @@ def reproduce(args: argparse.Namespace, report: dict) -> str:
     if args.member_norm != "run":
         cmd += ["--member-norm", args.member_norm]
     cmd += ["--systems", *[n for n in names if n in SYSTEMS]]
-    extra = [f"{n}={report['systems'][n]}" for n in names if n not in SYSTEMS]
-    return shlex.join(cmd + (["--extra", *extra] if extra else []))
+    extra = [f"{n}={report['systems'][n]}" for n in names if n not in SYSTEMS and n in report["systems"]]
+    cmd += ["--extra", *extra] if extra else []
+    return shlex.join(cmd + (["--offline", *args.offline] if args.offline else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", nargs="*", default=[], help=f"built-in systems to run: {list(SYSTEMS)}")
     ap.add_argument("--extra", nargs="*", default=[], help='extra systems to run: NAME="job flags" ({task} allowed)')
     ap.add_argument("--profile", nargs="*", default=[], help="calibrated systems to run: NAME=PROFILE.json ({task} allowed)")
+    ap.add_argument("--offline", nargs="*", default=[], help="SpecFuse systems computed from the members' runs, "
+                    "no model calls (bench/label_offline.py): NAME=defaults:MEMBER,MEMBER or "
+                    "NAME=profile:PATH ({task} allowed)")
     ap.add_argument("--member-norm", default="run", choices=("run", *CHOICE_NORMS),
                     help="members' labels: as the job gave them (run), or recomputed offline under this "
                     "normalisation from their choice scores (best-on-dev is chosen under it too)")
@@ -594,6 +616,15 @@ def main(argv: list[str] | None = None) -> int:
         new = parse_systems(args.extra, args.profile)
     except ValueError as exc:
         ap.error(str(exc))
+    try:
+        offline_rules = {}
+        for item in args.offline:
+            name, sep, rule = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"--offline must be NAME=RULE, got {item!r}")
+            offline_rules[name.strip()] = label_offline.parse_rule(rule.strip())
+    except ValueError as exc:
+        ap.error(str(exc))
     cap = args.n_dev if args.split == "dev" else args.n_test
     rows = build_rows(args.tasks, args.split, cap)
     split_dir = args.work / args.split
@@ -602,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in [*args.systems, *new]:
             run_system(systems[name], rows, args.tasks, split_dir, args.batch_size, args.fresh, args.code.resolve())
     try:
-        report = collect(systems, list(args.tasks), args.split, rows, args.work, args.n_dev, args.member_norm)
+        report = collect(systems, list(args.tasks), args.split, rows, args.work, args.n_dev, args.member_norm,
+                         offline_rules)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     report["command"] = reproduce(args, report)

@@ -92,15 +92,42 @@ def _write_cache(path: Path, rows: list[dict], schema: pa.Schema, key: str, part
     return table
 
 
+def scores_params(params: LabelParams) -> LabelParams:
+    """The settings member scores are computed with: norm pmi (every raw component: logprob, tokens,
+    chars, neutral) and no gate."""
+    return params.with_(norm="pmi", gate=None)
+
+
+def _scores_cache(dev: DevSet, member: str, params: LabelParams, rt: Runtime, cache_dir: Path) -> tuple[Path, str, dict]:
+    """(path, key, parts) of the member's scores cache file."""
+    parts = {"kind": "scores", "dev_sha256": dev.sha256, "member": member, "dtype": rt.dtype,
+             "max_prompt_tokens": rt.max_prompt_tokens, "label": hashed_fields(scores_params(params))}
+    key = cache_key(**parts)
+    return cache_dir / f"scores-{_safe(member)}-{key[:12]}.parquet", key, parts
+
+
+def seed_member_scores(dev: DevSet, member: str, params: LabelParams, rt: Runtime, cache_dir: Path,
+                       rows: list[dict]) -> Path:
+    """Write the member's scores cache from scores computed elsewhere with the same settings (e.g. the
+    job's ``member_stats`` of a ``--method single --choice-norm pmi`` run on the dev rows): ``rows`` of
+    SCORES_SCHEMA, one per dev row it scored. A later :func:`member_scores` then makes no model call.
+    A row id not in the dev set is refused, naming it."""
+    ids = {r.id for r in dev.rows}
+    stray = sorted(r["id"] for r in rows if r["id"] not in ids)
+    if stray:
+        raise ValueError(f"scores for ids not in the dev set {dev.path!r}: {stray[:5]}")
+    path, key, parts = _scores_cache(dev, member, params, rt, cache_dir)
+    _write_cache(path, rows, SCORES_SCHEMA, key, {**parts, "seeded": True})
+    log.info("seeded %s with %d rows of %s's scores", path, len(rows), member)
+    return path
+
+
 def member_scores(dev: DevSet, member: str, params: LabelParams, rt: Runtime,
                   cache_dir: Path) -> dict[str, ChoiceScores]:
     """{row id: the member's ChoiceScores} on the dev rows it could score (a row it could not, e.g. a
     prompt over max_prompt_tokens, is left out and logged)."""
-    params = params.with_(norm="pmi", gate=None)  # every raw component: logprob, tokens, chars, neutral
-    parts = {"kind": "scores", "dev_sha256": dev.sha256, "member": member, "dtype": rt.dtype,
-             "max_prompt_tokens": rt.max_prompt_tokens, "label": hashed_fields(params)}
-    key = cache_key(**parts)
-    path = cache_dir / f"scores-{_safe(member)}-{key[:12]}.parquet"
+    params = scores_params(params)
+    path, key, parts = _scores_cache(dev, member, params, rt, cache_dir)
     table = _read_cache(path, key)
     if table is None:
         log.info("scoring %d dev rows with %s (%s)", len(dev.rows), member,

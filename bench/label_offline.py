@@ -1,0 +1,229 @@
+"""SpecFuse labels from the members' own runs, without model calls (issue 16, point 5).
+
+SpecFuse labels a row with one verification round over its choices: each member's posterior from the
+one choice scorer, pooled with the member weights, unless the gate keeps the main (first) member's
+posterior (``SpecFuse.label``, docs/algorithms.md "Labeling"). Each member's scores depend only on that
+member, the row and the scorer's settings, so a member run alone through the job with ``--choice-norm
+pmi`` (whose ``member_stats`` carry the summed log-probabilities, token counts and pmi's neutral
+term) holds everything the pool needs. This module
+
+- applies a :class:`PoolRule` (a calibration profile of ``python -m jobs.calibrate --method specfuse``,
+  or SpecFuse's defaults) to the members' outcomes (:func:`pooled_outcomes`), with the functions the
+  fuser itself uses (``ensemble.labeling``: posterior, pool, gate, best). The cost it reports per row is
+  the sum of the members' calls and fuser milliseconds: the forwards a SpecFuse label run makes, run
+  one member at a time. ``bench/eval_label.py --offline NAME=RULE`` reports such a system next to the
+  job runs; a real ``--method specfuse --profile`` job on a prefix checks that the labels agree;
+- calibrates per task from the members' dev runs (``calibrate`` subcommand): it writes the task's dev
+  file (as ``--export-dev`` does), seeds ``jobs.calibrate``'s member-score cache from the dev runs'
+  ``member_stats`` (``jobs.dev_scores.seed_member_scores``; refused when the runs' scorer settings are
+  not calibrate's), and runs ``jobs.calibrate``, which then makes no model call.
+
+    python bench/label_offline.py calibrate --tasks arc_challenge piqa --members smollm2 gemma \\
+        --out output/label_eval/profiles/specfuse-pair
+    python bench/eval_label.py --split test --tasks arc_challenge piqa --report-only \\
+        --offline "specfuse smollm2+gemma=defaults:smollm2,gemma" \\
+        "specfuse-cal smollm2+gemma=profile:output/label_eval/profiles/specfuse-pair/{task}/profile.json"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import evaluate  # noqa: E402
+
+from ensemble.config import SpecFuseConfig, normalise_weights  # noqa: E402
+from ensemble.labeling import ChoiceScores, LabelParams, best, gate, pool, posterior  # noqa: E402
+
+log = logging.getLogger("bench.label_offline")
+
+MEMBER_SPECS = {name: evaluate.SYSTEMS[name][-1] for name in evaluate.SINGLES}
+"""Eval system name -> the member spec its job runs (``--members SPEC``)."""
+SPEC_NAMES = {spec: name for name, spec in MEMBER_SPECS.items()}
+
+
+def choice_scores(stats: Mapping, choices: Sequence[str]) -> ChoiceScores | None:
+    """A member's :class:`ChoiceScores` from its ``member_stats`` entry (None without ``choice_logprobs``)."""
+    if not stats.get("choice_logprobs"):
+        return None
+    return ChoiceScores(logprob=tuple(stats["choice_logprobs"]), tokens=tuple(stats["choice_tokens"]),
+                        chars=tuple(len(c) for c in choices),
+                        neutral=tuple(stats["choice_neutral"]) if stats.get("choice_neutral") else None)
+
+
+@dataclass(frozen=True)
+class PoolRule:
+    """How SpecFuse labels from its members' scores: members in the job's order (the first is the main
+    one, the gate's), their weights, the normalisation, the posterior temperature, the pool and the gate."""
+
+    members: tuple[str, ...]
+    """Eval member names (``evaluate.SINGLES``)."""
+    weights: tuple[float, ...]
+    norm: str
+    temperature: float
+    pool: str
+    gate: float | None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.members if m not in MEMBER_SPECS]
+        if not self.members or unknown:
+            raise ValueError(f"members must be among {list(MEMBER_SPECS)}, got {list(self.members)!r}")
+        normalise_weights(self.weights, len(self.members))
+        LabelParams(norm=self.norm, gate=self.gate, temperature=self.temperature)  # the scorer's own checks
+
+    @classmethod
+    def defaults(cls, members: Sequence[str]) -> "PoolRule":
+        """SpecFuse at the library's defaults: uniform weights, ``LabelParams()``, its default pool."""
+        params, cfg = LabelParams(), SpecFuseConfig()
+        return cls(tuple(members), normalise_weights(cfg.weights, len(members)), params.norm, params.temperature,
+                   cfg.label_pool, params.gate)
+
+    @classmethod
+    def from_profile(cls, path: str | Path) -> "PoolRule":
+        """The rule of a ``jobs.calibrate`` profile for SpecFuse (or one calibrated down to a single
+        member); a DeePEn profile is refused (its label needs the fused run)."""
+        from jobs.profiles import load_profile
+
+        p = load_profile(path)
+        if p.method not in ("specfuse", "single"):
+            raise ValueError(f"profile {str(path)!r} is for method {p.method!r}: only specfuse and single "
+                             "profiles can be applied to the members' runs")
+        unknown = [m for m in p.members if m not in SPEC_NAMES]
+        if unknown:
+            raise ValueError(f"profile {str(path)!r} names members without an eval run: {unknown}")
+        members = tuple(SPEC_NAMES[m] for m in p.members)
+        weights = p.weights if p.weights is not None else normalise_weights(None, len(members))
+        return cls(members, tuple(weights), p.choice_norm, p.temperature, p.label_pool or "linear",
+                   p.gate if p.method == "specfuse" else None)
+
+    def label(self, scores: Sequence[ChoiceScores]) -> tuple[int, list[float], bool]:
+        """(chosen index, probabilities, gated) from the members' scores in :attr:`members` order,
+        as ``SpecFuse.label`` computes them."""
+        posts = [posterior(s, self.norm, self.temperature) for s in scores]
+        if len(posts) == 1 or gate(posts[0], self.gate):
+            return best(posts[0]), posts[0], len(posts) > 1
+        probs = pool(posts, self.weights, self.pool)
+        return best(probs), probs, False
+
+
+def parse_rule(text: str) -> PoolRule | str:
+    """``defaults:A,B`` -> a rule; ``profile:PATH`` -> PATH (may hold ``{task}``: loaded per task)."""
+    kind, sep, arg = text.partition(":")
+    if not sep or kind not in ("defaults", "profile") or not arg:
+        raise ValueError(f"an offline rule is defaults:MEMBER,MEMBER or profile:PATH, got {text!r}")
+    return PoolRule.defaults(arg.split(",")) if kind == "defaults" else arg
+
+
+def rule_for(rule: PoolRule | str, task: str) -> PoolRule:
+    return rule if isinstance(rule, PoolRule) else PoolRule.from_profile(rule.replace("{task}", task))
+
+
+def pooled_outcomes(rule: PoolRule, per_row: Mapping[str, Mapping[str, dict]], rows: Sequence[dict]) -> dict[str, dict]:
+    """Per row id, the outcome (``bench/eval_label.py``'s ``read_outcomes`` fields) of SpecFuse under
+    ``rule`` from the members' outcomes ``per_row[member][id]``; a row a member could not score is an
+    error row naming the member."""
+    missing = [m for m in rule.members if m not in per_row]
+    if missing:
+        raise ValueError(f"offline SpecFuse needs the members' outputs on these rows; missing {missing}")
+    out = {}
+    for row in rows:
+        outs = [per_row[m][row["id"]] for m in rule.members]
+        scores = [choice_scores((o["stats"] or [{}])[0], row["choices"]) for o in outs]
+        bad = [m for m, o, s in zip(rule.members, outs, scores) if o["error"] is not None or s is None]
+        if bad:
+            out[row["id"]] = {"label": None, "correct": False, "conf": None, "calls": None, "ms": None,
+                              "error": f"members without scores for the row: {bad}", "stats": []}
+            continue
+        pick, probs, gated = rule.label(scores)
+        label = row["choices"][pick]
+        out[row["id"]] = {"label": label, "correct": label == row["gold"], "conf": max(probs),
+                          "calls": sum(o["calls"] for o in outs), "ms": sum(o["ms"] for o in outs),
+                          "error": None, "stats": [s for o in outs for s in o["stats"]], "gated": gated}
+    return out
+
+
+# ---------------------------------------------------------------- calibration from the dev runs
+
+def seed_rows(outcomes: Mapping[str, dict], rows: Sequence[dict]) -> list[dict]:
+    """``jobs.dev_scores.SCORES_SCHEMA`` rows from a member's dev outcomes (rows it scored)."""
+    out = []
+    for row in rows:
+        o = outcomes[row["id"]]
+        s = choice_scores((o["stats"] or [{}])[0], row["choices"]) if o["error"] is None else None
+        if s is not None:
+            out.append({"id": row["id"], "logprob": list(s.logprob), "tokens": list(s.tokens),
+                        "chars": list(s.chars), "neutral": list(s.neutral) if s.neutral is not None else None})
+    return out
+
+
+def check_run_settings(run_json: Path, params: LabelParams, max_prompt_tokens: int) -> None:
+    """Refuse a member run whose scorer settings differ from the ones calibrate scores with."""
+    cfg = json.loads(run_json.read_text())["config"]
+    want = {"norm": "pmi", "neutral_context": params.neutral_context, "target_delimiter": params.target_delimiter}
+    got = {k: cfg["label"].get(k) for k in want}
+    if got != want or cfg.get("dtype") is not None or cfg.get("max_prompt_tokens") != max_prompt_tokens:
+        raise ValueError(f"{run_json}: the run scored with {got}, dtype {cfg.get('dtype')!r}, max_prompt_tokens "
+                         f"{cfg.get('max_prompt_tokens')!r}; calibrate scores with {want}, dtype None, "
+                         f"max_prompt_tokens {max_prompt_tokens}: its cache cannot be seeded from this run")
+
+
+def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: str, out: Path, work: Path,
+                    dev_cap: int | None) -> dict[str, Path]:
+    """Per task: dev file, seeded score caches, ``jobs.calibrate``; returns {task: profile path}."""
+    import eval_label
+
+    from jobs.calibrate import calibrate
+    from jobs.dev_scores import Runtime, seed_member_scores
+    from jobs.devset import read_dev
+
+    rt, params = Runtime(), LabelParams()
+    systems = eval_label.registry(work / "dev", {})
+    profiles = {}
+    for t in task_names:
+        rows = eval_label.build_rows([t], "dev", dev_cap)
+        eval_label.export_dev(out / "dev", [t], dev_cap)
+        dev = read_dev(str(out / "dev" / f"{t}.jsonl"))
+        profile = out / t / "profile.json"
+        for m in members:
+            dirs = eval_label.output_dirs(systems[m], [t], work / "dev")
+            got = eval_label.read_outcomes(dirs, rows)
+            if got is None:
+                raise SystemExit(f"{m} has no complete dev run on {t}: run bench/eval_label.py --split dev first")
+            check_run_settings(dirs[t] / "_run.json", params, rt.max_prompt_tokens)
+            seed_member_scores(dev, MEMBER_SPECS[m], params, rt, profile.with_suffix(".cache"), seed_rows(got, rows))
+        calibrate(str(out / "dev" / f"{t}.jsonl"), [MEMBER_SPECS[m] for m in members], method, str(profile), rt=rt,
+                  label=params)
+        profiles[t] = profile
+    return profiles
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tasks
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    cal = sub.add_parser("calibrate", help="profiles per task from the members' dev runs (no model calls)")
+    cal.add_argument("--tasks", nargs="+", required=True, choices=tasks.LABEL_TASKS)
+    cal.add_argument("--members", nargs="+", required=True, choices=list(MEMBER_SPECS))
+    cal.add_argument("--method", default="specfuse", choices=("specfuse",),
+                     help="deepen's calibration needs DeePEn's own dev labels: run python -m jobs.calibrate")
+    cal.add_argument("--out", type=Path, required=True, help="OUT/<task>/profile.json, OUT/dev/<task>.jsonl")
+    cal.add_argument("--work", type=Path, default=REPO / "output" / "label_eval")
+    cal.add_argument("--n-dev", type=int, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for t, p in calibrate_tasks(args.tasks, args.members, args.method, args.out, args.work, args.n_dev).items():
+        sys.stdout.write(f"{t}: {p}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
