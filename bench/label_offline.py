@@ -16,7 +16,9 @@ term) holds everything the pool needs. This module
 - calibrates per task from the members' dev runs (``calibrate`` subcommand): it writes the task's dev
   file (as ``--export-dev`` does), seeds ``jobs.calibrate``'s member-score cache from the dev runs'
   ``member_stats`` (``jobs.dev_scores.seed_member_scores``; refused when the runs' scorer settings are
-  not calibrate's), and runs ``jobs.calibrate``, which then makes no model call.
+  not calibrate's), and runs ``jobs.calibrate``, which then makes no model call: the ensemble's profile
+  ``OUT/<task>/profile.json`` and, per member, ``OUT/<task>/single-<member>.json`` (the member alone
+  with its own dev-chosen normalisation and temperature: the baseline a calibrated ensemble must beat).
 
     python bench/label_offline.py calibrate --tasks arc_challenge piqa --members smollm2 gemma \\
         --out output/label_eval/profiles/specfuse-pair
@@ -192,15 +194,19 @@ def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: s
         eval_label.export_dev(out / "dev", [t], dev_cap)
         dev = read_dev(str(out / "dev" / f"{t}.jsonl"))
         profile = out / t / "profile.json"
+        singles = {m: out / t / f"single-{m}.json" for m in members}
         for m in members:
             dirs = eval_label.output_dirs(systems[m], [t], work / "dev")
             got = eval_label.read_outcomes(dirs, rows)
             if got is None:
                 raise SystemExit(f"{m} has no complete dev run on {t}: run bench/eval_label.py --split dev first")
             check_run_settings(dirs[t] / "_run.json", params, rt.max_prompt_tokens)
-            seed_member_scores(dev, MEMBER_SPECS[m], params, rt, profile.with_suffix(".cache"), seed_rows(got, rows))
-        calibrate(str(out / "dev" / f"{t}.jsonl"), [MEMBER_SPECS[m] for m in members], method, str(profile), rt=rt,
-                  label=params)
+            for p in (profile, singles[m]):
+                seed_member_scores(dev, MEMBER_SPECS[m], params, rt, p.with_suffix(".cache"), seed_rows(got, rows))
+        dev_path = str(out / "dev" / f"{t}.jsonl")
+        calibrate(dev_path, [MEMBER_SPECS[m] for m in members], method, str(profile), rt=rt, label=params)
+        for m, p in singles.items():  # each member alone with its own dev-chosen norm and temperature
+            calibrate(dev_path, [MEMBER_SPECS[m]], method, str(p), rt=rt, label=params)
         profiles[t] = profile
     return profiles
 

@@ -53,8 +53,8 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     ``fit_temperature`` False keeps the posterior temperature at 1."""
     if method not in ENSEMBLES:
         raise ValueError(f"method must be one of {ENSEMBLES}, got {method!r}")
-    if len(members) < 2 or len(set(members)) != len(members):
-        raise ValueError(f"members must be two or more distinct member specs, got {members!r}")
+    if not members or len(set(members)) != len(members):
+        raise ValueError(f"members must be one or more distinct member specs, got {members!r}")
     dev = read_dev(dev_path)
     cache_dir = Path(output).with_suffix(".cache")
     raw = {m: member_scores(dev, m, label.with_(temperature=1.0), rt, cache_dir) for m in members}  # raw scores
@@ -85,8 +85,9 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                     "main_accuracy": reports[main][norm]["accuracy"]}
     pool_kind = None
     if len(kept) < 2:
-        log.warning("only %s survives the drop rule: the profile is method single (an ensemble is not expected "
-                    "to beat it on this dev set)", main)
+        if len(members) > 1:
+            log.warning("only %s survives the drop rule: the profile is method single (an ensemble is not "
+                        "expected to beat it on this dev set)", main)
         final, order, weights, main_idx, gate = "single", [main], None, 0, None
         temperature, chosen["temperature"] = temperature_record(lambda t: tempered(logs[main], t), golds, grid,
                                                                 f"{main}'s posteriors")
@@ -178,7 +179,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dev", required=True, help="dev set: JSON lines or Parquet with id, prompt, choices, answer")
-    ap.add_argument("--members", nargs="+", required=True, help="member specs (two or more), in order")
+    ap.add_argument("--members", nargs="+", required=True, help="member specs, in order (one member: its own normalisation and temperature, a single profile)")
     ap.add_argument("--method", required=True, choices=ENSEMBLES)
     ap.add_argument("--output", required=True, help="the profile (JSON); member scores are cached in <output>.cache/")
     ap.add_argument("--deepen-dev-limit", type=int, default=DEEPEN_DEV_LIMIT, metavar="N",

@@ -340,6 +340,21 @@ def test_calibrate_deepen_labels_a_dev_prefix_once(tiny_dirs, dev_file, tmp_path
         assert parse_config(BASE + ["--profile", str(tmp_path / "alone.json")]).method == "single"
 
 
+def test_calibrate_one_member_is_its_own_norm_and_temperature(tiny_dirs, dev_file, tmp_path):
+    from jobs.calibrate import calibrate
+
+    path, _ = dev_file
+    prof = calibrate(path, tiny_dirs[1:], "specfuse", str(tmp_path / "one.json"))
+    assert (prof.method, prof.members, prof.weights, prof.gate, prof.dropped) == ("single", (tiny_dirs[1],), None,
+                                                                                 None, {})
+    accs = {n: r["accuracy"] for n, r in prof.member_accuracy[tiny_dirs[1]].items()}
+    assert accs[prof.choice_norm] == max(accs.values())  # the member's own best normalisation on dev
+    assert prof.temperature == prof.chosen_on["temperature"]["temperature"]
+    assert parse_config(BASE + ["--profile", str(tmp_path / "one.json")]).members == (tiny_dirs[1],)
+    with pytest.raises(ValueError, match=r"one or more distinct member specs, got \['a', 'a'\]"):
+        calibrate(path, ["a", "a"], "specfuse", str(tmp_path / "x.json"))
+
+
 @pytest.mark.slow
 @pytest.mark.spark
 def test_calibrate_through_the_spark_job_and_apply_it(tiny_dirs, dev_file, tmp_path):
