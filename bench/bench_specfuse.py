@@ -25,6 +25,7 @@ wall-clock on a shared machine: compare ratios inside one run, never absolute ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.resources
 import json
 import logging
@@ -164,7 +165,11 @@ class ReencodingSpecFuse(SpecFuse):
     code's re-encoding. After each broadcast every member's rows are re-encoded from scratch (prompt +
     accepted response, one batched prefill) instead of extending the cached state, and a verifier
     re-encodes the prefix once per candidate before scoring it. Drafting inside a round runs on the
-    fresh cache, as HF generate does; everything else is SpecFuse's code, so the texts match."""
+    fresh cache, as HF generate does; everything else is SpecFuse's code, so the texts match. KV reuse
+    and compaction are off (they act on the cache this ablation throws away)."""
+
+    def _setup(self, members, config, max_batch_tokens):
+        super()._setup(members, dataclasses.replace(config, kv_reuse=False, kv_compact=False), max_batch_tokens)
 
     def _broadcast(self, i, state, fed):
         ids = [s[: len(s) - rb] + new for s, (rb, new) in zip(state.ids, fed)]

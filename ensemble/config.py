@@ -320,6 +320,16 @@ class SpecFuseConfig:
     label_pool: str = knob("linear", flag="--specfuse-label-pool", choices=POOLS)
     """How labeling pools the members' posteriors over a row's choices: 'linear' (weighted mean) or
     'loglinear' (weighted geometric mean, renormalised); docs/algorithms.md."""
+    kv_reuse: bool = knob(True, flag="--specfuse-kv-reuse")
+    """Verification scores the candidates in each member's own cache (no per-candidate copies) and the
+    winner's slots are kept: the proposer keeps its draft, a verifier the winner's scored tokens when
+    they are its broadcast, instead of re-feeding them (docs/algorithms.md); off: the copy-and-re-feed
+    rounds. Same texts either way (sliding-window members: while a row's cache fits the window); the
+    members' tokens_in falls."""
+    kv_compact: bool = knob(True, flag="--specfuse-kv-compact")
+    """Dead KV-cache slots (rewound drafts, losing candidates, rolled-back tails) are removed after
+    every round instead of staying masked in the cache (docs/algorithms.md). Same texts (sliding-window
+    members: while a row's cache fits the window)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.segment_tokens, int) or isinstance(self.segment_tokens, bool) or self.segment_tokens < 1:
@@ -337,6 +347,9 @@ class SpecFuseConfig:
         _number(self, "exit_min_temperature", "> 0", lambda v: v > 0)
         _int_at_least(self, "max_rounds", 1, optional=True)
         check_choice(self, "label_pool", either=True)
+        for name in ("kv_reuse", "kv_compact"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 # ---- the table of methods -------------------------------------------------------------------------

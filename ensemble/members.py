@@ -13,7 +13,11 @@ Contract:
   many as ``max_batch_tokens`` asks, see below); ``state`` is unchanged.
 - ``select(state, rows)`` keeps a subset of rows (to drop finished ones).
 - ``rewind(state, counts, logits)`` drops the last ``counts[b]`` live tokens of row b without a forward
-  pass, given the next-token logits the caller saved for the kept prefix (SpecFuse discards drafts).
+  pass, given the next-token logits the caller saved for the kept prefix (SpecFuse discards drafts);
+  it returns each row's dropped cache columns, which stay in the cache as dead slots.
+- ``score_shared(state, conts, ...)``, ``revive(state, rows)`` and ``compact(state)``: scoring in the
+  state's own cache (no copies), making dead slots live again without a forward, and removing dead
+  slots (``ensemble/kv.py``; SpecFuse's KV reuse and compaction, docs/algorithms.md).
 
 Per-row counters on the state (``calls``, ``tokens_in``) feed the per-member statistics.
 
@@ -33,6 +37,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ensemble import kv
 from ensemble.batching import logit_rows, pack
 from ensemble.config import MAX_BATCH_TOKENS
 from ensemble.text import Codec
@@ -52,6 +57,7 @@ class RowBatch:
     n_prompt: list[int]  # per row: number of prompt tokens at the front of ids
     calls: list[int] = field(default_factory=list)  # per row: forward passes that included the row
     tokens_in: list[int] = field(default_factory=list)  # per row: tokens fed (prompt + re-feeds)
+    layout: int = 0  # changes whenever cache columns move (compaction): kv.Slots check it
 
     @property
     def size(self) -> int:
@@ -245,22 +251,51 @@ class Member:
         return fed_logits
 
     @torch.inference_mode()
-    def rewind(self, state: RowBatch, counts: list[int], logits: torch.Tensor) -> None:
+    def rewind(self, state: RowBatch, counts: list[int], logits: torch.Tensor) -> list[torch.Tensor]:
         """Drop the last ``counts[b]`` live tokens of row b without a forward pass (added for SpecFuse:
         a draft is discarded before verification without re-feeding the last kept token).
 
         ``logits (B, V)`` must hold the next-token logits after each row's kept prefix, saved by the
         caller before the dropped tokens were fed; rows with ``counts[b] == 0`` keep their logits.
+        Returns, per row, the cache columns of the dropped tokens in order (dead slots now).
         """
         if len(counts) != state.size:
             raise ValueError(f"rewind needs one count per row ({state.size}), got {len(counts)}")
+        cols = []
         for b, r in enumerate(counts):
             if r <= 0:
+                cols.append(torch.zeros(0, dtype=torch.long, device=self.device))
                 continue
             _check_drop(state, b, r, "rewind")
-            _drop_live(state, b, r)
+            cols.append(_drop_live(state, b, r))
         dropped = torch.tensor([r > 0 for r in counts], device=self.device)  # (B,)
         state.logits = torch.where(dropped[:, None], logits.to(state.logits.dtype), state.logits)  # (B, V)
+        return cols
+
+    @torch.inference_mode()
+    def revive(self, state: RowBatch, rows: list[kv.Slots | None]) -> None:
+        """Make the dead slots ``rows[b]`` of row b live again (no forward pass): the row's tokens,
+        next position and logits become those after the slots' tokens (``ensemble.kv.revive``)."""
+        if len(rows) != state.size:
+            raise ValueError(f"revive needs one entry per row ({state.size}), got {len(rows)}")
+        for b, slots in enumerate(rows):
+            if slots is not None:
+                kv.revive(state, b, slots)
+
+    @torch.inference_mode()
+    def compact(self, state: RowBatch) -> int:
+        """Remove dead cache slots (``ensemble.kv.compact``); returns how many columns went."""
+        return kv.compact(state)
+
+    @torch.inference_mode()
+    def score_shared(self, state: RowBatch, conts: list[list[list[int]]], *,
+                     max_batch_tokens: int = MAX_BATCH_TOKENS) -> tuple[list[list[torch.Tensor]], list[list[kv.Slots | None]]]:
+        """As :meth:`score`, but in the state's own cache: the candidates are appended as dead slots
+        in one forward (as many as ``logit_rows(max_batch_tokens)`` logit rows ask), and ``slots[b][c]``
+        lets :meth:`revive` make candidate c of row b live later (``ensemble.kv.score_shared``)."""
+        if len(conts) != state.size:
+            raise ValueError(f"score_shared needs one candidate list per row ({state.size}), got {len(conts)}")
+        return kv.score_shared(self, state, conts, logit_rows(max_batch_tokens))
 
     def select(self, state: RowBatch, rows: list[int]) -> RowBatch:
         """A state holding only ``rows`` (in that order); the cache tensors are gathered."""
@@ -274,6 +309,7 @@ class Member:
             n_prompt=[state.n_prompt[r] for r in rows],
             calls=[state.calls[r] for r in rows],
             tokens_in=[state.tokens_in[r] for r in rows],
+            layout=state.layout,  # the rows' columns do not move
         )
 
     @torch.inference_mode()
@@ -335,10 +371,11 @@ def _check_drop(state: RowBatch, b: int, r: int, verb: str) -> None:
         raise ValueError(f"row {b}: cannot {verb} {r} tokens, only {n_resp} response tokens")
 
 
-def _drop_live(state: RowBatch, b: int, r: int) -> None:
+def _drop_live(state: RowBatch, b: int, r: int) -> torch.Tensor:
     """Forget row ``b``'s last ``r`` live tokens: their KV slots are masked out (the cache keeps them
-    as dead entries) and the next position moves back."""
+    as dead entries) and the next position moves back. Returns their columns ``(r,)``."""
     live = torch.nonzero(state.mask[b]).squeeze(-1)  # (live,)
     state.mask[b, live[-r:]] = 0
     state.next_pos[b] -= r
     del state.ids[b][-r:]
+    return live[-r:]

@@ -19,7 +19,11 @@ generate(prompts, params) runs rounds over each row's shared response until the 
 4. Broadcast: the winner's text extends the response. The proposer, and members with the same
    vocabulary and the same accepted tokens, append the winner's token ids exactly; the others
    re-tokenise only the unstable tail (``TokenTrack.sync``) and roll their cache back
-   (``Member.feed(rollback=...)``). Nothing is re-encoded from the start.
+   (``Member.feed(rollback=...)``). Nothing is re-encoded from the start. With ``kv_reuse`` (default)
+   verification scores in each member's own cache (``Member.score_shared``, no copies) and a member
+   revives the slots that already hold its broadcast (``Member.revive``, no forward): the proposer its
+   kept draft, a verifier the winner's tokens it scored; only the rest is fed. With ``kv_compact``
+   (default) dead slots are removed after each round (``Member.compact``); see ensemble/kv.py.
 5. Model exit, after every round t >= max(1, exit_min_rounds), by ``exit_rule``: 'rank' (default,
    :func:`ensemble.segments.rank_exit_mask`): each round records every active member's place
    (:func:`~ensemble.segments.round_outcomes`: won, ranked last); a member exits when it won none of
@@ -69,6 +73,7 @@ from ensemble.config import (DecodeParams, SpecFuseConfig, check_batch_tokens, n
 from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, LabelOutput, MemberStats, encode_prompts,
                                   fit_prompts, in_groups, label_output)
 from ensemble.fusers.stopping import StopChecker
+from ensemble.kv import Slots, reuse_plan
 from ensemble.labeling import LabelParams, gate, pool
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
@@ -90,6 +95,7 @@ class _Candidate:
     eos: bool
     self_score: float
     base: bytes  # the response bytes the proposer drafted after (its track's data)
+    own: Slots | None = None  # kv_reuse: the proposer's dead cache slots holding the kept draft tokens it fed
 
 
 @dataclass
@@ -110,6 +116,8 @@ class _Row:
     quality: list[float] = field(default_factory=list)
     score_sum: list[float] = field(default_factory=list)
     outcomes: list[list[Outcome]] = field(default_factory=list)  # per member, its active rounds
+    winner: _Candidate | None = None  # this round's
+    verified: dict[tuple[int, int], Slots] = field(default_factory=dict)  # kv_reuse: (verifier, proposer) -> slots
 
 
 class SpecFuse(ConfiguredFuser):
@@ -152,6 +160,8 @@ class SpecFuse(ConfiguredFuser):
         where: list[list[int]] = [list(range(len(rows))) for _ in range(n)]  # state row -> prompt row
         outputs: list[FusedOutput | None] = [None] * len(rows)
         while any(o is None for o in outputs):
+            for row in rows:
+                row.verified.clear()
             cands = [self._propose(i, states[i], [rows[r] for r in where[i]]) if states[i] is not None else [] for i in range(n)]
             by_row: list[dict[int, _Candidate]] = [{} for _ in rows]
             for i in range(n):
@@ -169,7 +179,12 @@ class SpecFuse(ConfiguredFuser):
                 if states[i] is not None:
                     states[i], where[i] = self._compact(i, states[i], where[i], rows)
                 if states[i] is not None:
-                    states[i] = self._broadcast(i, states[i], [rows[r].pending.pop(i) for r in where[i]])
+                    fed = [rows[r].pending.pop(i) for r in where[i]]
+                    if self.config.kv_reuse:
+                        fed = self._reuse(i, states[i], [rows[r] for r in where[i]], fed)
+                    states[i] = self._broadcast(i, states[i], fed)
+                    if self.config.kv_compact:
+                        self._members[i].compact(states[i])
             for r, row in enumerate(rows):
                 if outputs[r] is None and row.finish is not None:
                     outputs[r] = FusedOutput(row.text, row.token_count, row.finish, row.stats)
@@ -180,6 +195,17 @@ class SpecFuse(ConfiguredFuser):
         tokens and feed the ids ``fed[b][1]`` (the re-tokenised tail). Returns the state to use next."""
         self._members[i].feed(state, [f[1] for f in fed], rollback=[f[0] for f in fed])
         return state
+
+    def _reuse(self, i: int, state: RowBatch, rows: list[_Row], fed: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:
+        """kv_reuse: per row, revive member i's dead slots that already hold the start of its broadcast
+        ``fed[b]`` (its own kept draft when it won, else the winner's tokens it scored), without a
+        forward pass; returns what is left to feed. A broadcast that rolls back reuses nothing."""
+        plans = []
+        for row, (rollback, new) in zip(rows, fed):
+            w = row.winner  # set by _settle for every row with a pending broadcast
+            plans.append(reuse_plan(w.own if w.member == i else row.verified.get((i, w.member)), rollback, new))
+        self._members[i].revive(state, [slots for slots, _ in plans])
+        return [(rollback, left) for (rollback, _), (_, left) in zip(fed, plans)]
 
     def _new_row(self, p: DecodeParams) -> _Row:
         n = len(self._members)
@@ -204,6 +230,7 @@ class SpecFuse(ConfiguredFuser):
         remaining = [max(1, r.params.max_new_tokens - len(r.tracks[0].ids)) for r in rows]
         caps = [min(L, rem) for rem in remaining]
         prefix_logits = state.logits  # (B, V): feed() replaces the tensor, this one stays as it is
+        steps = [prefix_logits]  # steps[t][b]: logits after row b's first t draft tokens (it feeds from step 1 on)
         drafts: list[list[int]] = [[] for _ in rows]
         logps: list[list[torch.Tensor]] = [[] for _ in rows]
         eos = [False] * len(rows)
@@ -224,7 +251,8 @@ class SpecFuse(ConfiguredFuser):
             going = [b for b in going if feed[b]]
             if going:
                 m.feed(state, feed)
-        m.rewind(state, [len(d) - 1 for d in drafts], prefix_logits)
+                steps.append(state.logits)
+        cols = m.rewind(state, [len(d) - 1 for d in drafts], prefix_logits)
         out = []
         for b, row in enumerate(rows):
             ids = drafts[b][:-1] if eos[b] else drafts[b]
@@ -232,8 +260,11 @@ class SpecFuse(ConfiguredFuser):
             k = trim_to_word(pieces, ended=eos[b] or len(drafts[b]) >= remaining[b])
             kept = logps[b][:k] + (logps[b][-1:] if eos[b] else [])
             row.stats[i].tokens_out += len(drafts[b])
+            fed = min(k, len(drafts[b]) - 1)  # kept tokens that were fed (a draft's last token never is)
+            own = (Slots(cols[b][:fed], tuple(ids[:fed]), int(state.next_pos[b]), state.layout, steps[fed][b].clone())
+                   if self.config.kv_reuse and fed > 0 else None)
             out.append(_Candidate(i, ids[:k], b"".join(pieces[:k]), eos[b],
-                                  segment_score(torch.stack(kept)), row.tracks[i].data))
+                                  segment_score(torch.stack(kept)), row.tracks[i].data, own))
         return out
 
     def _tokens_for(self, j: int, row: _Row, cand: _Candidate) -> list[int]:
@@ -258,7 +289,12 @@ class SpecFuse(ConfiguredFuser):
         conts = [[self._tokens_for(j, row, cs[c]) for c in oth] for row, cs, oth in zip(rows, cands, others)]
         if not any(conts):
             return
-        logps = self._score(j, state, conts)
+        if self.config.kv_reuse:
+            logps, slots = self._members[j].score_shared(state, conts, max_batch_tokens=self.max_batch_tokens)
+            for row, oth, ss in zip(rows, others, slots):
+                row.verified.update({(j, c): s for c, s in zip(oth, ss) if s is not None})
+        else:
+            logps = self._score(j, state, conts)
         for b, oth in enumerate(others):
             if oth:
                 rows[b].stats[j].calls += 1
@@ -294,6 +330,7 @@ class SpecFuse(ConfiguredFuser):
                     row.stats[i].exit_round = row.rounds
                     log.debug("member %s exits after round %d", self._members[i].name, row.rounds)
         row.response = winner.base + winner.data
+        row.winner = winner
         main = self._extend(0, row, winner)
         self._finish_check(row, winner)
         if row.finish is None:

@@ -47,7 +47,10 @@ class Forwards:
     def _record(self, module, args, kwargs, out) -> None:
         if "attention_mask" not in kwargs:  # ensemble.reference's uncached oracle, not the library
             return
-        self.areas.append(kwargs["attention_mask"].numel())
+        mask = kwargs["attention_mask"]
+        if isinstance(mask, dict):  # SpecFuse's shared verification: a 4-D mask per layer type
+            mask = next(iter(mask.values()))
+        self.areas.append(mask.shape[0] * mask.shape[-1])  # rows x attended positions (2-D or 4-D)
         self.logits.append(out.logits.numel() // out.logits.shape[-1])
 
     def remove(self) -> None:

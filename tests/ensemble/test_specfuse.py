@@ -11,6 +11,7 @@ import torch
 
 from ensemble import DecodeParams, Single
 from ensemble.fusers.specfuse import SpecFuse
+from ensemble.kv import Slots
 from ensemble.labeling import LabelParams
 from ensemble.reference import greedy_uncached, logprobs_uncached, next_logits_uncached
 from ensemble.scoring import continuation_ids
@@ -39,10 +40,15 @@ class FakeState:
     n_prompt: list[int] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
     tokens_in: list[int] = field(default_factory=list)
+    layout: int = 0
 
     @property
     def size(self) -> int:
         return len(self.ids)
+
+    @property
+    def next_pos(self) -> list[int]:
+        return [len(i) for i in self.ids]
 
 
 class Scripted:
@@ -104,12 +110,33 @@ class Scripted:
                 state.calls[b] += 1
                 state.tokens_in[b] += len(toks)
 
-    def rewind(self, state: FakeState, counts, logits) -> None:
+    def rewind(self, state: FakeState, counts, logits) -> list[torch.Tensor]:
         self.log.append(("rewind", tuple(state.prompts)))
+        cols = []
         for b, r in enumerate(counts):
+            cols.append(torch.arange(len(state.ids[b]) - max(r, 0), len(state.ids[b])))
             if r:
                 del state.ids[b][-r:]
                 self._refresh(state, b)
+        return cols
+
+    def revive(self, state: FakeState, rows) -> None:
+        self.log.append(("revive", tuple(p for p, s in zip(state.prompts, rows) if s is not None)))
+        state.logits = state.logits.clone()
+        for b, slots in enumerate(rows):
+            if slots is not None:
+                assert len(state.ids[b]) == slots.next_pos
+                state.ids[b].extend(slots.tokens)
+                self._refresh(state, b)
+
+    def compact(self, state: FakeState) -> int:
+        return 0
+
+    def score_shared(self, state: FakeState, conts, *, max_batch_tokens=None):
+        out = self.score(state, conts)
+        slots = [[Slots(torch.arange(len(t)), tuple(t), len(state.ids[b]), 0, self.dist(state.prompts[b], state.ids[b] + t))
+                  if t else None for t in cs] for b, cs in enumerate(conts)]
+        return out, slots
 
     def select(self, state: FakeState, rows) -> FakeState:
         return FakeState([state.prompts[r] for r in rows], [list(state.ids[r]) for r in rows],
@@ -328,25 +355,30 @@ def forwards(mixed):
         h.remove()
 
 
-def test_batched_verification_equals_scoring_each_candidate_separately(mixed, forwards, monkeypatch):
+@pytest.mark.parametrize("kv_reuse", [False, True])
+def test_batched_verification_equals_scoring_each_candidate_separately(mixed, forwards, monkeypatch, kv_reuse):
     checked = [0]
+    method = "score_shared" if kv_reuse else "score"
     for m, count in zip(mixed, forwards):
-        orig = m.score
+        orig = getattr(m, method)
 
         def score(state, conts, m=m, orig=orig, count=count, **kw):
             before = count[0]
             out = orig(state, conts, **kw)
             assert count[0] == before + 1, "one batched forward per verifier and round"
+            if kv_reuse:
+                out, slots = out
+                assert all((s is None) == (not t) for ss, cs in zip(slots, conts) for s, t in zip(ss, cs))
             for b, cs in enumerate(conts):
                 for c, toks in enumerate(cs):
                     ref = logprobs_uncached(m, state.ids[b], toks)
                     torch.testing.assert_close(out[b][c], ref, atol=1e-4, rtol=1e-4)
                     assert abs(segment_score(out[b][c]) - segment_score(ref)) < 1e-4
                     checked[0] += 1
-            return out
+            return (out, slots) if kv_reuse else out
 
-        monkeypatch.setattr(m, "score", score)
-    SpecFuse(mixed, segment_tokens=6, exit=False).generate(PROMPTS, DecodeParams(max_new_tokens=24))
+        monkeypatch.setattr(m, method, score)
+    SpecFuse(mixed, segment_tokens=6, exit=False, kv_reuse=kv_reuse).generate(PROMPTS, DecodeParams(max_new_tokens=24))
     assert checked[0] >= 2 * len(PROMPTS) * 3
 
 
@@ -383,9 +415,11 @@ def test_reencoding_ablation_matches_cached_rounds(mixed):
     from bench_specfuse import ReencodingSpecFuse
 
     params = DecodeParams(max_new_tokens=24)
-    cached = SpecFuse(mixed, segment_tokens=5, exit=False).generate(PROMPTS, params)
+    reusing = SpecFuse(mixed, segment_tokens=5, exit=False).generate(PROMPTS, params)
+    # like for like: the ablation is the rounds without KV reuse, re-encoding instead of extending the cache
+    cached = SpecFuse(mixed, segment_tokens=5, exit=False, kv_reuse=False, kv_compact=False).generate(PROMPTS, params)
     fresh = ReencodingSpecFuse(mixed, segment_tokens=5, exit=False).generate(PROMPTS, params)
-    assert [o.text for o in fresh] == [o.text for o in cached] and all(o.text for o in cached)
+    assert [o.text for o in fresh] == [o.text for o in cached] == [o.text for o in reusing] and all(o.text for o in cached)
     for prompt, a, b in zip(PROMPTS, cached, fresh):
         assert (b.token_count, b.finish_reason) == (a.token_count, a.finish_reason)
         for m, sa, sb in zip(mixed, a.member_stats, b.member_stats):

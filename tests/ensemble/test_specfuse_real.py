@@ -41,3 +41,16 @@ def test_label_with_the_packaged_trio(trio):
     out = SpecFuse(trio).label(["What is the capital of France?"], [["Paris", "Berlin", "a green banana"]])[0]
     assert math.isclose(sum(out.probs), 1.0, rel_tol=1e-6)
     assert out.label == "Paris" and out.probs[0] > out.probs[2]
+
+
+def test_kv_reuse_and_compaction_leave_greedy_outputs_unchanged(trio):
+    """Issue 17, point 3: the old rounds (no reuse, no compaction) are the oracle."""
+    prompts = ["What is the capital of France?", "Question: What is 3 + 4?\nAnswer:", "Write a haiku about the sea."]
+    params = DecodeParams(max_new_tokens=32)
+    old = SpecFuse(trio, segment_tokens=8, kv_reuse=False, kv_compact=False).generate(prompts, params)
+    new = SpecFuse(trio, segment_tokens=8).generate(prompts, params)
+    assert [o.text for o in new] == [o.text for o in old] and all(o.text for o in old)
+    for a, b in zip(old, new):
+        assert [(s.calls, s.accepted, s.exit_round) for s in b.member_stats] == \
+               [(s.calls, s.accepted, s.exit_round) for s in a.member_stats]
+        assert sum(s.tokens_in for s in b.member_stats) < sum(s.tokens_in for s in a.member_stats)
