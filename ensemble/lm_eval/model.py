@@ -38,6 +38,19 @@ def decode_params(gen_kwargs: dict, system: str | None, seed: int) -> DecodePara
                         stop=tuple(s for s in until if s), system=system)
 
 
+def member_device(device: str | None) -> str | None:
+    """Where the members load: ``device`` as lm-eval passes it, except a CUDA device on a machine
+    without CUDA (lm-eval's command line passes ``cuda:0`` unless told otherwise), which becomes the
+    CPU with a warning, as lm-eval's ``hf`` model does; None: CUDA when available, else the CPU."""
+    import torch
+
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %r asked for (lm-eval's default is cuda:0) but CUDA is not available: the members "
+                    "load on the CPU", device)
+        return "cpu"
+    return device
+
+
 def _chunks(items: list, size: int | None) -> Iterator[list]:
     size = size or max(len(items), 1)
     for at in range(0, len(items), size):
@@ -55,7 +68,7 @@ class EnsembleLM(LM):
         from ensemble.fusers.registry import make_fuser
 
         s = self.spec
-        self.fuser = make_fuser(s.method, s.members, s.fuser, dtype=s.dtype, device=s.device,
+        self.fuser = make_fuser(s.method, s.members, s.fuser, dtype=s.dtype, device=member_device(s.device),
                                 max_batch_tokens=s.max_batch_tokens)
         self._device = self.fuser.members[0].device
         self._warned_greedy = False

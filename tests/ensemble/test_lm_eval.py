@@ -211,7 +211,7 @@ def test_greedy_check(dirs):
 def test_python_m_ensemble_lm_eval_passes_flags_through(dirs, task_dir, tmp_path):
     cmd = [sys.executable, "-m", "ensemble.lm_eval", "--model", "ensemble-fuse", "--model_args",
            f"members={dirs['bpe']}", "--tasks", "tiny_mc", "--include_path", str(task_dir), "--limit", "2",
-           "--device", "cpu", "--output_path", str(tmp_path / "out")]
+           "--output_path", str(tmp_path / "out")]  # no --device: lm-eval passes cuda:0 (the CPU without CUDA)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = list((tmp_path / "out").rglob("results_*.json"))
