@@ -102,7 +102,8 @@ def write_summary(spark, cfg: JobConfig, result: RunResult, held: Outcome) -> No
              "", "## Members", ""]
     cols = [f.name for f in SUMMARY_SCHEMA if f.name != "run_id" and f.name not in RUN_COLUMNS]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows if r["member"] is not None]
+    members = [r for r in rows if r["member"] is not None]  # not the run-level row of a run with none ok
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in members]
     lines += ["", "## Partitions", "", "| partition | files | rows | tokens | tokens/s |", "|---|---|---|---|---|"]
     parts: dict[int, list] = {}
     for c in commits:
@@ -120,7 +121,7 @@ def write_summary(spark, cfg: JobConfig, result: RunResult, held: Outcome) -> No
         for e in examples:
             out = e["text"] if e["text"] is not None else f"label: {e['label']} {[round(p, 3) for p in e['label_probs']]}"
             lines.append(f"- `{e['id']}`: {out!r}"[:400])
-    lines += _plots(cfg, rows, exit_rounds, tput, fs, root)
+    lines += _plots(cfg, members, exit_rounds, tput, fs, root)
     with fs.open_output_stream(f"{root}/report.md") as f:
         f.write(("\n".join(lines) + "\n").encode())
 
