@@ -310,6 +310,32 @@ def test_bench_task_configs_load_offline(dirs, monkeypatch):
     assert out["results"]["ef_gsm8k"]["exact_match,none"] in (0.0, 0.5, 1.0)
 
 
+def test_report_tabulates_runs_next_to_the_job(dirs, tmp_path):
+    """bench/lm_eval_tasks/report.py reads what `python -m ensemble.lm_eval --output_path
+    RUNS/<system>/results.json --log_samples` writes, and compares its picks with a job's labels."""
+    from bench.lm_eval_tasks.prepare import DATA_DIR, prepare
+    from bench.lm_eval_tasks.report import main as report
+
+    prepare(DATA_DIR, ("piqa",), ("dev",))
+    cmd = [sys.executable, "-m", "ensemble.lm_eval", "--model", "ensemble-fuse", "--model_args",
+           f"members={dirs['bpe']}", "--tasks", "ef_piqa", "--include_path", "bench/lm_eval_tasks", "--limit", "3",
+           "--output_path", str(tmp_path / "runs" / "tiny" / "results.json"), "--log_samples"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [json.loads(line) for line in next((tmp_path / "runs" / "tiny").glob("samples_ef_piqa_*.jsonl")).open()]
+    picks = {}
+    for s in samples:
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        picks[s["doc"]["id"]] = s["doc"]["choices"][lls.index(max(lls))]
+    job = {"split": "dev", "labels": {"sys": {f"piqa/{i}": c for i, c in picks.items()}}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    report(["--runs", str(tmp_path / "runs"), "--job", str(tmp_path / "job.json"), "--pair", "tiny=sys",
+            "--out", str(tmp_path / "t.md")])
+    text = (tmp_path / "t.md").read_text()
+    assert "| tiny |" in text and "(3)" in text
+    assert "| tiny vs job sys | " in text and " / 100.0 (3) |" in text  # the same picks: full agreement
+
+
 # ---- (b) consistency with lm-eval's hf model on the packaged members (slow) ---------------------------
 REAL_ITEMS = 8
 
