@@ -311,13 +311,13 @@ class DeePEn(ConfiguredFuser):
         base = [[(x.calls, x.tokens_in) for x in per] for per in scored]
         forced = conts[self.config.main]
         todo = [b for b in range(len(choices)) if not gate(fields[self.config.main][b]["choice_probs"], params.gate)]
-        fused = self._forced_sums(states, todo, [forced[b] for b in todo])
+        fused = self.forced_sums(states, todo, [forced[b] for b in todo])
         at = {b: k for k, b in enumerate(todo)}
         sums: dict[tuple[int, ...], float] = {}  # pmi: a main-member continuation -> its fused neutral sum
         if params.norm == "pmi" and todo:
             distinct = list(dict.fromkeys(tuple(c) for b in todo for c in forced[b]))
             blank = [m.start_ids([m.encode_prompt(params.neutral_context)]) for m in self.members]
-            sums = dict(zip(distinct, self._forced_sums(blank, [0], [[list(c) for c in distinct]])[0][0]))
+            sums = dict(zip(distinct, self.forced_sums(blank, [0], [[list(c) for c in distinct]])[0][0]))
         out = []
         for b, cs in enumerate(choices):
             stats_fields = [f[b] for f in fields]
@@ -335,9 +335,11 @@ class DeePEn(ConfiguredFuser):
             out.append(label_output(cs, posterior(scores, params.norm, params.temperature), stats))
         return out
 
-    def _forced_sums(self, states: list[RowBatch], rows: list[int], forced: list[list[list[int]]]):
+    def forced_sums(self, states: list[RowBatch], rows: list[int], forced: list[list[list[int]]]):
         """Teacher-force ``forced[k][c]`` (main-member ids) after row ``rows[k]`` of every member's
         ``states`` (one state row per choice, copied from it), the other members following the text.
+        Public for callers that need the fused log-probabilities themselves, not their posterior
+        (``ensemble/lm_eval``'s loglikelihood).
         Returns ``(sums[k][c], pairs, st, counters)``: the summed fused log-probs of each choice, the
         (k, c) of each state row, its statistics sums and each member's (calls, tokens_in) at its end."""
         pairs = [(k, c) for k in range(len(rows)) for c in range(len(forced[k]))]

@@ -82,7 +82,7 @@ def deepen_sums(fuser: Any, prompts: Sequence[str], systems: Sequence[str | None
 
     def run(group: list[int]) -> list[list[float]]:
         states = [m.start_ids([e[b] for b in group]) for m, e in zip(members, encoded)]
-        return fuser._forced_sums(states, list(range(len(group))), [forced[b] for b in group])[0]
+        return fuser.forced_sums(states, list(range(len(group))), [forced[b] for b in group])[0]
 
     return in_groups(lengths, fuser.max_batch_tokens, run, widths=[len(f) for f in forced])
 
