@@ -211,6 +211,32 @@ def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: s
     return profiles
 
 
+def calibrated_baseline(report: dict, profiles: Path, members: Sequence[str], system: str) -> dict[str, dict]:
+    """Per task, ``system`` (from an eval_label report that ran ``--offline NAME-cal=profile:.../single-NAME.json``
+    for each member) against the best calibrated member on dev: the member whose single profile has the
+    highest dev accuracy (ties: the earlier in ``members``), its ``-cal`` labels on the same items, and
+    the paired-bootstrap difference."""
+    import eval_label
+    from jobs.profiles import load_profile
+
+    rows = eval_label.build_rows(report["tasks"], report["split"], None)
+    gold = {r["id"]: r["gold"] for r in rows}
+    labels, out = report["labels"], {}
+    for t in report["tasks"]:
+        dev = {}
+        for m in members:
+            p = load_profile(profiles / t / f"single-{m}.json")
+            dev[m] = p.member_accuracy[p.members[0]][p.choice_norm]["accuracy"]
+        base_m = max(members, key=lambda m: (dev[m], -list(members).index(m)))
+        ids = [r["id"] for r in rows if r["task"] == t][:report["n"][t]]
+        base = [labels[f"{base_m}-cal"][i] == gold[i] for i in ids]
+        ens = [labels[system][i] == gold[i] for i in ids]
+        d, lo, hi = eval_label.paired_bootstrap(ens, base)
+        out[t] = {"baseline": f"{base_m}-cal", "dev_accuracy": dev, "baseline_accuracy": sum(base) / len(ids),
+                  "accuracy": sum(ens) / len(ids), "delta": d, "delta_lo": lo, "delta_hi": hi}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import tasks
 
@@ -224,8 +250,22 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--out", type=Path, required=True, help="OUT/<task>/profile.json, OUT/dev/<task>.jsonl")
     cal.add_argument("--work", type=Path, default=REPO / "output" / "label_eval")
     cal.add_argument("--n-dev", type=int, default=None)
+    cmp = sub.add_parser("baseline", help="a system of an eval_label report vs the best calibrated member on dev")
+    cmp.add_argument("--report", type=Path, required=True, help="eval_label's JSON (with the -cal systems)")
+    cmp.add_argument("--profiles", type=Path, required=True, help="calibrate's --out")
+    cmp.add_argument("--members", nargs="+", required=True, choices=list(MEMBER_SPECS))
+    cmp.add_argument("--system", required=True)
+    cmp.add_argument("--out", type=Path, required=True, help="JSON written here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "baseline":
+        res = calibrated_baseline(json.loads(args.report.read_text()), args.profiles, args.members, args.system)
+        args.out.write_text(json.dumps(res, indent=1))
+        for t, r in res.items():
+            sys.stdout.write(f"{t}: {args.system} {100 * r['accuracy']:.1f} vs {r['baseline']} "
+                             f"{100 * r['baseline_accuracy']:.1f}: {100 * r['delta']:+.1f} "
+                             f"[{100 * r['delta_lo']:+.1f}, {100 * r['delta_hi']:+.1f}]\n")
+        return 0
     for t, p in calibrate_tasks(args.tasks, args.members, args.method, args.out, args.work, args.n_dev).items():
         sys.stdout.write(f"{t}: {p}\n")
     return 0
