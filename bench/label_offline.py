@@ -29,6 +29,7 @@ term) holds everything the pool needs. This module
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -42,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import evaluate  # noqa: E402
 
-from ensemble.config import SpecFuseConfig, normalise_weights  # noqa: E402
+from ensemble.config import POOLS, SpecFuseConfig, normalise_weights  # noqa: E402
 from ensemble.labeling import ChoiceScores, LabelParams, best, gate, pool, posterior  # noqa: E402
 
 log = logging.getLogger("bench.label_offline")
@@ -79,6 +80,8 @@ class PoolRule:
         if not self.members or unknown:
             raise ValueError(f"members must be among {list(MEMBER_SPECS)}, got {list(self.members)!r}")
         normalise_weights(self.weights, len(self.members))
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         LabelParams(norm=self.norm, gate=self.gate, temperature=self.temperature)  # the scorer's own checks
 
     @classmethod
@@ -116,12 +119,27 @@ class PoolRule:
         return best(probs), probs, False
 
 
+RULE_KEYS = {"norm": str, "pool": str, "temperature": float}
+"""Settings ``defaults:MEMBERS:key=value,...`` may change."""
+
+
 def parse_rule(text: str) -> PoolRule | str:
-    """``defaults:A,B`` -> a rule; ``profile:PATH`` -> PATH (may hold ``{task}``: loaded per task)."""
+    """``defaults:A,B`` -> a rule (``defaults:A,B:norm=sum,pool=loglinear`` with :data:`RULE_KEYS`
+    changed); ``profile:PATH`` -> PATH (may hold ``{task}``: loaded per task)."""
     kind, sep, arg = text.partition(":")
     if not sep or kind not in ("defaults", "profile") or not arg:
-        raise ValueError(f"an offline rule is defaults:MEMBER,MEMBER or profile:PATH, got {text!r}")
-    return PoolRule.defaults(arg.split(",")) if kind == "defaults" else arg
+        raise ValueError(f"an offline rule is defaults:MEMBER,MEMBER[:key=value,...] or profile:PATH, got {text!r}")
+    if kind == "profile":
+        return arg
+    members, _, settings = arg.partition(":")
+    rule = PoolRule.defaults(members.split(","))
+    changes = {}
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in RULE_KEYS:
+            raise ValueError(f"an offline rule setting is key=value with key in {sorted(RULE_KEYS)}, got {item!r}")
+        changes[key] = RULE_KEYS[key](value)
+    return dataclasses.replace(rule, **changes) if changes else rule
 
 
 def rule_for(rule: PoolRule | str, task: str) -> PoolRule:

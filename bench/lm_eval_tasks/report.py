@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger("bench.lm_eval_tasks.report")
@@ -40,8 +41,8 @@ def read_system(folder: Path) -> dict[str, dict]:
     results = json.loads(res.read_text())
     out: dict[str, dict] = {}
     for name, metrics in results["results"].items():
-        if not name.startswith(PREFIX) or "acc,none" not in metrics:
-            continue
+        if not name.startswith(PREFIX) or "acc,none" not in metrics or name in results.get("groups", {}):
+            continue  # not an ef_* task's metrics (a group such as ef_label aggregates its tasks)
         picks = {}
         samples = latest(folder, f"samples_{name}_*.jsonl")
         for line in samples.read_text().splitlines() if samples else []:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text)
         log.info("wrote %s", args.out)
     else:
-        print(text, end="")
+        sys.stdout.write(text)
     return 0
 
 

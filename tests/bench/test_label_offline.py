@@ -50,7 +50,13 @@ def test_rule_parsing_defaults_and_bad_input():
     assert rule.members == ("smollm2", "gemma") and rule.weights == (0.5, 0.5) and rule.gate is None
     assert rule.norm == LabelParams().norm and rule.pool == "linear"
     assert lo.parse_rule("profile:x/{task}/p.json") == "x/{task}/p.json"
-    with pytest.raises(ValueError, match="defaults:MEMBER,MEMBER or profile:PATH, got 'vote:a'"):
+    tuned = lo.parse_rule("defaults:smollm2,gemma:norm=sum,pool=loglinear")
+    assert (tuned.norm, tuned.pool, tuned.weights) == ("sum", "loglinear", (0.5, 0.5))
+    with pytest.raises(ValueError, match="key in \\['norm', 'pool', 'temperature'\\], got 'gate=1'"):
+        lo.parse_rule("defaults:smollm2:gate=1")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        lo.parse_rule("defaults:smollm2:norm=bytes")
+    with pytest.raises(ValueError, match="or profile:PATH, got 'vote:a'"):
         lo.parse_rule("vote:a")
     with pytest.raises(ValueError, match=r"members must be among .*got \['llama'\]"):
         lo.parse_rule("defaults:llama")
