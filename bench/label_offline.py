@@ -44,11 +44,11 @@ sys.path.insert(0, str(REPO / "bench"))
 import evaluate  # noqa: E402
 
 from ensemble.config import POOLS, SpecFuseConfig, normalise_weights  # noqa: E402
-from ensemble.labeling import ChoiceScores, LabelParams, best, gate, pool, posterior  # noqa: E402
+from ensemble.labeling import ChoiceScores, LabelParams, best, gated_pool, posterior  # noqa: E402
 
 log = logging.getLogger("bench.label_offline")
 
-MEMBER_SPECS = {name: evaluate.SYSTEMS[name][-1] for name in evaluate.SINGLES}
+MEMBER_SPECS = {"smollm2": evaluate.SMOL, "qwen": evaluate.QWEN, "gemma": evaluate.GEMMA}
 """Eval system name -> the member spec its job runs (``--members SPEC``)."""
 SPEC_NAMES = {spec: name for name, spec in MEMBER_SPECS.items()}
 
@@ -112,11 +112,9 @@ class PoolRule:
     def label(self, scores: Sequence[ChoiceScores]) -> tuple[int, list[float], bool]:
         """(chosen index, probabilities, gated) from the members' scores in :attr:`members` order,
         as ``SpecFuse.label`` computes them."""
-        posts = [posterior(s, self.norm, self.temperature) for s in scores]
-        if len(posts) == 1 or gate(posts[0], self.gate):
-            return best(posts[0]), posts[0], len(posts) > 1
-        probs = pool(posts, self.weights, self.pool)
-        return best(probs), probs, False
+        probs, gated = gated_pool([posterior(s, self.norm, self.temperature) for s in scores], self.weights,
+                                  self.pool, self.gate)
+        return best(probs), probs, gated
 
 
 RULE_KEYS = {"norm": str, "pool": str, "temperature": float}
@@ -184,15 +182,19 @@ def seed_rows(outcomes: Mapping[str, dict], rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def check_run_settings(run_json: Path, params: LabelParams, max_prompt_tokens: int) -> None:
-    """Refuse a member run whose scorer settings differ from the ones calibrate scores with."""
+def check_run_settings(run_json: Path, params: LabelParams, rt) -> None:
+    """Refuse a member run whose scorer settings differ from the ones calibrate scores with
+    (``jobs.dev_scores.scores_params`` and the runtime's dtype and max_prompt_tokens: its cache key)."""
+    from jobs.dev_scores import scores_params
+
     cfg = json.loads(run_json.read_text())["config"]
-    want = {"norm": "pmi", "neutral_context": params.neutral_context, "target_delimiter": params.target_delimiter}
+    p = scores_params(params)
+    want = {"norm": p.norm, "neutral_context": p.neutral_context, "target_delimiter": p.target_delimiter}
     got = {k: cfg["label"].get(k) for k in want}
-    if got != want or cfg.get("dtype") is not None or cfg.get("max_prompt_tokens") != max_prompt_tokens:
+    if got != want or cfg.get("dtype") != rt.dtype or cfg.get("max_prompt_tokens") != rt.max_prompt_tokens:
         raise ValueError(f"{run_json}: the run scored with {got}, dtype {cfg.get('dtype')!r}, max_prompt_tokens "
-                         f"{cfg.get('max_prompt_tokens')!r}; calibrate scores with {want}, dtype None, "
-                         f"max_prompt_tokens {max_prompt_tokens}: its cache cannot be seeded from this run")
+                         f"{cfg.get('max_prompt_tokens')!r}; calibrate scores with {want}, dtype {rt.dtype!r}, "
+                         f"max_prompt_tokens {rt.max_prompt_tokens}: its cache cannot be seeded from this run")
 
 
 def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: str, out: Path, work: Path,
@@ -217,10 +219,11 @@ def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: s
             dirs = eval_label.output_dirs(systems[m], [t], work / "dev")
             got = eval_label.read_outcomes(dirs, rows)
             if got is None:
-                raise SystemExit(f"{m} has no complete dev run on {t}: run bench/eval_label.py --split dev first")
-            check_run_settings(dirs[t] / "_run.json", params, rt.max_prompt_tokens)
+                raise ValueError(f"{m} has no complete dev run on {t}: run bench/eval_label.py --split dev first")
+            check_run_settings(dirs[t] / "_run.json", params, rt)
+            scored = seed_rows(got, rows)
             for p in (profile, singles[m]):
-                seed_member_scores(dev, MEMBER_SPECS[m], params, rt, p.with_suffix(".cache"), seed_rows(got, rows))
+                seed_member_scores(dev, MEMBER_SPECS[m], params, rt, p.with_suffix(".cache"), scored)
         dev_path = str(out / "dev" / f"{t}.jsonl")
         calibrate(dev_path, [MEMBER_SPECS[m] for m in members], method, str(profile), rt=rt, label=params)
         for m, p in singles.items():  # each member alone with its own dev-chosen norm and temperature

@@ -188,10 +188,19 @@ def gate(main: Sequence[float], gate_at: float | None) -> bool:
     return gate_at is not None and margin(main) >= gate_at
 
 
+def gated_pool(posteriors: Sequence[Sequence[float]], weights: Sequence[float], kind: str,
+               gate_at: float | None) -> tuple[list[float], bool]:
+    """(probabilities, gated) of one row: the first (main) member's posterior when the gate keeps it
+    (:func:`gate`), else the members' :func:`pool` (SpecFuse's label)."""
+    if gate(posteriors[0], gate_at):
+        return list(posteriors[0]), True
+    return pool(posteriors, weights, kind), False
+
+
 def best(probs: Sequence[float]) -> int:
     """Index of the chosen choice: the most probable, ties to the lower index."""
     return max(range(len(probs)), key=lambda i: (probs[i], -i))
 
 
-__all__ = ["CHOICE_NORMS", "ChoiceScores", "LabelParams", "POOLS", "best", "check_temperature", "gate",
+__all__ = ["CHOICE_NORMS", "ChoiceScores", "LabelParams", "POOLS", "best", "check_temperature", "gate", "gated_pool",
            "log_scores", "margin", "pool", "posterior", "softmax", "temper"]

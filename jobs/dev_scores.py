@@ -116,6 +116,9 @@ def seed_member_scores(dev: DevSet, member: str, params: LabelParams, rt: Runtim
     stray = sorted(r["id"] for r in rows if r["id"] not in ids)
     if stray:
         raise ValueError(f"scores for ids not in the dev set {dev.path!r}: {stray[:5]}")
+    partial = sorted(r["id"] for r in rows if any(r.get(k) is None for k in SCORES_SCHEMA.names))
+    if partial:  # e.g. no pmi neutral term: the scores were not computed with scores_params
+        raise ValueError(f"scores without every component {SCORES_SCHEMA.names} for ids {partial[:5]}")
     path, key, parts = _scores_cache(dev, member, params, rt, cache_dir)
     _write_cache(path, rows, SCORES_SCHEMA, key, {**parts, "seeded": True})
     log.info("seeded %s with %d rows of %s's scores", path, len(rows), member)

@@ -1,8 +1,12 @@
 """Tabulate ``python -m ensemble.lm_eval`` runs on the ef_* tasks next to the job's labeling
 evaluation on the same items (docs/lm_eval.md):
 
-    python -m bench.lm_eval_tasks.report --runs bench/results/lm_eval --job bench/results/label_eval_dev.json \\
-        --pair smollm2=smollm2_sum gemma=gemma_sum deepen=deepen_sum --out bench/results/lm_eval.md
+    python -m bench.lm_eval_tasks.report --runs bench/results/lm_eval --job bench/results/label_eval_dev_sum.json \\
+        --pair smollm2=smollm2 gemma=gemma specfuse_pair_loglinear=specfuse_sum --out bench/results/lm_eval.md
+
+(``label_eval_dev_sum.json``: ``bench/eval_label.py --split dev --n-dev 40 --member-norm sum --offline
+"specfuse_sum=defaults:smollm2,gemma:norm=sum,pool=loglinear" --report-only``: lm-eval's ``acc`` is
+the job's norm ``sum``.)
 
 ``--runs``: one folder per system, each holding what ``--output_path RUNS/<system>/results.json
 --log_samples`` wrote (``results_<date>.json`` and ``samples_<task>_<date>.jsonl``; the latest of
@@ -102,11 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     systems = {d.name: read_system(d) for d in sorted(args.runs.iterdir()) if d.is_dir()}
+    if args.pair and not args.job:
+        ap.error("--pair needs --job (the eval_label JSON whose labels it compares with)")
+    bad = [p for p in args.pair if "=" not in p]
+    if bad:
+        ap.error(f"--pair items are SYSTEM=JOB_SYSTEM, got {bad}")
     pairs = dict(p.split("=", 1) for p in args.pair)
+    job = json.loads(args.job.read_text()) if args.job else None
     unknown = sorted(set(pairs) - set(systems))
     if unknown:
         raise ValueError(f"--pair names systems without a run in {args.runs}: {unknown}")
-    text = markdown(systems, json.loads(args.job.read_text()) if args.job else None, pairs)
+    no_labels = sorted(v for v in pairs.values() if v not in (job or {}).get("labels", {}))
+    if no_labels:
+        raise ValueError(f"--pair names job systems without labels in {args.job}: {no_labels} "
+                         f"(have {sorted((job or {}).get('labels', {}))})")
+    text = markdown(systems, job, pairs)
     if args.out:
         args.out.write_text(text)
         log.info("wrote %s", args.out)

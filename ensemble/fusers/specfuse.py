@@ -74,7 +74,7 @@ from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, La
                                   fit_prompts, in_groups, label_output)
 from ensemble.fusers.stopping import StopChecker
 from ensemble.kv import Slots, reuse_plan
-from ensemble.labeling import LabelParams, gate, pool
+from ensemble.labeling import LabelParams, gated_pool
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
 from ensemble.scoring import choice_stats, score_choices
@@ -230,7 +230,8 @@ class SpecFuse(ConfiguredFuser):
         remaining = [max(1, r.params.max_new_tokens - len(r.tracks[0].ids)) for r in rows]
         caps = [min(L, rem) for rem in remaining]
         prefix_logits = state.logits  # (B, V): feed() replaces the tensor, this one stays as it is
-        steps = [prefix_logits]  # steps[t][b]: logits after row b's first t draft tokens (it feeds from step 1 on)
+        # steps[t][b]: logits after row b's first t draft tokens (kept only for kv_reuse's kept drafts)
+        steps = [prefix_logits] if self.config.kv_reuse else None
         drafts: list[list[int]] = [[] for _ in rows]
         logps: list[list[torch.Tensor]] = [[] for _ in rows]
         eos = [False] * len(rows)
@@ -251,7 +252,8 @@ class SpecFuse(ConfiguredFuser):
             going = [b for b in going if feed[b]]
             if going:
                 m.feed(state, feed)
-                steps.append(state.logits)
+                if steps is not None:
+                    steps.append(state.logits)
         cols = m.rewind(state, [len(d) - 1 for d in drafts], prefix_logits)
         out = []
         for b, row in enumerate(rows):
@@ -397,9 +399,7 @@ class SpecFuse(ConfiguredFuser):
             stats = [MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i], calls=1,
                                  tokens_in=scored[i][b].tokens_in, rounds_active=1,
                                  **choice_stats(scored[i][b].scores, params)) for i, m in enumerate(self._members)]
-            posteriors = [s.choice_probs for s in stats]
-            if gate(posteriors[0], params.gate):
-                results.append(label_output(cs, posteriors[0], stats, gated=True))
-            else:
-                results.append(label_output(cs, pool(posteriors, self.weights, self.config.label_pool), stats))
+            probs, gated = gated_pool([s.choice_probs for s in stats], self.weights, self.config.label_pool,
+                                      params.gate)
+            results.append(label_output(cs, probs, stats, gated=gated))
         return results
