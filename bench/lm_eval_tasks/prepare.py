@@ -7,7 +7,8 @@ Rows come from ``bench/tasks.py`` (``load_split``): the same fixed dev split (po
 task's order, 200 items) and test split (500; OpenBookQA 300) as ``bench/eval_label.py``, with the
 same prompts and choices. Each labeling row is ``{"id", "prompt", "choices", "gold"}`` (``gold``: the
 correct choice's index); a GSM8K row is ``{"id", "prompt", "answer"}``. The task YAMLs beside this
-file read them (paths relative to the repository root). IFEval is not prepared: see docs/lm_eval.md.
+file read them (paths relative to the repository root). IFEval: all 541 prompts in ``data/ifeval.jsonl``
+(``ef_ifeval``), with their instruction ids and arguments.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 LABEL_TASKS = ("arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "openbookqa")
 """The six labeling tasks of the ef_* configs (BANKING77's 77 choices per item are left to the job)."""
 TASKS = LABEL_TASKS + ("gsm8k",)
+IFEVAL = "ifeval"
+"""IFEval's 541 prompts (one file, ``data/ifeval.jsonl``), scored by benchkit's stdlib-only checker."""
 
 
 def lm_eval_row(task: str, row: dict) -> dict:
@@ -32,6 +35,20 @@ def lm_eval_row(task: str, row: dict) -> dict:
         return {"id": row["id"], "prompt": row["prompt"], "answer": row["gold"]}
     return {"id": row["id"], "prompt": row["prompt"], "choices": row["choices"],
             "gold": row["choices"].index(row["gold"])}
+
+
+def prepare_ifeval(out: Path = DATA_DIR) -> Path:
+    """Write ``out/ifeval.jsonl``: benchkit's IFEval prompts with their instructions and arguments."""
+    import importlib.resources
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{IFEVAL}.jsonl"
+    raw = importlib.resources.files("benchkit").joinpath("datasets/ifeval.jsonl").read_text(encoding="utf-8")
+    rows = [{"id": d["task_id"], "prompt": d["prompt"], "instruction_id_list": d["instruction_id_list"],
+             "kwargs": d["kwargs"]} for d in map(json.loads, raw.splitlines())]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    log.info("%s: %d rows", path, len(rows))
+    return path
 
 
 def prepare(out: Path = DATA_DIR, task_names: tuple[str, ...] = TASKS, splits: tuple[str, ...] = tasks.SPLITS) -> list[Path]:
@@ -58,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     prepare(args.out, tuple(args.tasks), tuple(args.splits))
+    prepare_ifeval(args.out)
     return 0
 
 

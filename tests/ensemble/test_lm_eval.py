@@ -295,7 +295,7 @@ def test_generation_kwargs():
 def test_bench_task_configs_load_offline(dirs, monkeypatch):
     """bench/lm_eval_tasks: prepare writes the rows (the job's dev items, prompts and choices) and
     lm-eval runs the ef_* configs from the repository root, the label group and GSM8K's scoring."""
-    from bench.lm_eval_tasks.prepare import DATA_DIR, prepare
+    from bench.lm_eval_tasks.prepare import DATA_DIR, prepare, prepare_ifeval
     from bench import tasks
 
     prepare(DATA_DIR, ("arc_challenge", "gsm8k"), ("dev",))
@@ -304,10 +304,31 @@ def test_bench_task_configs_load_offline(dirs, monkeypatch):
     assert [r["id"] for r in rows] == [r["id"] for r in dev] and len(rows) == 200
     assert all(r["prompt"] == d["prompt"] and r["choices"][r["gold"]] == d["gold"] for r, d in zip(rows, dev))
     monkeypatch.chdir(REPO)
-    out = run(REPO / "bench" / "lm_eval_tasks", ["ef_arc_challenge", "ef_gsm8k"], f"members={dirs['bpe']}", limit=2,
-              gen_kwargs="max_gen_toks=4")
-    assert set(out["results"]) >= {"ef_arc_challenge", "ef_gsm8k"}
+    prepare_ifeval(DATA_DIR)
+    out = run(REPO / "bench" / "lm_eval_tasks", ["ef_arc_challenge", "ef_gsm8k", "ef_ifeval"], f"members={dirs['bpe']}",
+              limit=2, gen_kwargs="max_gen_toks=4")
+    assert set(out["results"]) >= {"ef_arc_challenge", "ef_gsm8k", "ef_ifeval"}
     assert out["results"]["ef_gsm8k"]["exact_match,none"] in (0.0, 0.5, 1.0)
+    assert out["results"]["ef_ifeval"]["prompt_level_strict_acc,none"] in (0.0, 0.5, 1.0)
+
+
+def test_ifeval_scoring_is_benchkits_checker():
+    """ef_ifeval's process_results: every instruction of the prompt must hold (benchkit's checker)."""
+    import importlib.util
+
+    from bench.lm_eval_tasks.prepare import DATA_DIR, prepare_ifeval
+
+    rows = [json.loads(line) for line in prepare_ifeval(DATA_DIR).read_text().splitlines()]
+    assert len(rows) == 541
+    spec = importlib.util.spec_from_file_location("ef_utils", REPO / "bench" / "lm_eval_tasks" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    no_comma = next(r for r in rows if r["instruction_id_list"] == ["punctuation:no_comma"])
+    assert utils.process_ifeval(no_comma, ["plain words only"]) == {"prompt_level_strict_acc": 1.0}
+    assert utils.process_ifeval(no_comma, ["one, two"]) == {"prompt_level_strict_acc": 0.0}
+    lower = next(r for r in rows if r["instruction_id_list"] == ["change_case:english_lowercase"])
+    assert utils.process_ifeval(lower, ["all lower case"])["prompt_level_strict_acc"] == 1.0
+    assert utils.process_ifeval(lower, ["Not Lower"])["prompt_level_strict_acc"] == 0.0
 
 
 def test_report_tabulates_runs_next_to_the_job(dirs, tmp_path):
