@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+ROW_KINDS: tuple[tuple[str, str | None], ...] = (("ok", None), ("error", "input"), ("error", "fuser"))
+"""The (status, error_kind) pairs of committed rows, in report order."""
 FIRST_ERRORS = 3  # fuser errors quoted in the failure message (the report lists the reasons)
 _QUOTED_CHARS = 200
 
@@ -47,7 +49,7 @@ class Outcome:
 
     def tally(self) -> str:
         """Rows by status and kind, e.g. ``ok 40, error/input 3, error/fuser 1``."""
-        order = {("ok", None): 0, ("error", "input"): 1, ("error", "fuser"): 2}
+        order = {k: i for i, k in enumerate(ROW_KINDS)}
         keys = sorted(self.rows, key=lambda k: (order.get(k, 3), str(k)))
         return ", ".join(f"{status}/{kind} {self.rows[status, kind]}" if kind else f"{status} {self.rows[status, kind]}"
                          for status, kind in keys) or "no rows"

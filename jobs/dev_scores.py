@@ -129,8 +129,8 @@ def member_scores(dev: DevSet, member: str, params: LabelParams, rt: Runtime,
                   cache_dir: Path) -> dict[str, ChoiceScores]:
     """{row id: the member's ChoiceScores} on the dev rows it could score (a row it could not, e.g. a
     prompt over max_prompt_tokens, is left out and logged)."""
-    params = scores_params(params)
     path, key, parts = _scores_cache(dev, member, params, rt, cache_dir)
+    params = scores_params(params)
     table = _read_cache(path, key)
     if table is None:
         log.info("scoring %d dev rows with %s (%s)", len(dev.rows), member,

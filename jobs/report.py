@@ -12,7 +12,7 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.budget import Outcome
+from jobs.budget import ROW_KINDS, Outcome
 from jobs.config import JobConfig
 from jobs.result import RunResult
 from jobs.sink import filesystem
@@ -57,13 +57,11 @@ RUN_COLUMNS = ("rows_ok", "rows_input_error", "rows_fuser_error", "fuser_error_r
 def with_run_counts(rows: list[dict], cfg: JobConfig, held: Outcome) -> list[dict]:
     """``rows`` with the run-level columns (:data:`RUN_COLUMNS`) from ``held``; one row with a null
     member when no member has a row (nothing ok), so the counts are always in the summary."""
-    unknown = sorted(f"{s}/{k}" for s, k in held.rows if (s, k) not in (("ok", None), ("error", "input"),
-                                                                          ("error", "fuser")))
+    unknown = sorted(f"{s}/{k}" for s, k in held.rows if (s, k) not in ROW_KINDS)
     if unknown:  # a status or kind the schema has no column for: fail rather than drop rows from the count
         raise ValueError(f"committed rows with an unknown (status, error_kind): {unknown}")
-    run = {"rows_ok": held.rows.get(("ok", None), 0), "rows_input_error": held.rows.get(("error", "input"), 0),
-           "rows_fuser_error": held.rows.get(("error", "fuser"), 0), "fuser_error_rate": held.rate,
-           "budget_exceeded": held.exceeded}
+    run = {col: held.rows.get(kind, 0) for col, kind in zip(RUN_COLUMNS, ROW_KINDS)}
+    run.update(fuser_error_rate=held.rate, budget_exceeded=held.exceeded)
     return [{**r, **run} for r in rows] or [{"run_id": cfg.effective_run_id, "member": None, **run}]
 
 
