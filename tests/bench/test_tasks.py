@@ -71,3 +71,36 @@ def test_intents_read_as_text_and_map_the_gold_back():
     assert len(intents) == len(set(intents)) == 77 and all("_" not in i for i in intents)
     # every gold of both splits is one of the readable intents
     assert all(r["gold"] in intents for s in tasks.SPLITS for r in tasks.load_split("banking77", s))
+
+
+@pytest.mark.parametrize("task,test_size", [("halueval_qa", 500), ("ifeval", 341)])
+def test_generation_tasks_have_disjoint_splits_and_a_gold(task, test_size):
+    dev, test = tasks.load_split(task, "dev"), tasks.load_split(task, "test")
+    assert len(dev) == 200 and len(test) == test_size
+    assert not {r["id"] for r in dev} & {r["id"] for r in test}
+    for r in dev[:20] + test[:20]:
+        assert r["prompt"].strip() and "choices" not in r and r["gold"]
+    qa = tasks.load_split("halueval_qa", "dev", 1)[0]
+    assert qa["prompt"].startswith("Passage: ") and qa["prompt"].endswith("\nAnswer:")
+
+
+def test_qa_scores_follow_squad_normalisation():
+    assert tasks.qa_scores("Answer: The Delhi.\nQuestion: more", "Delhi") == (1.0, 1.0)
+    em, f1 = tasks.qa_scores("in New Delhi", "Delhi")
+    assert em == 0.0 and f1 == pytest.approx(0.5)
+    assert tasks.qa_scores("\n\n  Paris, France", "paris") == (0.0, pytest.approx(2 / 3))
+    assert tasks.qa_scores("", "Paris") == (0.0, 0.0)
+    assert tasks.qa_scores(None, "Paris") == (0.0, 0.0)
+    assert tasks.qa_answer("\nAnswer:  yes\nno") == "yes"
+
+
+def test_ifeval_pass_needs_every_instruction():
+    gold = {"instruction_id_list": ["punctuation:no_comma", "change_case:english_lowercase"], "kwargs": [{}, {}],
+            "prompt": "p"}
+    assert tasks.ifeval_pass(gold, "plain lower words")
+    assert not tasks.ifeval_pass(gold, "plain, lower words")
+    assert not tasks.ifeval_pass(gold, "Plain lower words")
+    repeat = {"instruction_id_list": ["combination:repeat_prompt"], "kwargs": [{}],
+              "prompt": "Say hi. Then more."}
+    assert tasks.ifeval_pass(repeat, "Say hi. Then more. Hi!")
+    assert not tasks.ifeval_pass(repeat, "Hi!")
