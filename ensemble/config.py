@@ -281,8 +281,10 @@ class DeePEnConfig:
 
 
 # ---- SpecFuse -------------------------------------------------------------------------------------
-EXIT_RULES = ("rank", "softmax")
+EXIT_RULES = ("rank", "softmax", "lead")
 """SpecFuse's model-exit rules (``SpecFuseConfig.exit_rule``; ``ensemble.segments``)."""
+EXIT_ALPHA = {"rank": 0.1, "lead": 0.3}
+"""The test level each window rule uses when ``SpecFuseConfig.exit_alpha`` is None (docs/algorithms.md)."""
 
 
 @dataclass(frozen=True)
@@ -297,11 +299,14 @@ class SpecFuseConfig:
     exit_rule: str = knob("rank", choices=EXIT_RULES)
     """Model-exit rule (docs/algorithms.md): 'rank' exits a member whose candidate ranked last
     significantly more often than 1/n in its last exit_window rounds while winning none of them
-    (exit_alpha); 'softmax' is the legacy rule (exit_delta, exit_min_temperature), which rarely fires."""
+    (exit_alpha); 'lead' exits a member that won none of its last exit_window rounds while one other
+    member beat it in enough of them (exit_alpha); 'softmax' is the legacy rule (exit_delta,
+    exit_min_temperature), which rarely fires."""
     exit_window: int = 4
-    """Rule 'rank': the member's last rounds the test looks at (>= 1)."""
-    exit_alpha: float = 0.1
-    """Rule 'rank': a member exits when the p-value of its last places is <= exit_alpha; in [0, 1] (0: never)."""
+    """Rules 'rank' and 'lead': the member's last rounds the test looks at (>= 1)."""
+    exit_alpha: float | None = None
+    """Rules 'rank' and 'lead': a member exits when its p-value is <= exit_alpha; in [0, 1] (0: never);
+    None: the rule's own level, EXIT_ALPHA (rank 0.1, lead 0.3)."""
     exit_delta: float = 0.5
     """Rule 'softmax': a member exits when its exit probability is below exit_delta / n_active; in
     [0, 1] (0: never)."""
@@ -338,7 +343,7 @@ class SpecFuseConfig:
             raise ValueError(f"exit must be a bool, got {self.exit!r}")
         check_choice(self, "exit_rule")
         _int_at_least(self, "exit_window", 1)
-        _number(self, "exit_alpha", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _number(self, "exit_alpha", "in [0, 1]", lambda v: 0.0 <= v <= 1.0, optional=True)
         _number(self, "exit_delta", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _int_at_least(self, "exit_min_rounds", 0)
         if not isinstance(self.self_score, bool):
@@ -416,7 +421,7 @@ def hashed_fields(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "DecodeParams", "DeePEnConfig", "EXIT_RULES", "EosPolicy", "FUSERS", "MAX_BATCH_TOKENS",
+    "DecodeParams", "DeePEnConfig", "EXIT_ALPHA", "EXIT_RULES", "EosPolicy", "FUSERS", "MAX_BATCH_TOKENS",
     "GATES", "MAX_SEED", "METHODS", "Method", "OUTPUTS_VERSION", "POOLS", "ROW_STORES", "SpecFuseConfig", "WEIGHT_TOL",
     "check_batch_tokens", "flag_of", "fuser_config", "hashed_fields", "knob", "normalise_weights",
     "pack", "per_row",

@@ -24,12 +24,12 @@ Contracts:
   its own included, so its vote for c is relative to its own draft; ``final`` is then renormalised.
   ``final`` sums to 1. The winner is the argmax; exact ties go to the lower index.
 - :func:`round_outcomes` ``(final, winner) -> [Outcome]``: each candidate's place in one round (won,
-  ranked last, number of candidates), the record the rank exit rule tests.
-- :func:`rank_exit_mask` ``(histories, window, alpha) -> exits``: the default model-exit rule
-  ('rank', below); :func:`exit_mask` ``(quality, delta, min_temperature) -> exits``: the legacy rule
-  ('softmax', below).
+  ranked last, beaten by the winner, number of candidates), the record the window exit rules test.
+- :func:`rank_exit_mask` / :func:`lead_exit_mask` ``(histories, window, alpha) -> exits``: the
+  model-exit rules 'rank' and 'lead' (below); :func:`exit_mask` ``(quality, delta, min_temperature)
+  -> exits``: the legacy rule ('softmax', below).
 
-Model exit, rule 'rank' (the default; per row, after the ranking of every round t >= max(1, R_min)):
+Model exit, rule 'rank' (per row, after the ranking of every round t >= max(1, R_min)):
 a sequential test of "this member's candidate ranks last no more often than chance". In a round with
 n active members, a member *ranks last* when its final score is below every other candidate's by more
 than :data:`LAST_MARGIN` (exact and near ties are nobody's last place, so identical members never rank
@@ -45,6 +45,20 @@ A member never exits in a round its candidate won (that round is in the window),
 every round stays, so the last active member never exits (the function also guarantees it
 explicitly). With three members, window 4 and alpha 0.1: three last places in its first three rounds
 (p = 1/27), or four in four, remove a member; with two, four straight losses (p = 1/16).
+
+Model exit, rule 'lead' (evaluated at the same rounds): a member is *beaten* in a round when the
+winner's final score is above its own by more than :data:`LAST_MARGIN` (a tie with the winner, as
+between identical members, is no defeat). Over the member's last ``m = min(window, rounds it was
+active)`` rounds, let ``h`` be the most rounds in which one other active member won and beat it.
+Under the null hypothesis that every round's winner is uniform over the n_t active members,
+independently, the p-value is ``(n - 1) * P(it wins none and a given other member wins >= h)``
+(:func:`lead_pvalue`; the factor n - 1 bounds the choice of that other member). The member exits
+when it won none of the m rounds, h >= 1, and the p-value is <= ``alpha``. The guarantees are the
+rank rule's: a fixed window, a member never exits in a round it won, the last active member never
+exits. With three members at alpha 0.3 (its level in ``ensemble.config.EXIT_ALPHA``), one other
+member winning 2 of its first 2 rounds (p = 2/9), 2 of 3 (p = 8/27) or 2 of 4 (p = 22/81) removes it;
+with two members, two straight defeats (p = 1/4). At that level this is a pruning rule, not a
+significance claim: members no worse than the others meet it often (docs/algorithms.md).
 
 Model exit, rule 'softmax' (the legacy rule, selectable; evaluated at the same rounds):
 ``Q_i`` is member i's cumulative quality, the sum over rounds of its candidate's final score. Over
@@ -161,6 +175,8 @@ class Outcome:
     n: int
     won: bool
     last: bool
+    beaten: bool = False
+    """The winner's final score is above this candidate's by more than the margin (rule 'lead')."""
 
 
 def round_outcomes(final: Sequence[float], winner: int, margin: float = LAST_MARGIN) -> list[Outcome]:
@@ -170,7 +186,7 @@ def round_outcomes(final: Sequence[float], winner: int, margin: float = LAST_MAR
     for c in range(n):
         rest = [final[d] for d in range(n) if d != c]
         last = bool(rest) and final[c] < min(rest) - margin
-        out.append(Outcome(n=n, won=c == winner, last=last))
+        out.append(Outcome(n=n, won=c == winner, last=last, beaten=final[c] < final[winner] - margin))
     return out
 
 
@@ -205,6 +221,51 @@ def rank_exit_mask(histories: Sequence[Sequence[Outcome]], window: int, alpha: f
     if n < 2 or alpha <= 0:
         return [False] * n
     pvals = [rank_exit_pvalue(h, window) for h in histories]
+    exits = [p is not None and p <= alpha for p in pvals]
+    if all(exits):  # unreachable while every round has a winner; kept as the stated guarantee
+        exits[max(range(n), key=lambda i: (pvals[i], -i))] = False
+    return exits
+
+
+# ---- model exit, rule 'lead' --------------------------------------------------------------------
+
+
+def lead_pvalue(ns: Sequence[int], h: int) -> float:
+    """``P(member i wins no round and one given other member wins >= h)`` over rounds with ``ns[t]``
+    candidates, each round won by one of them uniformly at random (the lead rule's null hypothesis)."""
+    dist = [1.0]  # dist[x] = P(i has won nothing and the other member x rounds so far)
+    for n in ns:
+        q = 1.0 / n
+        nxt = [0.0] * (len(dist) + 1)
+        for x, p in enumerate(dist):
+            nxt[x] += p * (1.0 - 2.0 * q)  # a third member wins
+            nxt[x + 1] += p * q  # the other member wins (i winning ends the event)
+        dist = nxt
+    return min(1.0, math.fsum(dist[max(h, 0):]))
+
+
+def lead_exit_pvalue(histories: Sequence[Sequence[Outcome]], i: int, window: int) -> float | None:
+    """Member i's lead-rule p-value among the active members' ``histories``, or None when its last
+    ``window`` rounds hold a win or no other active member beat it in any of them."""
+    m = min(window, len(histories[i]))
+    recent = histories[i][len(histories[i]) - m:]
+    if m == 0 or any(o.won for o in recent):
+        return None
+    # every active member was active in all of i's rounds (members only leave), so the ends align
+    lead = max((sum(ok.won and oi.beaten for oi, ok in zip(recent, h[len(h) - m:]))
+                for k, h in enumerate(histories) if k != i), default=0)
+    if lead == 0:
+        return None
+    return min(1.0, (len(histories) - 1) * lead_pvalue([o.n for o in recent], lead))
+
+
+def lead_exit_mask(histories: Sequence[Sequence[Outcome]], window: int, alpha: float) -> list[bool]:
+    """Which of the active members exit now under rule 'lead' (True = exits); ``histories[i]`` is
+    member i's outcomes in the rounds it was active, oldest first. Fewer than two members: nobody."""
+    n = len(histories)
+    if n < 2 or alpha <= 0:
+        return [False] * n
+    pvals = [lead_exit_pvalue(histories, i, window) for i in range(n)]
     exits = [p is not None and p <= alpha for p in pvals]
     if all(exits):  # unreachable while every round has a winner; kept as the stated guarantee
         exits[max(range(n), key=lambda i: (pvals[i], -i))] = False

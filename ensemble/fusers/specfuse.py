@@ -24,13 +24,16 @@ generate(prompts, params) runs rounds over each row's shared response until the 
    revives the slots that already hold its broadcast (``Member.revive``, no forward): the proposer its
    kept draft, a verifier the winner's tokens it scored; only the rest is fed. With ``kv_compact``
    (default) dead slots are removed after each round (``Member.compact``); see ensemble/kv.py.
-5. Model exit, after every round t >= max(1, exit_min_rounds), by ``exit_rule``: 'rank' (default,
+5. Model exit, after every round t >= max(1, exit_min_rounds), by ``exit_rule``: 'rank' (
    :func:`ensemble.segments.rank_exit_mask`): each round records every active member's place
    (:func:`~ensemble.segments.round_outcomes`: won, ranked last); a member exits when it won none of
    its last ``exit_window`` rounds and its last places in them have a p-value <= ``exit_alpha``
-   against the chance rate 1/n. 'softmax' (legacy, :func:`ensemble.segments.exit_mask`): cumulative
+   against the chance rate 1/n. 'lead' (:func:`ensemble.segments.lead_exit_mask`): a member exits
+   when it won none of its last ``exit_window`` rounds while one other member won and beat it in
+   enough of them (p-value <= ``exit_alpha``, null: uniform winners). ``exit_alpha`` None is the
+   rule's own level (``ensemble.config.EXIT_ALPHA``). 'softmax' (legacy, :func:`ensemble.segments.exit_mask`): cumulative
    quality Q = sum of a member's final scores; T = max(exit_min_temperature, entropy in nats of
-   Q / sum(Q)); p = softmax(Q / T); a member exits when p_i < exit_delta / n_active. Under both rules
+   Q / sum(Q)); p = softmax(Q / T); a member exits when p_i < exit_delta / n_active. Under every rule
    the round's winner never exits, so the last active member never does. An exited member's row is
    dropped from its state: it neither proposes nor verifies again. Rows are independent: each has
    its own active set, rounds, exit record and stop.
@@ -68,7 +71,7 @@ from typing import Sequence
 
 import torch
 
-from ensemble.config import (DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
+from ensemble.config import (EXIT_ALPHA, DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
                              per_row)
 from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, LabelOutput, MemberStats, encode_prompts,
                                   fit_prompts, in_groups, label_output)
@@ -78,7 +81,8 @@ from ensemble.labeling import LabelParams, gated_pool
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
 from ensemble.scoring import choice_stats, score_choices
-from ensemble.segments import Outcome, exit_mask, rank, rank_exit_mask, round_outcomes, segment_score, trim_to_word
+from ensemble.segments import (Outcome, exit_mask, lead_exit_mask, rank, rank_exit_mask, round_outcomes, segment_score,
+                               trim_to_word)
 from ensemble.text import TokenTrack
 from ensemble.utf8 import complete_utf8_prefix, valid_utf8
 
@@ -343,8 +347,10 @@ class SpecFuse(ConfiguredFuser):
     def _exits(self, row: _Row, act: list[int]) -> list[bool]:
         """Which of the row's active members ``act`` the configured exit rule removes now."""
         cfg = self.config
-        if cfg.exit_rule == "rank":
-            return rank_exit_mask([row.outcomes[i] for i in act], cfg.exit_window, cfg.exit_alpha)
+        if cfg.exit_rule in EXIT_ALPHA:
+            alpha = EXIT_ALPHA[cfg.exit_rule] if cfg.exit_alpha is None else cfg.exit_alpha
+            mask = rank_exit_mask if cfg.exit_rule == "rank" else lead_exit_mask
+            return mask([row.outcomes[i] for i in act], cfg.exit_window, alpha)
         if cfg.exit_delta == 0:
             return [False] * len(act)
         return exit_mask([row.quality[i] for i in act], cfg.exit_delta, cfg.exit_min_temperature)

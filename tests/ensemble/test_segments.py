@@ -12,6 +12,8 @@ from ensemble.segments import (
     exit_probabilities,
     exit_temperature,
     last_place_pvalue,
+    lead_exit_mask,
+    lead_pvalue,
     rank,
     rank_exit_mask,
     round_outcomes,
@@ -142,7 +144,10 @@ def test_rank_without_self_scores():
 
 
 def test_round_outcomes_last_place_is_strict():
-    assert round_outcomes([0.5, 0.3, 0.2], 0) == [Outcome(3, True, False), Outcome(3, False, False), Outcome(3, False, True)]
+    assert round_outcomes([0.5, 0.3, 0.2], 0) == [Outcome(3, True, False), Outcome(3, False, False, beaten=True),
+                                                  Outcome(3, False, True, beaten=True)]
+    # beaten: the winner is ahead by more than the margin (a tie with the winner is no defeat)
+    assert [o.beaten for o in round_outcomes([0.4, 0.4, 0.2], 0)] == [False, False, True]
     # equal or nearly equal scores are nobody's last place (identical members never rank last)
     assert not any(o.last for o in round_outcomes([1 / 3] * 3, 0))
     assert not any(o.last for o in round_outcomes([0.5, 0.5 - LAST_MARGIN / 2], 0))
@@ -191,3 +196,58 @@ def test_rank_rule_the_last_member_never_exits():
     # every member's record would exit it: the one with the weakest evidence stays (ties: lower index)
     assert rank_exit_mask([_history("l", "l", "l"), _history("l", "l", "l")], 4, 1.0) == [False, True]
     assert rank_exit_mask([_history("l", "l", "l"), _history("m", "l", "l")], 4, 1.0) == [True, False]
+
+
+# ---- the exit rule 'lead' -------------------------------------------------------------------------
+def _lead(*rounds: str, n: int = 3) -> list[list[Outcome]]:
+    """Histories of ``n`` members from one string per round: the winner's index, then the indices of
+    the members it beat ('0' + '12': member 0 won and beat 1 and 2; '0' alone: ties everywhere)."""
+    hist: list[list[Outcome]] = [[] for _ in range(n)]
+    for r in rounds:
+        w, beat = int(r[0]), {int(c) for c in r[1:]}
+        for i in range(n):
+            hist[i].append(Outcome(n, i == w, False, beaten=i in beat))
+    return hist
+
+
+def test_lead_pvalue_counts_rounds_won_by_one_other_member_while_i_won_none():
+    assert lead_pvalue([3, 3], 2) == pytest.approx(1 / 9)
+    assert lead_pvalue([3, 3, 3], 2) == pytest.approx(3 * (1 / 9) * (1 / 3) + 1 / 27)
+    assert lead_pvalue([3] * 4, 2) == pytest.approx(11 / 81)
+    assert lead_pvalue([2] * 4, 4) == pytest.approx(1 / 16)  # two members: i won none = k won all
+    assert lead_pvalue([3, 2], 2) == pytest.approx(1 / 6)  # n changed
+    assert lead_pvalue([3, 3], 0) == pytest.approx(4 / 9)  # h 0: just "i won none"
+
+
+def test_lead_exit_rule():
+    # with three members, p = (n - 1) * P(i won none, one other won >= h); at alpha 0.3:
+    # two rounds both won by member 0 over member 2: p = 2 / 9 exits; one each by two members: p = 2 / 3 stays
+    assert lead_exit_mask(_lead("02", "02"), 4, 0.3) == [False, False, True]
+    assert lead_exit_mask(_lead("02", "12"), 4, 0.3) == [False, False, False]
+    # 2 of 3 by member 0 (p = 8/27 = 0.296), 2 of 4 (p = 22/81 = 0.27): exit at 0.3, not at 0.2
+    assert lead_exit_mask(_lead("02", "12", "02"), 4, 0.3)[2] and not lead_exit_mask(_lead("02", "12", "02"), 4, 0.2)[2]
+    assert lead_exit_mask(_lead("12", "02", "12", "02"), 4, 0.3)[2]
+    # a win in the window keeps a member; the window slides past it
+    assert lead_exit_mask(_lead("21", "02", "02"), 3, 1.0)[2] is False
+    assert lead_exit_mask(_lead("21", "02", "02", "02"), 3, 0.3)[2] is True
+    # rounds that member won without beating i (a near tie) are no evidence
+    assert lead_exit_mask(_lead("0", "0", "0", "0"), 4, 1.0) == [False, False, False]
+    # alpha 0 never; one member: nobody
+    assert lead_exit_mask(_lead("02", "02", "02"), 4, 0.0) == [False, False, False]
+    assert lead_exit_mask(_lead("0", "0", n=1), 4, 1.0) == [False]
+
+
+def test_lead_exit_rule_does_not_depend_on_the_answer_length():
+    recent = ["01"] * 4
+    assert lead_exit_mask(_lead(*recent, n=2), 4, 0.1) == [False, True]  # p = 1/16
+    assert lead_exit_mask(_lead(*(["01", "10"] * 18 + recent), n=2), 4, 0.1) == [False, True]
+    assert lead_exit_mask(_lead(*(["01", "10"] * 18 + recent[:3]), n=2), 4, 0.1) == [False, False]
+
+
+def test_lead_rule_the_last_member_never_exits():
+    hist = _lead("01", "01", n=2)
+    hist[0] = [Outcome(2, False, False, beaten=True)] * 2  # an impossible record: nobody ever won
+    hist[1] = [Outcome(2, True, False)] * 2
+    assert lead_exit_mask(hist, 4, 1.0) == [True, False]
+    both = [[Outcome(2, False, False, beaten=True)] * 2, [Outcome(2, False, False, beaten=True)] * 2]
+    assert not all(lead_exit_mask(both, 4, 1.0))

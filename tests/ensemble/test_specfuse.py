@@ -199,17 +199,17 @@ def test_segments_are_cut_to_whole_words():
     assert out.member_stats[0].rounds_active == 4 and out.member_stats[0].tokens_out == 6 + 6 + 6 + 3
 
 
-@pytest.mark.parametrize("rule", ["rank", "softmax"])
-def test_exit_removes_the_outlier_and_it_makes_no_more_calls(rule):
+@pytest.mark.parametrize("rule, k", [("rank", 3), ("softmax", 3), ("lead", 2)])
+def test_exit_removes_the_outlier_and_it_makes_no_more_calls(rule, k):
     a, b, c = trio()
     out = SpecFuse([a, b, c], segment_tokens=4, exit_rule=rule).generate(["p0"], DecodeParams(max_new_tokens=40))[0]
     sa, sb, sc = out.member_stats
     assert out.text == T[:40]
-    assert sc.exit_round == 3 and sc.rounds_active == 3 and sa.exit_round is None and sb.exit_round is None
-    assert sa.rounds_active > 3
+    assert sc.exit_round == k and sc.rounds_active == k and sa.exit_round is None and sb.exit_round is None
+    assert sa.rounds_active > k
     # member calls: propose + verify in every round active, nothing after the exit
-    assert sc.calls == 2 * 3 and sa.calls == 2 * sa.rounds_active and sb.calls == 2 * sb.rounds_active
-    assert c.calls("score", "p0") == 3 and c.calls("rewind", "p0") == 3
+    assert sc.calls == 2 * k and sa.calls == 2 * sa.rounds_active and sb.calls == 2 * sb.rounds_active
+    assert c.calls("score", "p0") == k and c.calls("rewind", "p0") == k
     assert a.calls("score", "p0") == sa.rounds_active
 
 
@@ -224,12 +224,13 @@ def test_without_exit_every_round_costs_2n_member_calls():
 
 def test_exit_min_rounds_and_delta():
     a, b, c = trio()
-    for rule in ("rank", "softmax"):
+    for rule in ("rank", "softmax", "lead"):
         late = SpecFuse([a, b, c], segment_tokens=4, exit_rule=rule, exit_min_rounds=6).generate(
             ["p0"], DecodeParams(max_new_tokens=40))[0]
         assert late.member_stats[2].exit_round == 6
     never = [SpecFuse([a, b, c], segment_tokens=4, exit_rule="softmax", exit_delta=0.0),
-             SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank", exit_alpha=0.0)]
+             SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank", exit_alpha=0.0),
+             SpecFuse([a, b, c], segment_tokens=4, exit_rule="lead", exit_alpha=0.0)]
     for fuser in never:
         out = fuser.generate(["p0"], DecodeParams(max_new_tokens=40))[0]
         assert all(s.exit_round is None for s in out.member_stats)
@@ -239,6 +240,7 @@ def test_exit_min_rounds_and_delta():
     ("softmax", {"exit_delta": 1.0}, 1),  # the legacy rule as before
     ("rank", {"exit_alpha": 0.5}, 1),  # one loss out of two candidates: p = 1/2
     ("rank", {}, 4),  # the defaults: four straight losses out of two, p = 1/16
+    ("lead", {}, 2),  # two rounds won by the other member out of two, p = 1/4 <= 0.3
 ])
 def test_the_last_member_never_exits(rule, settings, exit_round):
     a = Scripted("A", {"p": [(T, 0.9)]})
@@ -251,15 +253,15 @@ def test_the_last_member_never_exits(rule, settings, exit_round):
     assert sa.rounds_active > exit_round and sa.calls == 2 * exit_round + (sa.rounds_active - exit_round)
 
 
-@pytest.mark.parametrize("rule", ["rank", "softmax"])
-def test_rows_are_independent_in_a_batch(rule):
+@pytest.mark.parametrize("rule, k", [("rank", 3), ("softmax", 3), ("lead", 2)])
+def test_rows_are_independent_in_a_batch(rule, k):
     a, b, c = trio()
     fuser = SpecFuse([a, b, c], segment_tokens=4, exit_rule=rule)
     params = [DecodeParams(max_new_tokens=40), DecodeParams(max_new_tokens=23)]
     both = fuser.generate(["p0", "p1"], params)
     alone = [fuser.generate([p], q)[0] for p, q in zip(["p0", "p1"], params)]
     assert [o.text for o in both] == [o.text for o in alone] == [T[:40], T[:23]]
-    assert [[s.exit_round for s in o.member_stats] for o in both] == [[None, None, 3], [3, None, None]]
+    assert [[s.exit_round for s in o.member_stats] for o in both] == [[None, None, k], [k, None, None]]
     assert [[s.calls for s in o.member_stats] for o in both] == [[s.calls for s in o.member_stats] for o in alone]
     # on p1 the main member (A) exited: the budget is still counted in its tokens
     assert both[1].token_count == 23 and both[1].finish_reason.value == "length"
@@ -298,9 +300,9 @@ def test_label_is_one_verification_round():
         ({"weights": [1.0]}, "weights must have one entry per member (2), got [1.0]"),
         ({"weights": [0.5, 0.6]}, "weights must sum to 1"),
         ({"exit": "yes"}, "exit must be a bool, got 'yes'"),
-        ({"exit_rule": "legacy"}, "exit_rule must be one of ('rank', 'softmax'), got 'legacy'"),
+        ({"exit_rule": "legacy"}, "exit_rule must be one of ('rank', 'softmax', 'lead'), got 'legacy'"),
         ({"exit_window": 0}, "exit_window must be an integer >= 1, got 0"),
-        ({"exit_alpha": 1.5}, "exit_alpha must be in [0, 1], got 1.5"),
+        ({"exit_alpha": 1.5}, "exit_alpha must be None or in [0, 1], got 1.5"),
         ({"self_score": 1}, "self_score must be a bool, got 1"),
         ({"max_rounds": 0}, "max_rounds must be None or an integer >= 1, got 0"),
     ],

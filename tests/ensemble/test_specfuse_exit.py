@@ -1,4 +1,4 @@
-"""SpecFuse model exit, rule 'rank' (the default) and the verification ablation without self-scores,
+"""SpecFuse model exit, rules 'lead' and 'rank', and the verification ablation without self-scores,
 on the scripted fake members of tests/ensemble/test_specfuse.py (docs/algorithms.md, SpecFuse)."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_the_default_rule_is_rank_and_its_settings_are_hashed():
 
 def test_exit_fires_for_an_always_last_member_and_it_makes_no_more_calls():
     a, b, c = trio()  # C's draft (U) ranks last every round
-    out = SpecFuse([a, b, c], segment_tokens=4).generate(["p0"], LONG)[0]
+    out = SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank").generate(["p0"], LONG)[0]
     sa, sb, sc = out.member_stats
     assert out.text == T[:40]
     # three last places out of three among three members: p = 1/27 <= 0.1
@@ -38,18 +38,34 @@ def test_exit_fires_for_an_always_last_member_and_it_makes_no_more_calls():
     assert sum(1 for m, ps in c.log if m == "feed" and "p0" in ps) <= 3 * 4 + 2
 
 
+def test_lead_exit_fires_for_an_always_beaten_member_and_it_makes_no_more_calls():
+    a, b, c = trio()  # A's draft (T) wins every round (B's equal draft ties it, so B is never beaten); C's loses
+    out = SpecFuse([a, b, c], segment_tokens=4, exit_rule="lead").generate(["p0"], LONG)[0]
+    sa, sb, sc = out.member_stats
+    assert out.text == T[:40]
+    # two rounds won by A over C out of two, three members: p = 2 * (1/3)**2 = 2/9 <= 0.3 (the default level)
+    assert sc.exit_round == sc.rounds_active == 2 and sc.accepted == 0 and sa.exit_round is None is sb.exit_round
+    assert sc.calls == 2 * 2 and sa.calls == 2 * sa.rounds_active and sa.rounds_active > 2
+    assert c.calls("rewind", "p0") == 2 and c.calls("score", "p0") == 2
+    # at alpha 0.2 it takes three rounds (p = 2/27)
+    assert SpecFuse([a, b, c], segment_tokens=4, exit_rule="lead", exit_alpha=0.2).generate(
+        ["p0"], LONG)[0].member_stats[2].exit_round == 3
+
+
+@pytest.mark.parametrize("rule", ["rank", "lead"])
 @pytest.mark.parametrize("fingerprints", [("fake", "fake", "fake"), ("fake", "other", "third")])
-def test_identical_members_never_exit(fingerprints):
+def test_identical_members_never_exit(fingerprints, rule):
     members = [Scripted(name, {"p": [(T, 0.6), (U, 0.2)]}, fingerprint=f) for name, f in zip("ABC", fingerprints)]
-    # the most eager settings: any last place would exit at once, yet identical members never rank last
-    fuser = SpecFuse(members, segment_tokens=4, exit_window=1, exit_alpha=1.0, exit_min_rounds=1)
+    # the most eager settings: any last place or defeat would exit at once, yet identical members tie
+    fuser = SpecFuse(members, segment_tokens=4, exit_rule=rule, exit_window=1, exit_alpha=1.0, exit_min_rounds=1)
     out = fuser.generate(["p"], LONG)[0]
     assert out.text == T[:40] and out.member_stats[0].rounds_active >= 10
     for s in out.member_stats:
         assert s.exit_round is None and s.rounds_active == out.member_stats[0].rounds_active
 
 
-@pytest.mark.parametrize("rule, patched", [("rank", "rank_exit_mask"), ("softmax", "exit_mask")])
+@pytest.mark.parametrize("rule, patched", [("rank", "rank_exit_mask"), ("lead", "lead_exit_mask"),
+                                           ("softmax", "exit_mask")])
 def test_a_member_never_exits_in_the_round_it_won(monkeypatch, rule, patched):
     """A rule that would remove every member: the round's winner stays, under either rule."""
     monkeypatch.setattr(specfuse_module, patched, lambda q, *_: [True] * len(q))
@@ -68,13 +84,13 @@ def test_a_member_never_exits_in_the_round_it_won(monkeypatch, rule, patched):
 ])
 def test_window_and_alpha(settings, exit_round):
     a, b, c = trio()
-    out = SpecFuse([a, b, c], segment_tokens=4, **settings).generate(["p0"], LONG)[0]
+    out = SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank", **settings).generate(["p0"], LONG)[0]
     assert out.member_stats[2].exit_round == exit_round and out.text == T[:40]
 
 
 def test_rows_are_independent():
     a, b, c = trio()
-    fuser = SpecFuse([a, b, c], segment_tokens=4)
+    fuser = SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank")
     params = [DecodeParams(max_new_tokens=40), DecodeParams(max_new_tokens=23)]
     both = fuser.generate(["p0", "p1"], params)
     alone = [fuser.generate([p], q)[0] for p, q in zip(["p0", "p1"], params)]
@@ -92,5 +108,5 @@ def test_without_self_scores_a_member_cannot_vote_its_own_draft_in():
     out = SpecFuse([a, b, c], self_score=False, **kw).generate(["p0"], DecodeParams(max_new_tokens=17))[0]
     assert out.text == T[:17] and out.member_stats[2].accepted == 0
     # with even weights the trio agrees either way
-    even = SpecFuse([a, b, c], segment_tokens=4, self_score=False).generate(["p0"], LONG)[0]
+    even = SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank", self_score=False).generate(["p0"], LONG)[0]
     assert even.text == T[:40] and even.member_stats[2].exit_round == 3

@@ -198,6 +198,8 @@ def _other_value(cls, f: dataclasses.Field):
         return next(c for c in f.metadata["choices"] if c != (d.value if isinstance(d, Enum) else d))
     if f.name == "weights":
         return (0.5, 0.5)
+    if f.name == "exit_alpha":  # None: the exit rule's own level
+        return 0.05
     if isinstance(d, bool):
         return not d
     if isinstance(d, int):
