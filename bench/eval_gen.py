@@ -137,6 +137,7 @@ def summarise(rows: dict[str, dict], task: str) -> dict:
         "calls_per_token": sum(r["calls"] for r in rows.values()) / tokens if tokens else None,
         "tokens_per_item": tokens / len(rows),
         "ms_per_item": statistics.fmean(r["ms"] for r in rows.values()),
+        "ms_per_token": sum(r["ms"] for r in rows.values()) / tokens if tokens else None,
         "distinct2": _mean([r["distinct2"] for r in rows.values()]),
         "fused_share": _mean([r["fused_share"] for r in rows.values()]),
         "rows_with_exit": statistics.fmean(float(r["exits"] > 0) for r in rows.values()),
@@ -151,6 +152,8 @@ def compare(results: dict[str, dict], scores: dict[str, dict[str, dict]], task: 
             d, lo, hi = paired_bootstrap([scores[name][i][k] for i in ids], [scores[best][i][k] for i in ids])
             res[f"{k}_vs_best"] = {"diff": d, "lo": lo, "hi": hi}
         res["time_ratio"] = res["ms_per_item"] / results[best]["ms_per_item"]
+        base = results[best]["ms_per_token"]
+        res["token_time_ratio"] = res["ms_per_token"] / base if base and res["ms_per_token"] is not None else None
 
 
 # ---------------------------------------------------------------- running
@@ -185,7 +188,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Generation evaluation, split **{s['split']}**" + (" (sampled)" if s["sampled"] else ""), "",
              f"Command: `{report['command']}`. Code {report['code']}. Members alone and ensembles over the trio "
              f"({', '.join(TRIO)}); DeePEn main member: {s['main']}. Time ratio: time per item / the best member's "
-             "(one machine, runs at different times: ratios are indicative). Calls per token: member calls "
+             "(one machine, runs at different times: ratios are indicative); time/token ratio: the same per generated token. Calls per token: member calls "
              "(summed over members) per generated token.", ""]
     for task, res in report["tasks"].items():
         best = report["best"][task]
@@ -193,16 +196,17 @@ def markdown(report: dict) -> str:
         lines += [f"## {task} ({res[best]['n']} items, {TASK_BUDGET[task]} new tokens; best member: {best}"
                   f" ({report['best_source']}))", "",
                   "| system | " + " | ".join(f"{k} | {k} vs best [95% CI]" for k in ms)
-                  + " | calls/token | tokens/item | time ratio | fused share | rows with exit"
+                  + " | calls/token | tokens/item | time ratio | time/token ratio | fused share | rows with exit"
                   + (" | distinct-2" if s["sampled"] else "") + " | errors |",
-                  "|---" * (2 * len(ms) + 7 + (1 if s["sampled"] else 0)) + "|"]
+                  "|---" * (2 * len(ms) + 8 + (1 if s["sampled"] else 0)) + "|"]
         for name, r in res.items():
             cells = []
             for k in ms:
                 d = r[f"{k}_vs_best"]
                 cells += [f"{100 * r[k]:.1f}", f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"]
             cells += [_fmt(r["calls_per_token"], "{:.2f}"), f"{r['tokens_per_item']:.1f}", f"{r['time_ratio']:.2f}",
-                      _fmt(r["fused_share"], "{:.2f}"), f"{r['rows_with_exit']:.2f}"]
+                      _fmt(r["token_time_ratio"], "{:.2f}"), _fmt(r["fused_share"], "{:.2f}"),
+                      f"{r['rows_with_exit']:.2f}"]
             if s["sampled"]:
                 cells.append(_fmt(r["distinct2"], "{:.3f}"))
             cells.append(str(r["errors"]))

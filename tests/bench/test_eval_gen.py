@@ -70,7 +70,8 @@ def test_compare_gives_paired_differences_and_time_ratios_to_the_best_member():
     assert results["ens"]["time_ratio"] == 3.0 and results["qwen"]["f1_vs_best"]["diff"] == 0.0
     md = eg.markdown({"settings": {"split": "dev", "sampled": False, "main": "qwen"}, "command": "c", "code": "x",
                       "tasks": {"halueval_qa": results}, "best": {"halueval_qa": best}, "best_source": "s"})
-    assert "| ens | 100.0 | +25.0 [" in md and "| 3.00 |" in md
+    assert "| ens | 100.0 | +25.0 [" in md and "| 3.00 | 3.00 |" in md
+    assert results["ens"]["token_time_ratio"] == 3.0
 
 
 def test_counts_are_validated():
