@@ -296,12 +296,12 @@ class SpecFuseConfig:
     """L: the most tokens a member drafts per round (5-15 is the useful range)."""
     exit: bool = True
     """Model exit on or off."""
-    exit_rule: str = knob("rank", choices=EXIT_RULES)
-    """Model-exit rule (docs/algorithms.md): 'rank' exits a member whose candidate ranked last
-    significantly more often than 1/n in its last exit_window rounds while winning none of them
-    (exit_alpha); 'lead' exits a member that won none of its last exit_window rounds while one other
-    member beat it in enough of them (exit_alpha); 'softmax' is the legacy rule (exit_delta,
-    exit_min_temperature), which rarely fires."""
+    exit_rule: str = knob("lead", choices=EXIT_RULES)
+    """Model-exit rule (docs/algorithms.md): 'lead' (default) exits a member that won none of its last
+    exit_window rounds while one other member beat it in enough of them (exit_alpha); 'rank' exits a
+    member whose candidate ranked last significantly more often than 1/n in those rounds while winning
+    none of them (exit_alpha); 'softmax' is the legacy rule (exit_delta, exit_min_temperature), which
+    rarely fires."""
     exit_window: int = 4
     """Rules 'rank' and 'lead': the member's last rounds the test looks at (>= 1)."""
     exit_alpha: float | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ensemble import DecodeParams
-from ensemble.config import SpecFuseConfig, hashed_fields
+from ensemble.config import EXIT_ALPHA, SpecFuseConfig, hashed_fields
 from ensemble.fusers import specfuse as specfuse_module
 from ensemble.fusers.specfuse import SpecFuse
 from jobs.cli import parse_config
@@ -14,9 +14,10 @@ from tests.ensemble.test_specfuse import T, U, Scripted, trio
 LONG = DecodeParams(max_new_tokens=40)
 
 
-def test_the_default_rule_is_rank_and_its_settings_are_hashed():
+def test_the_default_rule_is_lead_and_its_settings_are_hashed():
     cfg = SpecFuseConfig()
-    assert (cfg.exit, cfg.exit_rule, cfg.self_score) == (True, "rank", True)
+    assert (cfg.exit, cfg.exit_rule, cfg.exit_alpha, cfg.self_score) == (True, "lead", None, True)
+    assert EXIT_ALPHA == {"rank": 0.1, "lead": 0.3}  # the level each window rule uses at exit_alpha None
     assert {"exit_rule", "exit_window", "exit_alpha", "self_score"} <= set(hashed_fields(cfg))
     got = parse_config(["--input", "i", "--output", "o", "--method", "specfuse", "--members", "a", "b",
                         "--exit-rule", "softmax", "--exit-window", "6", "--exit-alpha", "0.05",
