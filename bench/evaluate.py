@@ -300,7 +300,8 @@ def parse_extra(items: list[str]) -> dict[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=tasks.TASKS)
+    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
+                    choices=(*tasks.LABEL_TASKS, "gsm8k"))  # HaluEval-QA and IFEval: bench/eval_gen.py
     ap.add_argument("--n-label", type=int, default=100, help="items per labeling task (fixed subset)")
     ap.add_argument("--n-gen", type=int, default=20, help="GSM8K items")
     ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per GSM8K item")

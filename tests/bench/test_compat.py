@@ -71,7 +71,7 @@ def test_task_subsets_are_fixed_and_disjoint():
             assert r["prompt"].strip() and r["gold"]
             if task in tasks.LABEL_TASKS:
                 assert r["gold"] in r["choices"]
-            else:  # GSM8K: the gold is a number, and an answer stating it is scored correct
+            elif task == "gsm8k":  # the gold is a number, and an answer stating it is scored correct
                 assert tasks.final_number(r["gold"]) and tasks.gsm8k_correct(f"The answer is {r['gold']}.", r["gold"])
     with pytest.raises(ValueError, match="task must be one of"):
         tasks.load("nope", 1)
