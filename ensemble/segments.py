@@ -57,8 +57,12 @@ when it won none of the m rounds, h >= 1, and the p-value is <= ``alpha``. The g
 rank rule's: a fixed window, a member never exits in a round it won, the last active member never
 exits. With three members at alpha 0.3 (its level in ``ensemble.config.EXIT_ALPHA``), one other
 member winning 2 of its first 2 rounds (p = 2/9), 2 of 3 (p = 8/27) or 2 of 4 (p = 22/81) removes it;
-with two members, two straight defeats (p = 1/4). At that level this is a pruning rule, not a
-significance claim: members no worse than the others meet it often (docs/algorithms.md).
+with two members, two straight defeats (p = 1/4). In plain words, at the defaults (window 4, alpha
+0.3, exit_min_rounds 2) with three members and no round tied with the winner: at round 2 a member
+exits when it lost both rounds to the same member, and from round 3 on exactly when it won none of
+its last 3 or 4 rounds (another member then won >= 2 of them: p <= 8/27). At that level this is a
+pruning rule, not a significance claim: members no worse than the others meet it often
+(docs/algorithms.md).
 
 Model exit, rule 'softmax' (the legacy rule, selectable; evaluated at the same rounds):
 ``Q_i`` is member i's cumulative quality, the sum over rounds of its candidate's final score. Over

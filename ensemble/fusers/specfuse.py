@@ -71,7 +71,7 @@ from typing import Sequence
 
 import torch
 
-from ensemble.config import (EXIT_ALPHA, DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
+from ensemble.config import (DecodeParams, SpecFuseConfig, check_batch_tokens, normalise_weights,
                              per_row)
 from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, LabelOutput, MemberStats, encode_prompts,
                                   fit_prompts, in_groups, label_output)
@@ -347,13 +347,16 @@ class SpecFuse(ConfiguredFuser):
     def _exits(self, row: _Row, act: list[int]) -> list[bool]:
         """Which of the row's active members ``act`` the configured exit rule removes now."""
         cfg = self.config
-        if cfg.exit_rule in EXIT_ALPHA:
-            alpha = EXIT_ALPHA[cfg.exit_rule] if cfg.exit_alpha is None else cfg.exit_alpha
-            mask = rank_exit_mask if cfg.exit_rule == "rank" else lead_exit_mask
-            return mask([row.outcomes[i] for i in act], cfg.exit_window, alpha)
-        if cfg.exit_delta == 0:
-            return [False] * len(act)
-        return exit_mask([row.quality[i] for i in act], cfg.exit_delta, cfg.exit_min_temperature)
+        if cfg.exit_rule == "softmax":
+            if cfg.exit_delta == 0:
+                return [False] * len(act)
+            return exit_mask([row.quality[i] for i in act], cfg.exit_delta, cfg.exit_min_temperature)
+        masks = {"rank": rank_exit_mask, "lead": lead_exit_mask}  # the window rules (looked up per call)
+        mask = masks.get(cfg.exit_rule)
+        if mask is None:
+            raise ValueError(f"exit_rule {cfg.exit_rule!r} has no exit mask (known: 'softmax', "
+                             f"{', '.join(map(repr, masks))})")
+        return mask([row.outcomes[i] for i in act], cfg.exit_window, cfg.exit_level)
 
     def _extend(self, i: int, row: _Row, winner: _Candidate) -> tuple[int, list[int]]:
         """Bring member i's token track to the new response; return (rollback, new ids) to feed."""

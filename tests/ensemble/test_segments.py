@@ -1,4 +1,5 @@
 """SpecFuse math (ensemble/segments.py): trimming, scoring, ranking, the exit rule."""
+import itertools
 import math
 
 import pytest
@@ -235,6 +236,21 @@ def test_lead_exit_rule():
     # alpha 0 never; one member: nobody
     assert lead_exit_mask(_lead("02", "02", "02"), 4, 0.0) == [False, False, False]
     assert lead_exit_mask(_lead("0", "0", n=1), 4, 1.0) == [False]
+
+
+def test_lead_rule_at_the_defaults_with_three_members_in_plain_words():
+    """docs/algorithms.md: at window 4, alpha 0.3, three members and no ties with the winner, a member
+    exits at round 2 when it lost both rounds to the same member, and from round 3 on when it won none
+    of its last 3 or 4 rounds (checked over every sequence of round winners)."""
+    for t in range(2, 8):
+        for winners in itertools.product(range(3), repeat=t):
+            hist: list[list[Outcome]] = [[] for _ in range(3)]
+            for w in winners:
+                for i, o in enumerate(round_outcomes([0.5 if k == w else 0.25 for k in range(3)], w)):
+                    hist[i].append(o)
+            recent = winners[-4:]
+            plain = [i not in recent and (t > 2 or recent[0] == recent[1]) for i in range(3)]
+            assert lead_exit_mask(hist, 4, 0.3) == plain, winners
 
 
 def test_lead_exit_rule_does_not_depend_on_the_answer_length():

@@ -25,6 +25,23 @@ def test_the_default_rule_is_lead_and_its_settings_are_hashed():
     assert got == SpecFuseConfig(exit_rule="softmax", exit_window=6, exit_alpha=0.05, self_score=False)
 
 
+def test_exit_alpha_levels_are_pinned_because_the_config_hash_does_not_see_them():
+    assert EXIT_ALPHA == {"rank": 0.1, "lead": 0.3}, (
+        "EXIT_ALPHA changed: exit_alpha None is hashed as None, so this changes SpecFuse outputs under an "
+        "unchanged config_hash; bump ensemble.config.OUTPUTS_VERSION, then update this test")
+    assert SpecFuseConfig().exit_level == 0.3 and SpecFuseConfig(exit_rule="rank").exit_level == 0.1
+    assert SpecFuseConfig(exit_alpha=0.05).exit_level == 0.05
+    assert SpecFuseConfig(exit_rule="softmax").exit_level is None
+
+
+def test_an_exit_rule_without_a_mask_raises_naming_it():
+    a, b, c = trio()
+    fuser = SpecFuse([a, b, c], segment_tokens=4, exit_min_rounds=1)
+    object.__setattr__(fuser.config, "exit_rule", "future")  # past validation, as a rule added to EXIT_RULES only
+    with pytest.raises(ValueError, match="'future'"):
+        fuser.generate(["p0"], LONG)
+
+
 def test_exit_fires_for_an_always_last_member_and_it_makes_no_more_calls():
     a, b, c = trio()  # C's draft (U) ranks last every round
     out = SpecFuse([a, b, c], segment_tokens=4, exit_rule="rank").generate(["p0"], LONG)[0]
