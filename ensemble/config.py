@@ -241,7 +241,8 @@ class DeePEnConfig:
     """Generation gate, in [0, 1]: a step is fused only where the main member's confidence (gate_on)
     is below this; elsewhere the main member's own token is emitted and the other members are not run
     (they catch up later, docs/algorithms.md). 1 fuses every step (DeePEn as published), 0 none (the
-    main member alone). Default 1: a gated default is still to be chosen on a dev split."""
+    main member alone). Default 1, chosen on a dev split (docs/results.md: no gate beat fusing
+    every step)."""
     gate_on: str = knob("top1", flag="--fuse-gate-on", choices=GATES)
     """The main member's confidence that fuse_below is compared with, from its own next-token
     distribution at temperature 1: 'top1' (the top-1 probability) or 'margin' (top-1 minus top-2)."""
