@@ -128,6 +128,6 @@ def test_eval_gen_runs_the_members_through_the_job(tmp_path):
     assert set(res) == {"smollm2", "qwen", "gemma"} and all(r["n"] == 2 and r["errors"] == 0 for r in res.values())
     for name, rows in rep["scores"]["halueval_qa"].items():
         assert res[name]["f1"] == pytest.approx(sum(r["f1"] for r in rows.values()) / 2)
-        assert all(r["tokens"] > 0 and r["calls"] > 0 for r in rows.values())
+        assert all(r["tokens"] > 0 and r["forwards"] > 0 for r in rows.values())
     assert res[rep["best"]["halueval_qa"]]["time_ratio"] == 1.0
     assert "| qwen |" in out.with_suffix(".md").read_text()
