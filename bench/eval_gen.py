@@ -179,9 +179,12 @@ def compare(results: dict[str, dict], scores: dict[str, dict[str, dict]], task: 
 
 # ---------------------------------------------------------------- running
 
-def build_rows(task: str, split: str, n: int | None) -> list[dict]:
+def build_rows(task: str, split: str, n: int | None, skip: int = 0) -> list[dict]:
+    """Items ``skip`` .. ``skip + n - 1`` of the task's split (all after ``skip`` when ``n`` is None)."""
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
     return [{"id": f"{task}/{r['id']}", "task": task, "prompt": r["prompt"], "gold": r["gold"]}
-            for r in tasks.load_split(task, split, n)]
+            for r in tasks.load_split(task, split, None if n is None else skip + n)[skip:]]
 
 
 def run(system: System, task: str, rows: list[dict], work: Path, batch_size: int, sampled: bool,
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=tasks.SPLITS, default="dev")
     ap.add_argument("--tasks", nargs="+", choices=sorted(TASK_BUDGET), default=list(TASK_BUDGET))
     ap.add_argument("--n", type=int, default=100, help="items per task (the first n of the split)")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the split's first SKIP items (a replication on items not seen yet)")
     ap.add_argument("--n-task", nargs="*", default=[], metavar="TASK=N", help="items for one task")
     ap.add_argument("--systems", nargs="*", default=None, help="names of systems to run (default all)")
     ap.add_argument("--main", choices=sorted(MEMBERS), default=None, help="DeePEn's main member")
@@ -316,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
               "best_source": "best on dev" if dev_best else "best on this split"}
     t0 = time.perf_counter()
     for task, table in todo.items():
-        rows = build_rows(task, args.split, counts[task])
+        rows = build_rows(task, args.split, counts[task], args.skip)
         scores = {n: per_row(run(system, task, rows, work, args.batch_size, args.sampled, args.fresh), rows, task)
                   for n, system in table.items()}
         results = {n: summarise(sc, task) for n, sc in scores.items()}

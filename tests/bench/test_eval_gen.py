@@ -131,3 +131,13 @@ def test_eval_gen_runs_the_members_through_the_job(tmp_path):
         assert all(r["tokens"] > 0 and r["forwards"] > 0 for r in rows.values())
     assert res[rep["best"]["halueval_qa"]]["time_ratio"] == 1.0
     assert "| qwen |" in out.with_suffix(".md").read_text()
+
+
+def test_skip_gives_the_next_items_of_the_split_disjoint_from_the_first():
+    first = eg.build_rows("halueval_qa", "test", 5)
+    later = eg.build_rows("halueval_qa", "test", 3, skip=5)
+    both = eg.build_rows("halueval_qa", "test", 8)
+    assert [r["id"] for r in first + later] == [r["id"] for r in both]
+    assert not {r["id"] for r in first} & {r["id"] for r in later}
+    with pytest.raises(ValueError, match="skip must be >= 0, got -1"):
+        eg.build_rows("halueval_qa", "test", 3, skip=-1)
