@@ -268,8 +268,10 @@ def dev_report(path: Path | None, what: str, task_names: list[str]) -> dict[str,
     return report["best"]
 
 
-def plan(args: argparse.Namespace, mains: dict[str, str]) -> dict[str, dict[str, System]]:
-    """Per task, the systems to run, checked before any job starts."""
+def plan(args: argparse.Namespace, mains: dict[str, str], dev_best: dict[str, str] | None = None
+         ) -> dict[str, dict[str, System]]:
+    """Per task, the systems to run, checked before any job starts: the comparison needs the best
+    member on dev (``dev_best``) or, without a dev report, every member."""
     if args.main and args.main_from:
         raise SystemExit("give --main or --main-from, not both")
     out = {}
@@ -281,8 +283,9 @@ def plan(args: argparse.Namespace, mains: dict[str, str]) -> dict[str, dict[str,
         if unknown:
             raise SystemExit(f"unknown systems {unknown} (DeePEn's need --main or --main-from, the gated one "
                              f"--fuse-below); known: {list(table)}")
-        if not all(m in names for m in MEMBERS):
-            raise SystemExit(f"{task}: the comparison needs every member {list(MEMBERS)} among the systems, got {names}")
+        need = [dev_best[task]] if dev_best else list(MEMBERS)
+        if not all(m in names for m in need):
+            raise SystemExit(f"{task}: the comparison needs {need} among the systems, got {names}")
         out[task] = {n: table[n] for n in names}
     return out
 
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {t: args.n for t in args.tasks} | parse_counts(args.n_task)
     dev_best = dev_report(args.best_from, "--best-from", args.tasks)
     mains = dev_report(args.main_from, "--main-from", args.tasks)
-    todo = plan(args, mains)
+    todo = plan(args, mains, dev_best)
     work = args.work / (args.split + ("-sampled" if args.sampled else ""))
     report = {"settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                            "main": args.main or mains},

@@ -104,8 +104,13 @@ def test_settings_come_from_a_dev_report_and_are_checked_before_any_run(tmp_path
         return argparse.Namespace(**{**base, **kw})
     assert set(eg.plan(args(), {"ifeval": "gemma"})["ifeval"]) == {
         "smollm2", "qwen", "gemma", "specfuse exit", "specfuse no-exit", "deepen ungated (gemma)"}
-    with pytest.raises(SystemExit, match="needs every member"):
+    with pytest.raises(SystemExit, match=r"needs \['smollm2', 'qwen', 'gemma'\]"):
         eg.plan(args(systems=["qwen", "specfuse exit"]), {})
+    # with the best member on dev, that member alone is the comparison's baseline
+    assert set(eg.plan(args(systems=["qwen", "specfuse exit"]), {}, {"ifeval": "qwen"})["ifeval"]) == {
+        "qwen", "specfuse exit"}
+    with pytest.raises(SystemExit, match=r"needs \['gemma'\]"):
+        eg.plan(args(systems=["qwen", "specfuse exit"]), {}, {"ifeval": "gemma"})
     with pytest.raises(SystemExit, match=r"unknown systems \['deepen gated \(qwen\)'\]"):
         eg.plan(args(main="qwen", systems=["smollm2", "qwen", "gemma", "deepen gated (qwen)"]), {})
     with pytest.raises(SystemExit, match="not both"):
