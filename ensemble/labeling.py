@@ -22,15 +22,22 @@ mean). The gate (:func:`gate`) keeps the main member's posterior for a row when 
 posteriors, so with the ``linear`` pool (not ``loglinear``) its label can change with the temperature,
 and the gate's margins are read after it.
 
+With ``LabelParams.priors`` (a per-member prior correction estimated on a dev set,
+``ensemble/priors.py``), the posterior a fuser pools, gates and labels with is :func:`label_posterior`:
+the prior of the row's choices divided out of the scores before the temperature; a member's own
+``choice_probs`` in its statistics stay :func:`posterior` (uncorrected). Without priors the two are
+the same computation.
+
 Continuation token ids themselves come from ``ensemble.scoring`` (it needs the members).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ensemble.config import POOLS, check_choice, knob
+from ensemble.priors import ChoicePriors, correct_log
 
 CHOICE_NORMS = ("sum", "token", "char", "pmi")
 """Normalisations of a choice's summed log-probability (see the module docstring)."""
@@ -66,6 +73,11 @@ class LabelParams:
     """Posterior temperature (> 0): every posterior is softmax(scores / temperature), the members' and
     the fused one, so SpecFuse pools tempered posteriors; > 1 flattens over-confident probabilities.
     ``jobs.calibrate`` fits it on a dev set (docs/jobs.md, "Calibration")."""
+    priors: ChoicePriors | None = knob(None, flag="--choice-priors", group=LABEL_GROUP, hashed=False)
+    """Prior correction (ensemble/priors.py): per member, its mean dev posterior per choice, divided out of
+    its posterior (and DeePEn's fused one) before pooling and the gate; a JSON file of priors or a
+    profile holding them (jobs.calibrate estimates them on dev); none: off. config_hash covers them
+    when set (jobs/config.py)."""
 
     def __post_init__(self) -> None:
         check_choice(self, "norm")
@@ -79,6 +91,28 @@ class LabelParams:
                 raise ValueError(f"gate must be None or a number in [0, 1], got {g!r}")
             object.__setattr__(self, "gate", float(g))
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        if isinstance(self.priors, Mapping):
+            object.__setattr__(self, "priors", ChoicePriors.from_mapping(self.priors))
+        elif self.priors is not None and not isinstance(self.priors, ChoicePriors):
+            raise ValueError(f"priors must be None, a ChoicePriors or its mapping, got {self.priors!r}")
+        if self.priors is not None and self.priors.norm != self.norm:
+            raise ValueError(f"priors were estimated under norm {self.priors.norm!r}, but norm is {self.norm!r}")
+
+    def prior(self, choices: Sequence[str], member: int | None) -> list[float] | None:
+        """The prior of a row's choices: member ``member``'s (job order), or with None DeePEn's fused
+        one; None without priors (or without a fused table). Uncovered choices raise
+        ``ensemble.priors.UncoveredChoice``, naming the value."""
+        if self.priors is None:
+            return None
+        if member is None:
+            return None if self.priors.fused is None else self.priors.row_prior(self.priors.fused, choices)
+        return self.priors.member_prior(member, choices)
+
+    def check_priors(self, choices: Sequence[Sequence[str]], n_members: int) -> None:
+        """With priors: refuse a member count they were not estimated for, or a row they do not cover
+        (before any model call); nothing without priors."""
+        if self.priors is not None:
+            self.priors.check(choices, n_members)
 
     def with_(self, **changes) -> "LabelParams":
         """A copy with some fields changed (validated again)."""
@@ -145,6 +179,14 @@ def posterior(s: ChoiceScores, norm: str, temperature: float = 1.0) -> list[floa
     return temper(log_scores(s, norm), temperature)
 
 
+def label_posterior(s: ChoiceScores, params: LabelParams, prior: Sequence[float] | None = None) -> list[float]:
+    """The posterior a label is decided on: :func:`posterior` under ``params``, or with ``prior`` (the
+    row's, from :meth:`LabelParams.prior`) softmax((scores - log prior) / temperature)."""
+    if prior is None:
+        return posterior(s, params.norm, params.temperature)
+    return temper(correct_log(log_scores(s, params.norm), prior), params.temperature)
+
+
 def temper(scores: Sequence[float], temperature: float) -> list[float]:
     """softmax(scores / temperature) over log-domain scores (a posterior's logarithms give the same
     result as its scores: softmax ignores a shift). -inf (a probability of 0) counts as the log of the
@@ -203,4 +245,4 @@ def best(probs: Sequence[float]) -> int:
 
 
 __all__ = ["CHOICE_NORMS", "ChoiceScores", "LabelParams", "POOLS", "best", "check_temperature", "gate", "gated_pool",
-           "log_scores", "margin", "pool", "posterior", "softmax", "temper"]
+           "label_posterior", "log_scores", "margin", "pool", "posterior", "softmax", "temper"]

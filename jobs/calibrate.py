@@ -21,7 +21,10 @@ pooled ones for SpecFuse, the fused ones for DeePEn, the member's for a single m
 gate, which is then chosen on the tempered posteriors (a gate of 0 keeps the main member's answer on
 every row: the temperature is then refitted on its posteriors, which changes no label); the summary
 reports the dev NLL and expected calibration error at temperature 1 and at the fitted one
-(``--no-temperature``: keep 1).
+(``--no-temperature``: keep 1). The per-member prior correction (ensemble/priors.py) is estimated on
+dev and kept only when its 2-fold cross-fitted dev accuracy beats off (jobs/calibration.py; before
+the temperature and the gate, which are then chosen on the corrected posteriors; DeePEn's fused prior
+comes from its own cached dev labels; ``--no-priors``: off).
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from pathlib import Path
 from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
 from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
-                              choose_pool, label_ece, member_report, pairwise_agreement, pooled, posteriors,
-                              select_members, temperature_record, tempered)
+                              choose_pool, corrected_logs, decide_priors, fit_priors, label_ece, member_report,
+                              pairwise_agreement, pooled, posteriors, select_members, temperature_record, tempered)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
 from jobs.devset import read_dev
 from jobs.profiles import Profile
@@ -48,9 +51,11 @@ DEEPEN_DEV_LIMIT = 200
 
 def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt: Runtime = Runtime(),
               label: LabelParams = LabelParams(), gap: float | None = DROP_GAP,
-              deepen_dev_limit: int | None = DEEPEN_DEV_LIMIT, fit_temperature: bool = True) -> Profile:
+              deepen_dev_limit: int | None = DEEPEN_DEV_LIMIT, fit_temperature: bool = True,
+              priors: bool = True) -> Profile:
     """Score, decide, write ``output`` (the profile) and return it. ``gap`` None keeps every member;
-    ``fit_temperature`` False keeps the posterior temperature at 1."""
+    ``fit_temperature`` False keeps the posterior temperature at 1; ``priors`` False leaves the prior
+    correction off without trying it."""
     if method not in ENSEMBLES:
         raise ValueError(f"method must be one of {ENSEMBLES}, got {method!r}")
     if not members or len(set(members)) != len(members):
@@ -65,6 +70,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
         log.warning("%d of %d dev rows could not be scored by every member and are left out",
                     len(dev.rows) - len(rows), len(dev.rows))
     golds = [r.gold for r in rows]
+    sets = [r.choices for r in rows]
     chance = sum(1 / len(r.choices) for r in rows) / len(rows)
     scores = {m: [raw[m][r.id] for r in rows] for m in members}
     reports = {m: member_report(scores[m], golds) for m in members}
@@ -83,12 +89,20 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     logs = {m: [log_scores(s, norm) for s in scores[m]] for m in members}
     chosen: dict = {"norm": {n: sum(r[n]["accuracy"] for r in reports.values()) / len(reports) for n in reports[main]},
                     "main_accuracy": reports[main][norm]["accuracy"]}
-    pool_kind = None
+    pool_kind, fitted, fused = None, None, None
+
+    def correct_members(order: list[str]) -> None:  # the priors on: every dev row's scores corrected
+        nonlocal fitted
+        fitted = fit_priors([logs[m] for m in order], sets, norm, order, fused)
+        logs.update({m: corrected_logs(logs[m], sets, fitted.tables[i], fitted.keys) for i, m in enumerate(order)})
+
     if len(kept) < 2:
         if len(members) > 1:
             log.warning("only %s survives the drop rule: the profile is method single (an ensemble is not "
                         "expected to beat it on this dev set)", main)
         final, order, weights, main_idx, gate = "single", [main], None, 0, None
+        if priors and _decide(chosen, [logs[main]], sets, golds, lambda x: [best(p) for p in x[0]]):
+            correct_members(order)
         temperature, chosen["temperature"] = temperature_record(lambda t: tempered(logs[main], t), golds, grid,
                                                                 f"{main}'s posteriors")
     else:
@@ -99,6 +113,12 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
         if method == "specfuse":
             member_logs = [logs[m] for m in order]
             pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
+            t0, k0 = records[pool_kind]["temperature"], pool_kind
+            if priors and _decide(chosen, member_logs, sets, golds,
+                                  lambda x: [best(p) for p in pooled([tempered(m, t0) for m in x], weights, k0)]):
+                correct_members(order)
+                member_logs = [logs[m] for m in order]
+                pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
             temperature, chosen["temperature"] = records[pool_kind]["temperature"], records[pool_kind]
             ens_probs = pooled([tempered(x, temperature) for x in member_logs], weights, pool_kind)
             gate_rows, main_posts = golds, tempered(logs[main], temperature)
@@ -111,6 +131,11 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
             # the cached fused probabilities (temperature 1): their logs temper exactly as the fused scores
             fused_logs = [[math.log(q) if q > 0 else -math.inf for q in probs[rows[i].id]] for i in idx]
             gate_rows = [golds[i] for i in idx]
+            if priors and _decide(chosen, [fused_logs], [sets[i] for i in idx], gate_rows,
+                                  lambda x: [best(p) for p in x[0]]):
+                fused = (fused_logs, [sets[i] for i in idx])
+                correct_members(order)
+                fused_logs = corrected_logs(fused_logs, fused[1], fitted.fused, fitted.keys)
             temperature, chosen["temperature"] = temperature_record(lambda t: tempered(fused_logs, t), gate_rows,
                                                                     grid, "DeePEn's fused probabilities")
             ens_probs = tempered(fused_logs, temperature)
@@ -133,7 +158,8 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     profile = Profile(method=final, members=tuple(order), main=main_idx,
                       weights=None if weights is None else tuple(weights), choice_norm=norm,
                       neutral_context=label.neutral_context, target_delimiter=label.target_delimiter, gate=gate,
-                      label_pool=pool_kind, temperature=temperature, requested_method=method, dropped=dropped,
+                      label_pool=pool_kind, temperature=temperature, priors=fitted, requested_method=method,
+                      dropped=dropped,
                       dev={"path": dev.path, "sha256": dev.sha256, "rows": len(dev.rows), "scored": len(rows),
                            "chance": chance},
                       member_accuracy=reports, agreement=agreement, chosen_on=chosen)
@@ -141,6 +167,12 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     profile.save(output)
     log.info("%s", summary(profile))
     return profile
+
+
+def _decide(chosen: dict, sources, sets, golds, picks_of) -> bool:
+    """Whether the prior correction goes on (``jobs.calibration.decide_priors``), recorded in ``chosen``."""
+    on, chosen["priors"] = decide_priors(sources, sets, golds, picks_of)
+    return on
 
 
 def summary(p: Profile) -> str:
@@ -165,6 +197,16 @@ def summary(p: Profile) -> str:
                      f"{100 * r['ece_before']:.1f}% -> {100 * r['ece_after']:.1f}% ({ECE_BINS} bins of the top "
                      f"probability)" + (f"; ECE of the gated labels {100 * r['ece_gated']:.1f}%"
                                          if "ece_gated" in r else ""))
+    if "priors" in p.chosen_on:
+        r = p.chosen_on["priors"]
+        if "on" not in r:
+            lines.append(f"priors: off ({r['why']})")
+        else:
+            keyed = f"{r['keys']} choice texts" if r["keyed_by"] == "text" else "choice position"
+            lines.append(f"priors: {'on' if r['applied'] else 'off'}, keyed by {keyed}: 2-fold cross-fitted dev "
+                         f"accuracy {r['on']:.3f} with, {r['off']:.3f} without ("
+                         + ", ".join(f"fit on the {f['fit']} rows: {f['on']:.3f} vs {f['off']:.3f}" for f in r["folds"])
+                         + (f"; {r['uncovered']} held-out rows uncovered" if r["uncovered"] else "") + ")")
     if "pool" in p.chosen_on:
         lines.append(f"pool: {p.label_pool} (" + ", ".join(f"{k} {a:.3f}" for k, a in p.chosen_on["pool"].items()) + ")")
     if "gate" in p.chosen_on:
@@ -189,6 +231,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--no-drop", action="store_true", help="keep every member (no drop rule)")
     ap.add_argument("--no-temperature", action="store_true",
                     help="keep the posterior temperature at 1 (default: fitted on dev, see jobs/calibration.py)")
+    ap.add_argument("--no-priors", action="store_true",
+                    help="leave the prior correction off (default: on when its 2-fold cross-fitted dev accuracy "
+                         "beats off, see jobs/calibration.py)")
     ap.add_argument("--neutral-context", default=LabelParams.neutral_context, help="pmi's neutral prompt")
     ap.add_argument("--target-delimiter", default=LabelParams.target_delimiter,
                     help="put before a choice for completion-style members")
@@ -213,7 +258,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         label = LabelParams(neutral_context=args.neutral_context, target_delimiter=args.target_delimiter)
         calibrate(args.dev, args.members, args.method, args.output, rt=rt, label=label,
                   gap=None if args.no_drop else args.drop_gap, deepen_dev_limit=args.deepen_dev_limit or None,
-                  fit_temperature=not args.no_temperature)
+                  fit_temperature=not args.no_temperature, priors=not args.no_priors)
     except ValueError as exc:  # DevSetError included
         log.error("calibration refused: %s", exc)
         return 2

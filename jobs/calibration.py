@@ -25,7 +25,14 @@ The rules (each documented where it is applied):
 - the gate (:func:`choose_gate`): theta from :data:`GATE_GRID` (None: never keep the main member's
   answer, 0.0: always), the highest gated dev accuracy; ties go to the theta that keeps the main
   member's answer on more dev rows (cheaper: DeePEn skips the fused pass on those rows), then to the
-  smaller theta. The margins are read from the tempered posteriors, as the job reads them.
+  smaller theta. The margins are read from the tempered posteriors, as the job reads them;
+- the prior correction (:func:`decide_priors`, ensemble/priors.py): on only when its 2-fold
+  cross-fitted dev accuracy beats the accuracy without it: the dev rows at even positions and those at
+  odd positions are the two halves, the priors are estimated on one half and the other half labeled
+  with them, both ways (a held-out row a half's priors do not cover counts as wrong); the labels are
+  the ungated system's (the member's, SpecFuse's pool at its chosen kind and temperature, DeePEn's
+  fused ones), everything else fixed as chosen without priors. When on, the priors are estimated on
+  every dev row and the pool, temperature and gate are chosen again on the corrected posteriors.
 
 Expected calibration error (:func:`ece`) is the one ``bench/eval_label.py`` reports: confidence = the
 top label probability, :data:`ECE_BINS` equal-width bins.
@@ -34,9 +41,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ensemble.labeling import CHOICE_NORMS, POOLS, ChoiceScores, best, gate, pool, posterior, temper
+from ensemble.priors import ChoicePriors, UncoveredChoice, correct_log, estimate, keying, row_prior
 
 NORM_PREFERENCE = ("token", "char", "sum", "pmi")
 """Tie order of the normalisations: pmi last (it costs a second pass after the neutral context)."""
@@ -220,3 +228,70 @@ def choose_gate(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[
     accs = {g: accuracy(gated_picks(main_posts, ensemble_picks, g), golds) for g in grid}
     chosen = max(grid, key=lambda g: (accs[g], kept(g), -(math.inf if g is None else g)))
     return chosen, {str(g): a for g, a in accs.items()}
+
+
+# ---- prior correction -------------------------------------------------------------------------------
+def prior_table(logs: Sequence[Sequence[float]], choice_sets: Sequence[Sequence[str]],
+                keys: Sequence[str] | None) -> tuple[float, ...]:
+    """A prior table (``ensemble.priors.estimate``) from log-domain scores: their posteriors at temperature 1."""
+    return estimate([temper(x, 1.0) for x in logs], choice_sets, keys)
+
+
+def corrected_logs(logs: Sequence[Sequence[float]], choice_sets: Sequence[Sequence[str]], table: Sequence[float],
+                   keys: Sequence[str] | None) -> list[list[float]]:
+    """Each row's scores with ``table``'s prior divided out (``ensemble.priors.correct_log``)."""
+    return [correct_log(x, row_prior(table, keys, cs)) for x, cs in zip(logs, choice_sets)]
+
+
+def cross_fit_priors(sources: Sequence[Sequence[Sequence[float]]], choice_sets: Sequence[Sequence[str]],
+                     golds: Sequence[int], picks_of: Callable[[list[list[list[float]]]], list[int]]) -> dict[str, Any]:
+    """The 2-fold cross-fitted dev accuracy of prior correction (the module docstring): ``sources[s][row]``
+    are log-domain scores (one source per member, or DeePEn's fused scores), ``picks_of(logs[s][row])``
+    the system's labels from them. {off, on, keyed_by, keys, folds: [{fit, rows, off, on}], uncovered}."""
+    keyed_by, keys = keying(choice_sets)
+    n = len(golds)
+    off_picks = picks_of([list(src) for src in sources])
+    halves = {"even": list(range(0, n, 2)), "odd": list(range(1, n, 2))}
+    folds, right, uncovered = [], 0, 0
+    for fit, held in (("even", "odd"), ("odd", "even")):
+        fit_rows, held_rows = halves[fit], halves[held]
+        tables = [prior_table([src[i] for i in fit_rows], [choice_sets[i] for i in fit_rows], keys) for src in sources]
+        ok = []
+        for i in held_rows:
+            try:
+                [row_prior(t, keys, choice_sets[i]) for t in tables]
+            except UncoveredChoice:
+                uncovered += 1
+                continue
+            ok.append(i)
+        picks = picks_of([corrected_logs([src[i] for i in ok], [choice_sets[i] for i in ok], t, keys)
+                          for src, t in zip(sources, tables)]) if ok else []
+        on = sum(p == golds[i] for p, i in zip(picks, ok))
+        right += on
+        folds.append({"fit": fit, "rows": len(held_rows), "on": on / len(held_rows),
+                      "off": sum(off_picks[i] == golds[i] for i in held_rows) / len(held_rows)})
+    return {"off": accuracy(off_picks, golds), "on": right / n, "keyed_by": keyed_by,
+            "keys": None if keys is None else len(keys), "folds": folds, "uncovered": uncovered}
+
+
+def decide_priors(sources: Sequence[Sequence[Sequence[float]]], choice_sets: Sequence[Sequence[str]],
+                  golds: Sequence[int], picks_of: Callable[[list[list[list[float]]]], list[int]]) -> tuple[bool, dict]:
+    """(on, record): :func:`cross_fit_priors`, on when its cross-fitted accuracy beats off (strictly);
+    off with fewer than 2 dev rows (no halves to cross-fit)."""
+    if len(golds) < 2:
+        return False, {"applied": False, "why": f"{len(golds)} dev row(s): too few to cross-fit"}
+    rec = cross_fit_priors(sources, choice_sets, golds, picks_of)
+    rec["applied"] = rec["on"] > rec["off"]
+    return rec["applied"], rec
+
+
+def fit_priors(member_logs: Sequence[Sequence[Sequence[float]]], choice_sets: Sequence[Sequence[str]], norm: str,
+               members: Sequence[str], fused: tuple[Sequence[Sequence[float]], Sequence[Sequence[str]]] | None = None
+               ) -> ChoicePriors:
+    """The priors on every dev row: one table per member (``member_logs[m][row]``, job order), keyed by
+    the dev rows' choices (``ensemble.priors.keying``); ``fused``: DeePEn's (fused logs, their rows'
+    choices) for its fused table."""
+    keyed_by, keys = keying(choice_sets)
+    return ChoicePriors(keyed_by=keyed_by, norm=norm, members=tuple(members), keys=keys,
+                        tables=tuple(prior_table(x, choice_sets, keys) for x in member_logs),
+                        fused=None if fused is None else prior_table(fused[0], fused[1], keys), rows=len(choice_sets))

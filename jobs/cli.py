@@ -92,6 +92,17 @@ def optional_arg(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _reasoned(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its ValueError's message shown by argparse (which hides a plain ValueError's)."""
+    def wrapped(value: str):
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return wrapped
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, Enum):
         return str(value.value)
@@ -121,6 +132,8 @@ def _argument(flag: Flag) -> dict[str, Any]:
         kw["type"] = str
     elif optional and base in (int, float):
         kw["type"], metavar = optional_arg(base), f"{metavar}|none"
+    elif hasattr(base, "from_arg"):  # a setting read from a file (--choice-priors FILE)
+        kw["type"], metavar = optional_arg(_reasoned(base.from_arg)), "FILE|none"
     else:
         kw["type"] = base
     if "choices" in f.metadata:

@@ -6,8 +6,9 @@ The chosen method's settings are nested in ``fuser`` (``ensemble.config.DeePEnCo
 scored and labels decided in ``label`` (``ensemble.labeling.LabelParams``). Every field has a
 docstring, which is its flag's help text (jobs/cli.py generates the flags), and metadata naming
 its help group and whether it changes outputs. ``config_hash`` covers every field that changes
-outputs, the whole resolved fuser config, every LabelParams field, and the versions of the output schema and of the code
-(``ensemble.config.OUTPUTS_VERSION``). No torch imports here: the driver and the CLI import this.
+outputs, the whole resolved fuser config, every LabelParams field (the priors only when set, so that a
+run without them keeps the hash it had before they existed), and the versions of the output schema and
+of the code (``ensemble.config.OUTPUTS_VERSION``). No torch imports here: the driver and the CLI import this.
 """
 from __future__ import annotations
 
@@ -143,6 +144,12 @@ class JobConfig:
             raise bad("label", "a LabelParams or a mapping of its fields")
         if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
             raise bad("profile", "None or a path")
+        priors = self.label.priors
+        if priors is not None and priors.members != self.members:
+            raise ValueError(f"label priors were estimated for members {list(priors.members)}, "
+                             f"but the job runs {list(self.members)} (calibrate again)")
+        if priors is not None and priors.fused is not None and self.method != "deepen":
+            raise ValueError(f"label priors hold a fused table (DeePEn's), but the method is {self.method!r}")
 
     def _resolve_fuser(self) -> None:
         """``fuser`` -> the method's config with every default filled in, checked against members."""
@@ -164,6 +171,8 @@ class JobConfig:
                              if f.metadata.get("hashed", True) and f.name not in NESTED}
         d["fuser"] = None if self.fuser is None else hashed_fields(self.fuser)
         d["label"] = hashed_fields(self.label)
+        if self.label.priors is not None:  # only when set: a run without priors keeps its hash
+            d["label"]["priors"] = self.label.priors.to_dict()
         d["schema_version"] = SCHEMA_VERSION
         d["outputs_version"] = OUTPUTS_VERSION
         return d

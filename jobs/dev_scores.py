@@ -94,8 +94,8 @@ def _write_cache(path: Path, rows: list[dict], schema: pa.Schema, key: str, part
 
 def scores_params(params: LabelParams) -> LabelParams:
     """The settings member scores are computed with: norm pmi (every raw component: logprob, tokens,
-    chars, neutral) and no gate."""
-    return params.with_(norm="pmi", gate=None)
+    chars, neutral), no gate and no priors."""
+    return params.with_(norm="pmi", gate=None, priors=None)
 
 
 def _scores_cache(dev: DevSet, member: str, params: LabelParams, rt: Runtime, cache_dir: Path) -> tuple[Path, str, dict]:
@@ -150,8 +150,8 @@ def member_scores(dev: DevSet, member: str, params: LabelParams, rt: Runtime,
 def ensemble_labels(dev: DevSet, method: str, members: Sequence[str], fuser: Any, params: LabelParams,
                     rt: Runtime, cache_dir: Path, limit: int | None) -> dict[str, list[float]]:
     """{row id: the ensemble's label probabilities} on the first ``limit`` dev rows (all when None),
-    without the gate."""
-    params = params.with_(gate=None)
+    without the gate and without priors (the raw fused posteriors the fused prior is estimated on)."""
+    params = params.with_(gate=None, priors=None)
     n = min(limit or len(dev.rows), len(dev.rows))
     parts = {"kind": "labels", "dev_sha256": dev.sha256, "method": method, "members": list(members),
              "fuser": hashed_fields(fuser), "label": hashed_fields(params), "rows": n, "dtype": rt.dtype,

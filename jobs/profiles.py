@@ -3,7 +3,8 @@ and ``python -m jobs.fuse --profile PROFILE.json`` applies.
 
 The file is JSON, versioned (:data:`PROFILE_VERSION`). The job applies its method, members (in
 order), main member, weights, choice normalisation and scorer texts, SpecFuse's pool, the posterior
-temperature (``--label-temperature``; 1 in a profile written before it existed) and the gate;
+temperature (``--label-temperature``; 1 in a profile written before it existed), the gate and the
+prior correction (``--choice-priors``; none in a profile written before it existed);
 everything else in it (the dev file's sha256 and size, each member's dev accuracy with its interval,
 the members' agreement, the dropped members and why, the accuracies the choices were made on) is the
 record of why. A flag or config-file setting that contradicts an applied one is refused, naming both
@@ -19,6 +20,7 @@ from typing import Any
 
 from ensemble.config import METHODS, POOLS, WEIGHT_TOL, DeePEnConfig, SpecFuseConfig, flag_of
 from ensemble.labeling import CHOICE_NORMS, LabelParams
+from ensemble.priors import ChoicePriors
 
 PROFILE_VERSION = 1
 
@@ -42,6 +44,10 @@ class Profile:
     temperature: float = 1.0
     """Posterior temperature fitted on dev (``LabelParams.temperature``); its record, with the dev NLL
     and expected calibration error before and after, is ``chosen_on["temperature"]``."""
+    priors: ChoicePriors | None = None
+    """Per-member prior correction estimated on dev (``LabelParams.priors``, ensemble/priors.py), or None
+    when calibration left it off (or the profile predates it); the decision and its cross-fitted dev
+    accuracies are ``chosen_on["priors"]``."""
     requested_method: str = ""
     """The method calibrate was asked for."""
     dropped: dict[str, str] = field(default_factory=dict)
@@ -86,11 +92,16 @@ class Profile:
             raise bad("label_pool", f"one of {POOLS} for specfuse and None otherwise")
         if self.label_pool is not None and self.label_pool not in POOLS:
             raise bad("label_pool", f"one of {POOLS}")
+        if isinstance(self.priors, dict):
+            object.__setattr__(self, "priors", ChoicePriors.from_mapping(self.priors))
+        if self.priors is not None and self.priors.members != self.members:
+            raise bad("priors", f"estimated for the profile's members {list(self.members)}")
         self.label_params()  # the scorer's and the gate's own checks
 
     def label_params(self) -> LabelParams:
         return LabelParams(norm=self.choice_norm, neutral_context=self.neutral_context,
-                           target_delimiter=self.target_delimiter, gate=self.gate, temperature=self.temperature)
+                           target_delimiter=self.target_delimiter, gate=self.gate, temperature=self.temperature,
+                           priors=self.priors)
 
     def job_settings(self) -> dict[str, Any]:
         """The JobConfig settings this profile applies (``fuser`` and ``label`` nested, as a config file's)."""
@@ -132,6 +143,7 @@ _NESTED_FLAG = {"fuser": lambda name: flag_of(DeePEnConfig if name == "main" els
 
 
 def _same(a: Any, b: Any) -> bool:
+    a, b = (x.to_dict() if isinstance(x, ChoicePriors) else x for x in (a, b))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):

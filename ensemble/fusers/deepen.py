@@ -28,7 +28,10 @@ distribution is summed; the sums, with the main member's token counts, go throug
 second fused pass over the same tokens after the neutral context). Every member also scores the
 choices itself on its prefilled prompts (one ``Member.score``) for its statistics and for the gate:
 a row whose main-member posterior margin reaches ``LabelParams.gate`` keeps the main member's label
-and posterior and skips the fused pass (``LabelOutput.gated``).
+and posterior and skips the fused pass (``LabelOutput.gated``). With ``LabelParams.priors`` the main
+member's dev prior is divided out of its posterior for the gate (and the gated label), and the fused
+posterior is corrected with the priors' ``fused`` table, estimated on DeePEn's own dev labels
+(``ensemble.labeling.label_posterior``); the members' statistics keep their uncorrected posteriors.
 
 generate and label take the prompts in consecutive groups within ``max_batch_tokens``
 (``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``, or plus
@@ -55,7 +58,7 @@ from ensemble.fusers.base import (ConfiguredFuser, FusedOutput, LabelOutput, Mem
                                   in_groups, label_output)
 from ensemble.fusers.gate import catch_up, confident_rows
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
-from ensemble.labeling import ChoiceScores, LabelParams, gate, posterior
+from ensemble.labeling import ChoiceScores, LabelParams, gate, label_posterior
 from ensemble.members import Member, RowBatch
 from ensemble.reference import next_logits_uncached
 from ensemble.relative import FuseResult, RelativeEnsemble, RowSource, find_anchors
@@ -285,6 +288,7 @@ class DeePEn(ConfiguredFuser):
               systems: Sequence[str | None] | None = None, params: LabelParams | None = None) -> list[LabelOutput]:
         params = params or LabelParams()
         check_choices(choices, len(prompts))
+        params.check_priors(choices, len(self.members))
         conts = [choice_ids(m, choices, params) for m in self.members]  # [member][row][choice]
         neutral = [neutral_sums(m, c, params, max_batch_tokens=self.max_batch_tokens)
                    for m, c in zip(self.members, conts)]
@@ -310,7 +314,9 @@ class DeePEn(ConfiguredFuser):
         fields = [[choice_stats(x.scores, params) for x in per] for per in scored]
         base = [[(x.calls, x.tokens_in) for x in per] for per in scored]
         forced = conts[self.config.main]
-        todo = [b for b in range(len(choices)) if not gate(fields[self.config.main][b]["choice_probs"], params.gate)]
+        main_posts = [label_posterior(x.scores, params, params.prior(cs, self.config.main))
+                      for x, cs in zip(scored[self.config.main], choices)]  # the gate's (prior-corrected)
+        todo = [b for b in range(len(choices)) if not gate(main_posts[b], params.gate)]
         fused = self.forced_sums(states, todo, [forced[b] for b in todo])
         at = {b: k for k, b in enumerate(todo)}
         sums: dict[tuple[int, ...], float] = {}  # pmi: a main-member continuation -> its fused neutral sum
@@ -325,14 +331,14 @@ class DeePEn(ConfiguredFuser):
                 stats = [MemberStats(name=m.name, role="main" if i == self.config.main else "member",
                                      weight=self.weights[i], calls=base[i][b][0], tokens_in=base[i][b][1],
                                      **stats_fields[i]) for i, m in enumerate(self.members)]
-                out.append(label_output(cs, stats_fields[self.config.main]["choice_probs"], stats, gated=True))
+                out.append(label_output(cs, main_posts[b], stats, gated=True))
                 continue
             k = at[b]
             scores = ChoiceScores(logprob=tuple(fused[0][k]), tokens=tuple(len(f) for f in forced[b]),
                                   chars=tuple(len(c) for c in cs),
                                   neutral=tuple(sums[tuple(f)] for f in forced[b]) if params.norm == "pmi" else None)
             stats = self._label_stats(k, fused, [base[i][b] for i in range(len(self.members))], stats_fields)
-            out.append(label_output(cs, posterior(scores, params.norm, params.temperature), stats))
+            out.append(label_output(cs, label_posterior(scores, params, params.prior(cs, None)), stats))
         return out
 
     def forced_sums(self, states: list[RowBatch], rows: list[int], forced: list[list[list[int]]]):

@@ -5,7 +5,9 @@ generate: batched, KV-cached greedy or sampled decoding with per-row generators;
 any of the member's EOS ids, a stop string, or its own max_new_tokens (``ensemble/fusers/stopping.py``);
 the text is the member's decode of its tokens, cut before the first stop string.
 label: the member's posterior over each row's choices from the one scorer (``ensemble/scoring.py``;
-``LabelParams.norm`` picks the normalisation, docs/algorithms.md); its statistics carry the scores.
+``LabelParams.norm`` picks the normalisation, docs/algorithms.md), with its dev prior divided out when
+``LabelParams.priors`` is set (``ensemble.labeling.label_posterior``); its statistics carry the scores
+and the uncorrected posterior.
 
 Both take the prompts in consecutive groups within ``max_batch_tokens`` (``ensemble.config``:
 prompt plus ``max_new_tokens``, or plus the longest choice, per row; ``ensemble.batching.pack``).
@@ -26,7 +28,7 @@ from ensemble.fusers.base import (
     label_output,
 )
 from ensemble.fusers.stopping import StopChecker, cut_at_stop
-from ensemble.labeling import LabelParams
+from ensemble.labeling import LabelParams, label_posterior
 from ensemble.members import Member
 from ensemble.sampling import choose_batch, make_generator
 from ensemble.scoring import choice_stats, score_choices
@@ -93,11 +95,12 @@ class Single:
     def label(self, prompts: Sequence[str], choices: Sequence[Sequence[str]],
               systems: Sequence[str | None] | None = None, params: LabelParams | None = None) -> list[LabelOutput]:
         params = params or LabelParams()
+        params.check_priors(choices, 1)
         m = self.member
         results = []
         for scored, cs in zip(score_choices(m, prompts, choices, systems, params,
                                             max_batch_tokens=self.max_batch_tokens), choices):
             stats = MemberStats(name=m.name, role="main", weight=1.0, calls=scored.calls, tokens_in=scored.tokens_in,
                                 **choice_stats(scored.scores, params))
-            results.append(label_output(cs, stats.choice_probs, [stats]))
+            results.append(label_output(cs, label_posterior(scored.scores, params, params.prior(cs, 0)), [stats]))
         return results

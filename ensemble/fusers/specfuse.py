@@ -47,7 +47,9 @@ every member scores them with the one choice scorer (``ensemble/scoring.py``, no
 ``config.label_pool`` 'linear' (weighted mean) or 'loglinear' (weighted geometric mean, renormalised);
 with one member this is exactly ``Single``'s label. The first member is the main one for the gate
 (``LabelParams.gate``): when its posterior margin reaches the gate, the row keeps its label and
-posterior (``LabelOutput.gated``). Every member's own posterior and scores are in its statistics.
+posterior (``LabelOutput.gated``). With ``LabelParams.priors`` each member's dev prior is divided
+out of its posterior before the pool and the gate (``ensemble.labeling.label_posterior``). Every
+member's own (uncorrected) posterior and scores are in its statistics.
 
 generate and label take the prompts in consecutive groups within ``max_batch_tokens``
 (``ensemble.config``; per row: the longest prompt over the members plus ``max_new_tokens``; label: each
@@ -77,7 +79,7 @@ from ensemble.fusers.base import (ConfiguredFuser, FinishReason, FusedOutput, La
                                   fit_prompts, in_groups, label_output)
 from ensemble.fusers.stopping import StopChecker
 from ensemble.kv import Slots, reuse_plan
-from ensemble.labeling import LabelParams, gated_pool
+from ensemble.labeling import LabelParams, gated_pool, label_posterior
 from ensemble.members import Member, RowBatch
 from ensemble.sampling import choose_batch, make_generator
 from ensemble.scoring import choice_stats, score_choices
@@ -401,6 +403,7 @@ class SpecFuse(ConfiguredFuser):
         (``ensemble/scoring.py``), pooled with the weights (``config.label_pool``); the gate may keep
         the first member's (see the module docstring)."""
         params = params or LabelParams()
+        params.check_priors(choices, len(self._members))
         scored = [score_choices(m, prompts, choices, systems, params, max_batch_tokens=self.max_batch_tokens)
                   for m in self._members]  # [member][row]
         results = []
@@ -408,7 +411,7 @@ class SpecFuse(ConfiguredFuser):
             stats = [MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i], calls=1,
                                  tokens_in=scored[i][b].tokens_in, rounds_active=1,
                                  **choice_stats(scored[i][b].scores, params)) for i, m in enumerate(self._members)]
-            probs, gated = gated_pool([s.choice_probs for s in stats], self.weights, self.config.label_pool,
-                                      params.gate)
+            posts = [label_posterior(scored[i][b].scores, params, params.prior(cs, i)) for i in range(len(stats))]
+            probs, gated = gated_pool(posts, self.weights, self.config.label_pool, params.gate)
             results.append(label_output(cs, probs, stats, gated=gated))
         return results

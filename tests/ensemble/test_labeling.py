@@ -134,7 +134,7 @@ def test_label_params_defaults_validation_and_flags():
     flags = {f.name: f.metadata["flag"] for f in fields(LabelParams)}
     assert flags == {"norm": "--choice-norm", "neutral_context": "--neutral-context",
                      "target_delimiter": "--target-delimiter", "gate": "--label-gate",
-                     "temperature": "--label-temperature"}
+                     "temperature": "--label-temperature", "priors": "--choice-priors"}
     assert dict(fields(LabelParams)[0].metadata)["choices"] == CHOICE_NORMS
 
 

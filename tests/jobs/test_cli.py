@@ -123,7 +123,8 @@ def test_every_label_param_is_hashed_and_set_by_flag_or_file(tmp_path):
     base = JobConfig(input="i", output="o")
     for f in dataclasses.fields(LabelParams):
         value = {"norm": "token", "neutral_context": "Q:", "target_delimiter": "", "gate": 0.25,
-                 "temperature": 2.0}[f.name]
+                 "temperature": 2.0, "priors": {"keyed_by": "position", "norm": "pmi", "members": [DEFAULT_MEMBERS[0]],
+                                                "tables": [[0.6, 0.4]]}}[f.name]
         assert JobConfig(input="i", output="o", label={f.name: value}).config_hash != base.config_hash, f.name
     cfg = parse_config(BASE + ["--choice-norm", "char", "--label-gate", "0.4", "--target-delimiter", "",
                                "--label-temperature", "2.5"])
