@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import evaluate  # noqa: E402
 
 from ensemble.config import POOLS, SpecFuseConfig, normalise_weights  # noqa: E402
-from ensemble.labeling import ChoiceScores, LabelParams, best, gated_pool, posterior  # noqa: E402
+from ensemble.labeling import ChoiceScores, LabelParams, best, gated_pool, label_posterior  # noqa: E402
+from ensemble.priors import ChoicePriors, UncoveredChoice  # noqa: E402
 
 log = logging.getLogger("bench.label_offline")
 
@@ -65,7 +66,8 @@ def choice_scores(stats: Mapping, choices: Sequence[str]) -> ChoiceScores | None
 @dataclass(frozen=True)
 class PoolRule:
     """How SpecFuse labels from its members' scores: members in the job's order (the first is the main
-    one, the gate's), their weights, the normalisation, the posterior temperature, the pool and the gate."""
+    one, the gate's), their weights, the normalisation, the posterior temperature, the pool, the gate
+    and the prior correction (``LabelParams.priors``, estimated on dev by ``jobs.calibrate``)."""
 
     members: tuple[str, ...]
     """Eval member names (``evaluate.SINGLES``)."""
@@ -74,6 +76,7 @@ class PoolRule:
     temperature: float
     pool: str
     gate: float | None
+    priors: ChoicePriors | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.members if m not in MEMBER_SPECS]
@@ -82,7 +85,13 @@ class PoolRule:
         normalise_weights(self.weights, len(self.members))
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        LabelParams(norm=self.norm, gate=self.gate, temperature=self.temperature)  # the scorer's own checks
+        self.params()  # the scorer's own checks
+        if self.priors is not None and len(self.priors.tables) != len(self.members):
+            raise ValueError(f"priors must have one table per member ({len(self.members)}), "
+                             f"got {len(self.priors.tables)}")
+
+    def params(self) -> LabelParams:
+        return LabelParams(norm=self.norm, gate=self.gate, temperature=self.temperature, priors=self.priors)
 
     @classmethod
     def defaults(cls, members: Sequence[str]) -> "PoolRule":
@@ -107,13 +116,15 @@ class PoolRule:
         members = tuple(SPEC_NAMES[m] for m in p.members)
         weights = p.weights if p.weights is not None else normalise_weights(None, len(members))
         return cls(members, tuple(weights), p.choice_norm, p.temperature, p.label_pool or "linear",
-                   p.gate if p.method == "specfuse" else None)
+                   p.gate if p.method == "specfuse" else None, p.priors)
 
-    def label(self, scores: Sequence[ChoiceScores]) -> tuple[int, list[float], bool]:
-        """(chosen index, probabilities, gated) from the members' scores in :attr:`members` order,
-        as ``SpecFuse.label`` computes them."""
-        probs, gated = gated_pool([posterior(s, self.norm, self.temperature) for s in scores], self.weights,
-                                  self.pool, self.gate)
+    def label(self, scores: Sequence[ChoiceScores], choices: Sequence[str]) -> tuple[int, list[float], bool]:
+        """(chosen index, probabilities, gated) from the members' scores of the row's ``choices`` in
+        :attr:`members` order, as ``SpecFuse.label`` computes them (``UncoveredChoice`` when the
+        priors do not cover a choice)."""
+        params = self.params()
+        probs, gated = gated_pool([label_posterior(s, params, params.prior(choices, i)) for i, s in enumerate(scores)],
+                                  self.weights, self.pool, self.gate)
         return best(probs), probs, gated
 
 
@@ -160,7 +171,12 @@ def pooled_outcomes(rule: PoolRule, per_row: Mapping[str, Mapping[str, dict]], r
             out[row["id"]] = {"label": None, "correct": False, "conf": None, "calls": None, "ms": None,
                               "error": f"members without scores for the row: {bad}", "stats": []}
             continue
-        pick, probs, gated = rule.label(scores)
+        try:
+            pick, probs, gated = rule.label(scores, row["choices"])
+        except UncoveredChoice as exc:  # the job's error row for a choice without a prior
+            out[row["id"]] = {"label": None, "correct": False, "conf": None, "calls": None, "ms": None,
+                              "error": f"UncoveredChoice: {exc}", "stats": []}
+            continue
         label = row["choices"][pick]
         out[row["id"]] = {"label": label, "correct": label == row["gold"], "conf": max(probs),
                           "calls": sum(o["calls"] for o in outs), "ms": sum(o["ms"] for o in outs),
@@ -198,8 +214,9 @@ def check_run_settings(run_json: Path, params: LabelParams, rt) -> None:
 
 
 def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: str, out: Path, work: Path,
-                    dev_cap: int | None) -> dict[str, Path]:
-    """Per task: dev file, seeded score caches, ``jobs.calibrate``; returns {task: profile path}."""
+                    dev_cap: int | None, priors: str = "auto") -> dict[str, Path]:
+    """Per task: dev file, seeded score caches, ``jobs.calibrate`` (``priors``: its ``--priors``);
+    returns {task: profile path}."""
     import eval_label
 
     from jobs.calibrate import calibrate
@@ -225,9 +242,10 @@ def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: s
             for p in (profile, singles[m]):
                 seed_member_scores(dev, MEMBER_SPECS[m], params, rt, p.with_suffix(".cache"), scored)
         dev_path = str(out / "dev" / f"{t}.jsonl")
-        calibrate(dev_path, [MEMBER_SPECS[m] for m in members], method, str(profile), rt=rt, label=params)
+        calibrate(dev_path, [MEMBER_SPECS[m] for m in members], method, str(profile), rt=rt, label=params,
+                  priors=priors)
         for m, p in singles.items():  # each member alone with its own dev-chosen norm and temperature
-            calibrate(dev_path, [MEMBER_SPECS[m]], method, str(p), rt=rt, label=params)
+            calibrate(dev_path, [MEMBER_SPECS[m]], method, str(p), rt=rt, label=params, priors=priors)
         profiles[t] = profile
     return profiles
 
@@ -258,6 +276,38 @@ def calibrated_baseline(report: dict, profiles: Path, members: Sequence[str], sy
     return out
 
 
+def compare_systems(report: dict, pairs: Sequence[tuple[str, str]]) -> dict[str, dict[str, dict]]:
+    """Per pair ``"A vs B"`` and task: A's and B's accuracy and ECE (from an eval_label report holding
+    both) and the paired-bootstrap difference A - B on the same items (e.g. a calibrated system with
+    and without the prior correction)."""
+    import eval_label
+
+    rows = eval_label.build_rows(report["tasks"], report["split"], None)
+    gold = {r["id"]: r["gold"] for r in rows}
+    labels, out = report["labels"], {}
+    for a, b in pairs:
+        missing = [n for n in (a, b) if n not in labels]
+        if missing:
+            raise ValueError(f"the report has no labels of {missing}: run eval_label with those systems")
+        out[f"{a} vs {b}"] = per_task = {}
+        for t in report["tasks"]:
+            ids = [r["id"] for r in rows if r["task"] == t][:report["n"][t]]
+            x, y = ([labels[n][i] == gold[i] for i in ids] for n in (a, b))
+            d, lo, hi = eval_label.paired_bootstrap(x, y)
+            per_task[t] = {"a": a, "b": b, "accuracy_a": sum(x) / len(ids), "accuracy_b": sum(y) / len(ids),
+                           "ece_a": report["results"][a][t]["ece"], "ece_b": report["results"][b][t]["ece"],
+                           "errors_a": report["results"][a][t]["errors"], "delta": d, "delta_lo": lo, "delta_hi": hi}
+    return out
+
+
+def priors_decisions(profiles: Path, task_names: Sequence[str], files: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """{profile file: {task: the profile's prior decision}} (``chosen_on["priors"]``: on/off and the
+    2-fold cross-fitted dev accuracies with and without) under ``profiles/<task>/<file>``."""
+    from jobs.profiles import load_profile
+
+    return {f: {t: load_profile(profiles / t / f).chosen_on.get("priors", {}) for t in task_names} for f in files}
+
+
 def main(argv: list[str] | None = None) -> int:
     import tasks
 
@@ -277,8 +327,31 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--members", nargs="+", required=True, choices=list(MEMBER_SPECS))
     cmp.add_argument("--system", required=True)
     cmp.add_argument("--out", type=Path, required=True, help="JSON written here")
+    cal.add_argument("--priors", choices=("auto", "on", "off"), default="auto",
+                     help="jobs.calibrate's --priors (auto: chosen on dev)")
+    pair = sub.add_parser("compare", help="systems of an eval_label report against each other (paired bootstrap)")
+    pair.add_argument("--report", type=Path, required=True, help="eval_label's JSON holding both systems of each pair")
+    pair.add_argument("--pairs", nargs="+", required=True, metavar="A=B", help="compare system A against system B")
+    pair.add_argument("--profiles", type=Path, nargs="*", default=[],
+                      help="calibrate --out directories whose prior decisions to list (every <task>/*.json)")
+    pair.add_argument("--out", type=Path, required=True, help="JSON written here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "compare":
+        pairs = [tuple(x.split("=", 1)) for x in args.pairs]
+        if any(len(x) != 2 or not all(x) for x in pairs):
+            ap.error(f"--pairs are A=B, got {args.pairs}")
+        report = json.loads(args.report.read_text())
+        res = {"pairs": compare_systems(report, pairs), "priors": {}}
+        for d in args.profiles:
+            files = sorted({f.name for t in report["tasks"] for f in (d / t).glob("*.json")})
+            res["priors"][str(d)] = priors_decisions(d, report["tasks"], files)
+        args.out.write_text(json.dumps(res, indent=1))
+        for name, per_task in res["pairs"].items():
+            sys.stdout.write(f"{name}: " + "; ".join(
+                f"{t} {100 * r['accuracy_a']:.1f} vs {100 * r['accuracy_b']:.1f} ({100 * r['delta']:+.1f} "
+                f"[{100 * r['delta_lo']:+.1f}, {100 * r['delta_hi']:+.1f}])" for t, r in per_task.items()) + "\n")
+        return 0
     if args.command == "baseline":
         res = calibrated_baseline(json.loads(args.report.read_text()), args.profiles, args.members, args.system)
         args.out.write_text(json.dumps(res, indent=1))
@@ -287,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{100 * r['baseline_accuracy']:.1f}: {100 * r['delta']:+.1f} "
                              f"[{100 * r['delta_lo']:+.1f}, {100 * r['delta_hi']:+.1f}]\n")
         return 0
-    for t, p in calibrate_tasks(args.tasks, args.members, args.method, args.out, args.work, args.n_dev).items():
+    for t, p in calibrate_tasks(args.tasks, args.members, args.method, args.out, args.work, args.n_dev,
+                                args.priors).items():
         sys.stdout.write(f"{t}: {p}\n")
     return 0
 

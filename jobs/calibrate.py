@@ -24,7 +24,7 @@ reports the dev NLL and expected calibration error at temperature 1 and at the f
 (``--no-temperature``: keep 1). The per-member prior correction (ensemble/priors.py) is estimated on
 dev and kept only when its 2-fold cross-fitted dev accuracy beats off (jobs/calibration.py; before
 the temperature and the gate, which are then chosen on the corrected posteriors; DeePEn's fused prior
-comes from its own cached dev labels; ``--no-priors``: off).
+comes from its own cached dev labels; ``--priors on|off`` forces it).
 """
 from __future__ import annotations
 
@@ -46,16 +46,20 @@ from jobs.profiles import Profile
 log = logging.getLogger("jobs.calibrate")
 ENSEMBLES = ("deepen", "specfuse")
 DEEPEN_DEV_LIMIT = 200
+PRIOR_MODES = ("auto", "on", "off")
+"""--priors: chosen by 2-fold cross-fitted dev accuracy (jobs/calibration.py), always on, or off."""
 """Default of --deepen-dev-limit: dev rows DeePEn labels to choose its gate (each costs a fused pass)."""
 
 
 def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt: Runtime = Runtime(),
               label: LabelParams = LabelParams(), gap: float | None = DROP_GAP,
               deepen_dev_limit: int | None = DEEPEN_DEV_LIMIT, fit_temperature: bool = True,
-              priors: bool = True) -> Profile:
+              priors: str = "auto") -> Profile:
     """Score, decide, write ``output`` (the profile) and return it. ``gap`` None keeps every member;
-    ``fit_temperature`` False keeps the posterior temperature at 1; ``priors`` False leaves the prior
-    correction off without trying it."""
+    ``fit_temperature`` False keeps the posterior temperature at 1; ``priors`` (:data:`PRIOR_MODES`):
+    the prior correction chosen on dev ('auto'), always on, or off without trying it."""
+    if priors not in PRIOR_MODES:
+        raise ValueError(f"priors must be one of {PRIOR_MODES}, got {priors!r}")
     if method not in ENSEMBLES:
         raise ValueError(f"method must be one of {ENSEMBLES}, got {method!r}")
     if not members or len(set(members)) != len(members):
@@ -101,7 +105,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
             log.warning("only %s survives the drop rule: the profile is method single (an ensemble is not "
                         "expected to beat it on this dev set)", main)
         final, order, weights, main_idx, gate = "single", [main], None, 0, None
-        if priors and _decide(chosen, [logs[main]], sets, golds, lambda x: [best(p) for p in x[0]]):
+        if _decide(priors, chosen, [logs[main]], sets, golds, lambda x: [best(p) for p in x[0]]):
             correct_members(order)
         temperature, chosen["temperature"] = temperature_record(lambda t: tempered(logs[main], t), golds, grid,
                                                                 f"{main}'s posteriors")
@@ -114,7 +118,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
             member_logs = [logs[m] for m in order]
             pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
             t0, k0 = records[pool_kind]["temperature"], pool_kind
-            if priors and _decide(chosen, member_logs, sets, golds,
+            if _decide(priors, chosen, member_logs, sets, golds,
                                   lambda x: [best(p) for p in pooled([tempered(m, t0) for m in x], weights, k0)]):
                 correct_members(order)
                 member_logs = [logs[m] for m in order]
@@ -131,7 +135,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
             # the cached fused probabilities (temperature 1): their logs temper exactly as the fused scores
             fused_logs = [[math.log(q) if q > 0 else -math.inf for q in probs[rows[i].id]] for i in idx]
             gate_rows = [golds[i] for i in idx]
-            if priors and _decide(chosen, [fused_logs], [sets[i] for i in idx], gate_rows,
+            if _decide(priors, chosen, [fused_logs], [sets[i] for i in idx], gate_rows,
                                   lambda x: [best(p) for p in x[0]]):
                 fused = (fused_logs, [sets[i] for i in idx])
                 correct_members(order)
@@ -169,10 +173,16 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     return profile
 
 
-def _decide(chosen: dict, sources, sets, golds, picks_of) -> bool:
-    """Whether the prior correction goes on (``jobs.calibration.decide_priors``), recorded in ``chosen``."""
+def _decide(mode: str, chosen: dict, sources, sets, golds, picks_of) -> bool:
+    """Whether the prior correction goes on under ``mode`` (auto: ``jobs.calibration.decide_priors``),
+    recorded in ``chosen``."""
+    if mode == "off":
+        chosen["priors"] = {"applied": False, "why": "left off (--priors off)"}
+        return False
     on, chosen["priors"] = decide_priors(sources, sets, golds, picks_of)
-    return on
+    if mode == "on":
+        chosen["priors"].update(applied=True, forced=True)
+    return chosen["priors"]["applied"]
 
 
 def summary(p: Profile) -> str:
@@ -200,10 +210,10 @@ def summary(p: Profile) -> str:
     if "priors" in p.chosen_on:
         r = p.chosen_on["priors"]
         if "on" not in r:
-            lines.append(f"priors: off ({r['why']})")
+            lines.append(f"priors: {'on (forced)' if r['applied'] else 'off'} ({r['why']})")
         else:
             keyed = f"{r['keys']} choice texts" if r["keyed_by"] == "text" else "choice position"
-            lines.append(f"priors: {'on' if r['applied'] else 'off'}, keyed by {keyed}: 2-fold cross-fitted dev "
+            lines.append(f"priors: {'on' if r['applied'] else 'off'}{' (forced)' if r.get('forced') else ''}, keyed by {keyed}: 2-fold cross-fitted dev "
                          f"accuracy {r['on']:.3f} with, {r['off']:.3f} without ("
                          + ", ".join(f"fit on the {f['fit']} rows: {f['on']:.3f} vs {f['off']:.3f}" for f in r["folds"])
                          + (f"; {r['uncovered']} held-out rows uncovered" if r["uncovered"] else "") + ")")
@@ -231,9 +241,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--no-drop", action="store_true", help="keep every member (no drop rule)")
     ap.add_argument("--no-temperature", action="store_true",
                     help="keep the posterior temperature at 1 (default: fitted on dev, see jobs/calibration.py)")
-    ap.add_argument("--no-priors", action="store_true",
-                    help="leave the prior correction off (default: on when its 2-fold cross-fitted dev accuracy "
-                         "beats off, see jobs/calibration.py)")
+    ap.add_argument("--priors", choices=PRIOR_MODES, default="auto",
+                    help="per-member prior correction: auto (default) keeps it when its 2-fold cross-fitted dev "
+                         "accuracy beats off (jobs/calibration.py); on: always; off: never")
     ap.add_argument("--neutral-context", default=LabelParams.neutral_context, help="pmi's neutral prompt")
     ap.add_argument("--target-delimiter", default=LabelParams.target_delimiter,
                     help="put before a choice for completion-style members")
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         label = LabelParams(neutral_context=args.neutral_context, target_delimiter=args.target_delimiter)
         calibrate(args.dev, args.members, args.method, args.output, rt=rt, label=label,
                   gap=None if args.no_drop else args.drop_gap, deepen_dev_limit=args.deepen_dev_limit or None,
-                  fit_temperature=not args.no_temperature, priors=not args.no_priors)
+                  fit_temperature=not args.no_temperature, priors=args.priors)
     except ValueError as exc:  # DevSetError included
         log.error("calibration refused: %s", exc)
         return 2

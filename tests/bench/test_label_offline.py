@@ -92,3 +92,39 @@ def test_seeded_cache_is_read_by_calibrate_without_model_calls(bpe_member, tmp_p
     assert list(got["t/1"].logprob) == outs["t/1"]["stats"][0]["choice_logprobs"]
     with pytest.raises(ValueError, match=r"ids not in the dev set .*\['x/9'\]"):
         dev_scores.seed_member_scores(dev, "m", params, rt, tmp_path / "cache", [{**rows[0], "id": "x/9"}])
+
+
+def test_offline_rule_with_priors_equals_specfuse_label(bpe_member, sp_member):
+    from ensemble.priors import ChoicePriors
+
+    pri = ChoicePriors(keyed_by="position", norm="token", members=("a", "b"), tables=((0.6, 0.3, 0.1), (0.2, 0.5, 0.3)))
+    params = LabelParams(norm="token", temperature=1.3, gate=0.2, priors=pri)
+    want = SpecFuse([bpe_member, sp_member], weights=(0.6, 0.4)).label(PROMPTS, CHOICES, params=params)
+    raw = params.with_(gate=None, priors=None)
+    per_row = {"smollm2": _outcomes(bpe_member, raw), "gemma": _outcomes(sp_member, raw)}
+    rule = lo.PoolRule(("smollm2", "gemma"), (0.6, 0.4), "token", 1.3, "linear", 0.2, pri)
+    got = lo.pooled_outcomes(rule, per_row, ROWS)
+    for r, w in zip(ROWS, want):
+        assert got[r["id"]]["label"] == w.label and got[r["id"]]["gated"] == w.gated
+        assert got[r["id"]]["conf"] == pytest.approx(max(w.probs), abs=1e-6)
+    narrow = dataclasses.replace(rule, priors=dataclasses.replace(pri, tables=((0.6, 0.4), (0.5, 0.5))))
+    out = lo.pooled_outcomes(narrow, per_row, ROWS)
+    assert out["t/0"]["error"].startswith("UncoveredChoice: a row of 3 choices has no prior for position 3")
+    assert out["t/2"]["error"] is None  # two choices: covered
+    with pytest.raises(ValueError, match=r"priors must have one table per member \(1\), got 2"):
+        lo.PoolRule(("smollm2",), (1.0,), "token", 1.3, "linear", None, pri)
+
+
+def test_compare_systems_pairs_on_the_same_items(monkeypatch):
+    import eval_label
+
+    rows = [{"id": f"t/{i}", "task": "t", "gold": "a"} for i in range(4)]
+    monkeypatch.setattr(eval_label, "build_rows", lambda tasks, split, cap: rows)
+    report = {"tasks": ["t"], "split": "test", "n": {"t": 4},
+              "labels": {"x": {f"t/{i}": "a" for i in range(4)}, "y": {"t/0": "a", "t/1": "b", "t/2": None, "t/3": "a"}},
+              "results": {n: {"t": {"ece": 0.1, "errors": int(n == "y")}} for n in ("x", "y")}}
+    got = lo.compare_systems(report, [("x", "y")])["x vs y"]["t"]
+    assert (got["accuracy_a"], got["accuracy_b"], got["delta"]) == (1.0, 0.5, 0.5)
+    assert got["delta_lo"] <= 0.5 <= got["delta_hi"] and got["errors_a"] == 0
+    with pytest.raises(ValueError, match=r"the report has no labels of \['z'\]"):
+        lo.compare_systems(report, [("x", "z")])
