@@ -114,28 +114,13 @@ class ChoicePriors:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "ChoicePriors":
         """From :meth:`to_dict`'s form; unknown or missing keys are refused, naming them."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"priors must be a mapping of {[f.name for f in fields(cls)]}, got {data!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"priors: unknown keys {unknown}")
-        missing = sorted(n for n in ("keyed_by", "norm", "members", "tables") if n not in data)
-        if missing:
-            raise ValueError(f"priors: missing keys {missing}")
-        return cls(**data)
+        return from_json_object(cls, data, "priors")
 
     @classmethod
     def from_arg(cls, path: str) -> "ChoicePriors":
         """The job's ``--choice-priors FILE``: a JSON file holding priors (:meth:`to_dict`) or a
         calibration profile (its ``priors``)."""
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"priors file {path!r} does not exist")
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"priors file {path!r} is not valid JSON: {exc.msg} at char {exc.pos}") from None
+        data = read_json(path, "priors file")
         if isinstance(data, dict) and "tables" not in data and "priors" in data:  # a profile
             if data["priors"] is None:
                 raise ValueError(f"the profile {path!r} has no priors (calibration left them off)")
@@ -150,6 +135,15 @@ class ChoicePriors:
     def member_prior(self, member: int, choices: Sequence[str]) -> list[float]:
         """Member ``member``'s (job order) prior of a row's choices (:meth:`row_prior`)."""
         return self.row_prior(self.tables[member], choices)
+
+    def uncovered(self, choices: Sequence[str]) -> str | None:
+        """Why a row's choices have no prior (the :class:`UncoveredChoice` message), or None: for a job
+        that turns such rows into input errors before calling the fuser."""
+        try:
+            self.check([choices], len(self.tables))
+        except UncoveredChoice as exc:
+            return str(exc).removeprefix("row 0: ")
+        return None
 
     def check(self, choices: Sequence[Sequence[str]], n_members: int) -> None:
         """Refuse priors for another number of members, or a row whose choices are not all covered
@@ -178,6 +172,32 @@ def row_prior(table: Sequence[float], keys: Sequence[str] | None, choices: Seque
         raise UncoveredChoice(f"a row of {len(choices)} choices has no prior for position {len(table) + 1}: "
                               f"the dev rows had at most {len(table)} choices")
     return list(table[:len(choices)])
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON value in the file ``path``; a missing file or bad JSON is a ValueError naming ``what``
+    and the path (for the profile and the priors files)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {exc.msg} at char {exc.pos}") from None
+
+
+def from_json_object(cls: type, data: Any, what: str) -> Any:
+    """``cls(**data)`` for a dataclass read from JSON: ``data`` must be an object with only ``cls``'s
+    fields and every required one; errors name ``what`` and the keys (for the profile and the priors)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} must hold a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required key is missing
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def correct_log(scores: Sequence[float], prior: Sequence[float]) -> list[float]:
@@ -221,4 +241,5 @@ def estimate(posteriors: Sequence[Sequence[float]], choice_sets: Sequence[Sequen
     return tuple(max(s / n, _SMALLEST) for s, n in zip(sums, counts))
 
 
-__all__ = ["ChoicePriors", "KEYED_BY", "UncoveredChoice", "correct_log", "estimate", "keying", "row_prior"]
+__all__ = ["ChoicePriors", "KEYED_BY", "UncoveredChoice", "correct_log", "estimate", "from_json_object", "keying", "read_json",
+           "row_prior"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from ensemble.config import METHODS, POOLS, WEIGHT_TOL, DeePEnConfig, SpecFuseConfig, flag_of
 from ensemble.labeling import CHOICE_NORMS, LabelParams
-from ensemble.priors import ChoicePriors
+from ensemble.priors import ChoicePriors, from_json_object, read_json
 
 PROFILE_VERSION = 1
 
@@ -118,23 +118,7 @@ class Profile:
 
 
 def load_profile(path: str | Path) -> Profile:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"profile {str(path)!r} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"profile {str(path)!r} is not valid JSON: {exc.msg} at char {exc.pos}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"profile {str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    names = {f.name for f in fields(Profile)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"profile {str(path)!r} has unknown keys {unknown}")
-    try:
-        return Profile(**data)
-    except TypeError as exc:  # a required key is missing
-        raise ValueError(f"profile {str(path)!r}: {exc}") from None
+    return from_json_object(Profile, read_json(path, "profile"), f"profile {str(path)!r}")
 
 
 _FLAG = {"method": "--method", "members": "--members"}

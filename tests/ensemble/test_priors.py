@@ -92,6 +92,7 @@ def test_an_uncovered_choice_names_its_value():
         pri.check([["yes", "no"], ["maybe", "no"]], 1)
     with pytest.raises(ValueError, match="the priors have 1 member tables for 2 members"):
         pri.check([["yes", "no"]], 2)
+    assert pri.uncovered(["maybe", "no"]).startswith("choice 'maybe' has no prior") and pri.uncovered(["no"]) is None
 
 
 # ---- the priors object -----------------------------------------------------------------------------
@@ -118,9 +119,9 @@ def test_priors_are_validated_and_round_trip_through_json(tmp_path):
                           ({"rows": -1}, "rows must be an integer >= 0")]:
         with pytest.raises(ValueError, match=match):
             ChoicePriors.from_mapping({**pri.to_dict(), **change})
-    with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
+    with pytest.raises(ValueError, match=r"priors has unknown keys \['extra'\]"):
         ChoicePriors.from_mapping({**pri.to_dict(), "extra": 1})
-    with pytest.raises(ValueError, match=r"missing keys \['tables'\]"):
+    with pytest.raises(ValueError, match=r"priors: .*missing 1 required .* 'tables'"):
         ChoicePriors.from_mapping({k: v for k, v in pri.to_dict().items() if k != "tables"})
     # LabelParams takes the mapping, and refuses priors of another normalisation
     assert LabelParams(norm="token", priors=pri.to_dict()).priors == pri
