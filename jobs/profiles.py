@@ -127,7 +127,9 @@ _NESTED_FLAG = {"fuser": lambda name: flag_of(DeePEnConfig if name == "main" els
 
 
 def _same(a: Any, b: Any) -> bool:
-    a, b = (x.to_dict() if isinstance(x, ChoicePriors) else x for x in (a, b))
+    if isinstance(a, ChoicePriors) or isinstance(b, ChoicePriors):  # priors: compared in their JSON form
+        a, b = (ChoicePriors.from_mapping(x).to_dict() if isinstance(x, dict) else x for x in (a, b))
+        a, b = (x.to_dict() if isinstance(x, ChoicePriors) else x for x in (a, b))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):

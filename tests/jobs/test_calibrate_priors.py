@@ -90,12 +90,17 @@ def test_the_profile_carries_the_priors_and_config_hash_follows_them(tmp_path):
     assert parse_config(BASE + ["--profile", str(tmp_path / "old.json")]).config_hash == off
     # the off path's hash does not name the priors at all (a run from before keeps its hash)
     assert "priors" not in JobConfig(input="i", output="o").output_affecting()["label"]
+    # the run's recorded config (_run.json) rebuilds the same job, priors included
+    assert JobConfig(**json.loads(cfg.to_json())) == cfg
 
 
 def test_choice_priors_flag_agrees_with_or_contradicts_the_profile(tmp_path):
     path = _profile(tmp_path, priors=PRIORS)
     same = parse_config(BASE + ["--profile", path, "--choice-priors", path])  # the profile's own priors
     assert same.label.priors == load_profile(path).priors
+    short = {k: v for k, v in PRIORS.items() if k != "keys"}  # a config file's mapping, defaults left out
+    (tmp_path / "job.json").write_text(json.dumps({"input": "i", "output": "o", "label": {"priors": short}}))
+    assert parse_config(["--config", str(tmp_path / "job.json"), "--profile", path]).label.priors == same.label.priors
     for flags, match in [(["--choice-priors", "none"], r"--choice-priors is None but the profile .* sets priors to "
                                                        r"ChoicePriors\(keyed_by='position'"),
                          (["--choice-priors", _profile(tmp_path, "o.json", priors={**PRIORS, "rows": 9})],
@@ -162,3 +167,28 @@ def test_an_uncovered_choice_is_an_error_row_of_the_job(tiny_dirs, dev_file, tmp
     assert "a row of 4 choices has no prior for position 4" in got["wide"]["error"]
     assert all(got[r["id"]]["status"] == "ok" for r in rows[1:3])
     assert on.priors.keyed_by == "position"
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_a_profile_with_priors_through_the_spark_job(tiny_dirs, dev_file, tmp_path):  # noqa: F811
+    """The Spark job applies a profile holding priors: every row ok, the labels calibration predicted,
+    the config_hash of the priors, and the run's recorded config holds them."""
+    from jobs.calibrate import calibrate
+    from jobs.cli import main
+
+    path, rows = dev_file
+    on = calibrate(path, tiny_dirs, "specfuse", str(tmp_path / "on.json"), gap=None, priors="on")
+    out = tmp_path / "job"
+    argv = ["--input", path, "--output", str(out), "--profile", str(tmp_path / "on.json"), "--partitions", "2",
+            "--batch-size", "3", "--master", "local[1]", "--max-new-tokens", "4", "--no-report"]
+    assert main(argv) == 0
+    import pyarrow.parquet as pq
+
+    got = pq.read_table(out / "data").to_pylist()
+    answers = {r["id"]: r["answer"] for r in rows}
+    assert len(got) == 8 and all(r["status"] == "ok" for r in got)
+    assert {r["config_hash"] for r in got} == {parse_config(argv).config_hash}
+    assert sum(r["label"] == answers[r["id"]] for r in got) / 8 == pytest.approx(on.chosen_on["gated_accuracy"])
+    run = json.loads((out / "_run.json").read_text())
+    assert ChoicePriors.from_mapping(run["config"]["label"]["priors"]) == on.priors
