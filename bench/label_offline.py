@@ -18,7 +18,10 @@ term) holds everything the pool needs. This module
   ``member_stats`` (``jobs.dev_scores.seed_member_scores``; refused when the runs' scorer settings are
   not calibrate's), and runs ``jobs.calibrate``, which then makes no model call: the ensemble's profile
   ``OUT/<task>/profile.json`` and, per member, ``OUT/<task>/single-<member>.json`` (the member alone
-  with its own dev-chosen normalisation and temperature: the baseline a calibrated ensemble must beat).
+  with its own dev-chosen normalisation and temperature: the baseline a calibrated ensemble must beat);
+  ``--priors auto|on|off`` is calibrate's (the prior correction, which a rule applies from its profile);
+- compares systems of an eval_label report pairwise (``compare``: each pair's accuracy and ECE per
+  task and the paired-bootstrap difference, e.g. a calibrated system with and without priors).
 
     python bench/label_offline.py calibrate --tasks arc_challenge piqa --members smollm2 gemma \\
         --out output/label_eval/profiles/specfuse-pair
