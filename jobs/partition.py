@@ -70,6 +70,11 @@ class PartitionRunner:
             (fitted if isinstance(r, Request) else out).append(r)
         labels = [r for r in fitted if r.choices is not None]
         gens = [r for r in fitted if r.choices is None]
+        priors = self.config.label.priors
+        if labels and priors is not None:  # a choice without a dev prior: bad input, not a fuser failure
+            why = {r.id: priors.uncovered(r.choices) for r in labels}
+            out += [self.error_row(r.id, why[r.id], "input", r.seed) for r in labels if why[r.id]]
+            labels = [r for r in labels if not why[r.id]]
         if labels:
             out += self._isolated(labels, self._label_rows)
         if gens:

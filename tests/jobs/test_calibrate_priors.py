@@ -163,7 +163,7 @@ def test_an_uncovered_choice_is_an_error_row_of_the_job(tiny_dirs, dev_file, tmp
                                             str(tmp_path / "on.json")]), max_new_tokens=4)
     wide = [dict(rows[0], id="wide", choices=rows[0]["choices"] + ["one more"])] + rows[1:3]
     got = {r["id"]: r for r in _job_rows(cfg, wide)}
-    assert got["wide"]["status"] == "error" and "UncoveredChoice" in got["wide"]["error"]
+    assert got["wide"]["status"] == "error" and got["wide"]["error_kind"] == "input"  # bad input, no error budget
     assert "a row of 4 choices has no prior for position 4" in got["wide"]["error"]
     assert all(got[r["id"]]["status"] == "ok" for r in rows[1:3])
     assert on.priors.keyed_by == "position"
