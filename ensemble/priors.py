@@ -71,8 +71,8 @@ class ChoicePriors:
             raise ValueError(f"priors: keyed_by must be one of {KEYED_BY}, got {self.keyed_by!r}")
         if not isinstance(self.norm, str) or not self.norm:
             raise ValueError(f"priors: norm must be a normalisation's name, got {self.norm!r}")
-        if isinstance(self.members, str) or not self.members or any(not isinstance(m, str) or not m
-                                                                    for m in self.members):
+        if (isinstance(self.members, str) or not isinstance(self.members, Sequence) or not self.members
+                or any(not isinstance(m, str) or not m for m in self.members)):
             raise ValueError(f"priors: members must be a non-empty list of member specs, got {self.members!r}")
         object.__setattr__(self, "members", tuple(self.members))
         if self.keyed_by == "text":

@@ -116,6 +116,7 @@ def test_priors_are_validated_and_round_trip_through_json(tmp_path):
                           ({"keyed_by": "text"}, "keys must be the distinct choice texts"),
                           ({"keyed_by": "text", "keys": ["x", "y"]}, r"every table must have 2 entries .*'a': 3"),
                           ({"members": []}, "members must be a non-empty list"),
+                          ({"members": 5}, "members must be a non-empty list of member specs, got 5"),
                           ({"rows": -1}, "rows must be an integer >= 0")]:
         with pytest.raises(ValueError, match=match):
             ChoicePriors.from_mapping({**pri.to_dict(), **change})
