@@ -94,6 +94,8 @@ class Profile:
             raise bad("label_pool", f"one of {POOLS}")
         if isinstance(self.priors, dict):
             object.__setattr__(self, "priors", ChoicePriors.from_mapping(self.priors))
+        elif self.priors is not None and not isinstance(self.priors, ChoicePriors):
+            raise bad("priors", "None or an object of priors (ensemble/priors.py)")
         if self.priors is not None and self.priors.members != self.members:
             raise bad("priors", f"estimated for the profile's members {list(self.members)}")
         self.label_params()  # the scorer's and the gate's own checks

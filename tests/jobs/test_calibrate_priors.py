@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 
 import pytest
 
@@ -122,6 +123,12 @@ def test_choice_priors_flag_agrees_with_or_contradicts_the_profile(tmp_path):
         parse_config(flags + ["--choice-norm", "token"])
     with pytest.raises(ValueError, match="estimated for the profile's members"):
         _profile(tmp_path, "bad.json", priors={**PRIORS, "members": ["x", "b", "c"]})
+    good = json.loads(open(path).read())
+    for bad in (5, [0.5, 0.5], "priors.json"):  # not an object of priors: refused naming the field and the value
+        (tmp_path / "bad.json").write_text(json.dumps({**good, "priors": bad}))
+        with pytest.raises(ValueError, match="profile: priors must be None or an object of priors .*got "
+                                             + re.escape(repr(bad))):
+            load_profile(tmp_path / "bad.json")
 
 
 def test_calibrate_chooses_and_applies_priors_end_to_end(tiny_dirs, dev_file, tmp_path):  # noqa: F811
