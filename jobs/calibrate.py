@@ -46,9 +46,9 @@ from jobs.profiles import Profile
 log = logging.getLogger("jobs.calibrate")
 ENSEMBLES = ("deepen", "specfuse")
 DEEPEN_DEV_LIMIT = 200
+"""Default of --deepen-dev-limit: dev rows DeePEn labels to choose its gate (each costs a fused pass)."""
 PRIOR_MODES = ("auto", "on", "off")
 """--priors: chosen by 2-fold cross-fitted dev accuracy (jobs/calibration.py), always on, or off."""
-"""Default of --deepen-dev-limit: dev rows DeePEn labels to choose its gate (each costs a fused pass)."""
 
 
 def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt: Runtime = Runtime(),
