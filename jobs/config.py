@@ -150,6 +150,9 @@ class JobConfig:
                              f"but the job runs {list(self.members)} (calibrate again)")
         if priors is not None and priors.fused is not None and self.method != "deepen":
             raise ValueError(f"label priors hold a fused table (DeePEn's), but the method is {self.method!r}")
+        if priors is not None and priors.fused is None and self.method == "deepen":  # no silent half-correction
+            raise ValueError("label priors for DeePEn need a fused table (its own dev labels' prior, written by "
+                             "`jobs.calibrate --method deepen`); these hold member tables only")
 
     def _resolve_fuser(self) -> None:
         """``fuser`` -> the method's config with every default filled in, checked against members."""

@@ -119,6 +119,10 @@ def test_choice_priors_flag_agrees_with_or_contradicts_the_profile(tmp_path):
         parse_config(BASE + ["--method", "deepen", "--members", "a", "b", "--choice-priors", path])
     with pytest.raises(ValueError, match="label priors hold a fused table \\(DeePEn's\\), but the method is 'specfuse'"):
         parse_config(BASE + ["--method", "specfuse", "--members", "a", "b", "c", "--choice-priors", path])
+    members_only = _profile(tmp_path, "members-only.json", priors={**PRIORS, "fused": None})
+    assert parse_config(BASE + ["--method", "specfuse", "--members", "a", "b", "c", "--choice-priors", members_only])
+    with pytest.raises(ValueError, match="label priors for DeePEn need a fused table"):
+        parse_config(BASE + ["--method", "deepen", "--members", "a", "b", "c", "--choice-priors", members_only])
     with pytest.raises(ValueError, match="priors were estimated under norm 'pmi', but norm is 'token'"):
         parse_config(flags + ["--choice-norm", "token"])
     with pytest.raises(ValueError, match="estimated for the profile's members"):
