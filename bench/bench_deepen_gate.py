@@ -1,5 +1,6 @@
-"""Gated DeePEn benchmark (issue 17, points 1 and 5) on the packaged trio (SmolLM2-135M-Instruct main,
-Qwen2.5-Coder-0.5B-Instruct, Gemma-3-270M), CPU, greedy, 8 prompts x 64 new tokens, all in one run.
+"""Gated DeePEn benchmark (issue 17, points 1 and 5) on the packaged trio (SmolLM2-135M-Instruct,
+Qwen2.5-Coder-0.5B-Instruct, Gemma-3-270M; ``--main`` picks the main member, default SmolLM2), CPU,
+greedy, 8 prompts x 64 new tokens, all in one run.
 
 For the main member alone (Single), ungated DeePEn (``fuse_below=1``) and each gate asked for
 (``--top1`` thresholds, ``--margin`` thresholds): decoding time as a ratio to the main member alone
@@ -10,9 +11,9 @@ are a common prefix). Systems are interleaved within a repeat and the median ove
 reported; each fuser is built once (anchors) and warmed up untimed on 4 tokens.
 
     python bench/bench_deepen_gate.py [--prompts 8] [--max-new-tokens 64] [--repeats 1]
-                                      [--top1 0.9 0.7 0.5] [--margin 0.5 0.2]
+                                      [--top1 0.9 0.7 0.5] [--margin 0.5 0.2] [--main MEMBER]
 
-Writes bench/results/deepen_gate.json and deepen_gate.md and prints the table. Times are wall-clock
+Writes bench/results/deepen_gate.json and deepen_gate.md (``--out`` another path) and prints the table. Times are wall-clock
 on a shared machine: compare ratios inside one run, never absolute times.
 """
 from __future__ import annotations
@@ -77,15 +78,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--top1", type=float, nargs="*", default=[0.9, 0.7, 0.5])
     ap.add_argument("--margin", type=float, nargs="*", default=[0.5, 0.2])
+    ap.add_argument("--main", choices=TRIO, default=TRIO[0], help="DeePEn's main member (and the baseline alone)")
     ap.add_argument("--out", default=str(RESULTS / "deepen_gate"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     members = [load_member(n) for n in TRIO]
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
     params = DecodeParams(max_new_tokens=args.max_new_tokens)
-    systems = {"main alone": Single(members[0]), "DeePEn ungated": DeePEn(members)}
-    systems |= {f"gated top1 {g}": DeePEn(members, fuse_below=g) for g in args.top1}
-    systems |= {f"gated margin {g}": DeePEn(members, fuse_below=g, gate_on="margin") for g in args.margin}
+    k = TRIO.index(args.main)
+    systems = {"main alone": Single(members[k]), "DeePEn ungated": DeePEn(members, main=k)}
+    systems |= {f"gated top1 {g}": DeePEn(members, main=k, fuse_below=g) for g in args.top1}
+    systems |= {f"gated margin {g}": DeePEn(members, main=k, fuse_below=g, gate_on="margin") for g in args.margin}
     for f in systems.values():  # warm-up, untimed
         f.generate(prompts[:2], DecodeParams(max_new_tokens=4))
     times: dict[str, list[float]] = {k: [] for k in systems}
@@ -96,18 +99,18 @@ def main() -> int:
             times[name].append(t)
             log.info("repeat %d: %s %.1f s", rep, name, t)
     alone_s = statistics.median(times["main alone"])
-    main = members[0]
+    main = members[k]
 
     def ref(name):
         return outs[name], [main.encode_text(o.text) for o in outs[name]]
 
     rows = [summarise(n, outs[n], times[n], alone_s, main, ref("DeePEn ungated"), ref("main alone")) for n in systems]
-    result = {"members": TRIO, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+    result = {"members": TRIO, "main": args.main, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "systems": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = [f"# Gated DeePEn: {', '.join(TRIO)} (main first)", "",
+    md = [f"# Gated DeePEn: {', '.join(TRIO)} (main: {args.main})", "",
           f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, CPU ({torch.get_num_threads()} torch "
           f"threads), median of {args.repeats} repeat(s). Ratio: time / the main member alone; other forwards: the "
           f"other members' calls past the prefill, summed over them, per generated token (row by row); same "

@@ -9,10 +9,14 @@ its ratio to exit off (issue 17 target <= 0.6), members active per round, the sh
 text equals exit off's, and quality (GSM8K exact match, which carries little signal for these
 members; QA exact match and token F1). ``--self-score-ablation`` adds exit off and the first rule
 with ``self_score`` off (each candidate ranked by the other members only), compared with the same
-settings with self-scores.
+settings with self-scores. ``--alone MEMBER`` runs that member alone (``Single``, the same rows as one
+batch) before and after the SpecFuse runs and reports each SpecFuse run's time per generated token
+and time per row as a ratio to it (the mean of its two runs; issue 17 point 5: target <= 3 per
+token with exit on, at batch 8). Tokens are each system's own: SpecFuse counts its first member's
+tokenisation of the response, a member alone its own.
 
     python bench/bench_specfuse_exit.py [--prompts 8] [--qa 16] [--exit-rules lead rank]
-                                        [--self-score-ablation]
+                                        [--self-score-ablation] [--alone qwen2.5-coder-0.5b-instruct]
 
 Writes bench/results/specfuse_exit.json and .md, with the code version (``eval_label.git_head``) and
 each exit run's settings (``exit_settings``: rule, window, the resolved level, first round).
@@ -40,6 +44,7 @@ import tasks  # noqa: E402
 from bench_specfuse import STOP, TRIO, exact_match, gsm8k  # noqa: E402
 from ensemble import DecodeParams, load_member  # noqa: E402
 from ensemble.config import EXIT_RULES, SpecFuseConfig  # noqa: E402
+from ensemble.fusers.single import Single  # noqa: E402
 from ensemble.fusers.specfuse import SpecFuse  # noqa: E402
 
 log = logging.getLogger("bench.specfuse_exit")
@@ -97,6 +102,30 @@ def run(members, rows: list[dict], params: DecodeParams, **config) -> dict:
     }
 
 
+def run_alone(member, rows: list[dict], params: DecodeParams) -> dict:
+    """``member`` alone over ``rows`` as one batch (``Single``): wall time, tokens and quality."""
+    t0 = time.perf_counter()
+    outs = Single(member).generate([r["prompt"] for r in rows], params)
+    wall = time.perf_counter() - t0
+    log.info("%s alone: %d rows, %.0f s", member.name, len(outs), wall)
+    scores = [quality(o.text, r) for o, r in zip(outs, rows)]
+    return {"rows": len(outs), "wall_s": wall, "tokens_out": sum(o.token_count for o in outs),
+            **{k: statistics.mean(q[k] for q in scores) for k in scores[0]}, "texts": [o.text for o in outs]}
+
+
+def alone_ratios(run_: dict, alone: dict) -> dict:
+    """A SpecFuse run's time per generated token and per row as ratios to a member alone's (its runs'
+    mean wall time and tokens)."""
+    per_token = (run_["wall_s"] / run_["tokens_out"]) / (alone["wall_s"] / alone["tokens_out"])
+    return {"time_per_token_vs_alone": per_token, "time_vs_alone": run_["wall_s"] / alone["wall_s"]}
+
+
+def mean_runs(runs: list[dict]) -> dict:
+    """The mean wall time and tokens of repeated runs of one system (their texts are the first run's)."""
+    return {**runs[0], "wall_s": statistics.mean(r["wall_s"] for r in runs),
+            "tokens_out": statistics.mean(r["tokens_out"] for r in runs), "walls": [r["wall_s"] for r in runs]}
+
+
 def compare(on: dict, off: dict) -> dict:
     """Exit on vs exit off on the same prompts: calls ratio, same-text share, wall ratio."""
     return {"calls_ratio": on["member_calls_per_round"] / off["member_calls_per_round"],
@@ -106,7 +135,8 @@ def compare(on: dict, off: dict) -> dict:
 
 ROWS = (("rounds", "{}"), ("rows_with_exit", "{:.2f}"), ("members_per_round", "{:.2f}"),
         ("member_calls_per_round", "{:.2f}"), ("calls_ratio", "**{:.3f}**"), ("same_text", "{:.2f}"),
-        ("exact_match", "{:.3f}"), ("f1", "{:.3f}"), ("tokens_out", "{}"), ("wall_s", "{:.0f}"))
+        ("exact_match", "{:.3f}"), ("f1", "{:.3f}"), ("tokens_out", "{:.0f}"), ("wall_s", "{:.0f}"),
+        ("time_per_token_vs_alone", "**{:.2f}**"), ("time_vs_alone", "{:.2f}"))
 
 
 def markdown(res: dict) -> str:
@@ -123,6 +153,8 @@ def markdown(res: dict) -> str:
             if any(c != "-" for c in cells):
                 lines.append(f"| {key} | " + " | ".join(cells) + " |")
         for label, r in runs.items():
+            if "per_member" not in r:
+                continue
             lines.append(f"| {label}: exit rate / mean exit round / win share | " + "; ".join(
                 f"{m} {s['exit_rate']:.2f} / {s['mean_exit_round'] or 0:.1f} / {s['win_share']:.2f}"
                 for m, s in r["per_member"].items()) + " |" + " |" * (len(runs) - 1))
@@ -136,6 +168,8 @@ def main() -> int:
     ap.add_argument("--qa", type=int, default=0, help="HaluEval-QA dev prompts (48 new tokens); 0: none")
     ap.add_argument("--exit-rules", nargs="+", choices=EXIT_RULES, default=[SpecFuseConfig().exit_rule])
     ap.add_argument("--self-score-ablation", action="store_true")
+    ap.add_argument("--alone", nargs="*", default=[], choices=TRIO,
+                    help="members run alone on the same rows (before and after the SpecFuse runs) as the time baseline")
     ap.add_argument("--out", type=Path, default=RESULTS / "specfuse_exit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -150,11 +184,18 @@ def main() -> int:
     sets = {}
     for name, (rows, params) in prompt_sets(args.prompts, args.qa).items():
         runs, offs = {}, {}
+        alone_first = {n: run_alone(members[TRIO.index(n)], rows, params) for n in args.alone}
         for label, self_score, config in plan:
             r = run(members, rows, params, segment_tokens=10, self_score=self_score, **config)
             if not config.get("exit", True):
                 offs[self_score] = r
             runs[label] = {**r, **compare(r, offs[self_score])}
+        for n in args.alone:
+            alone = mean_runs([alone_first[n], run_alone(members[TRIO.index(n)], rows, params)])
+            runs[f"{n} alone"] = alone
+            if n == args.alone[0]:  # the ratios are to the first member named
+                for label, _, _ in plan:
+                    runs[label].update(alone_ratios(runs[label], alone))
         sets[name] = {"prompts": len(rows), "max_new_tokens": params.max_new_tokens, "runs": runs}
     res = {"command": "python bench/bench_specfuse_exit.py " + " ".join(sys.argv[1:]), "code": code, "members": TRIO,
            "threads": torch.get_num_threads(),
