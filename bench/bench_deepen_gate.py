@@ -1,6 +1,7 @@
 """Gated DeePEn benchmark (issue 17, points 1 and 5) on the packaged trio (SmolLM2-135M-Instruct,
 Qwen2.5-Coder-0.5B-Instruct, Gemma-3-270M; ``--main`` picks the main member, default SmolLM2), CPU,
-greedy, 8 prompts x 64 new tokens, all in one run.
+greedy, 8 prompts x 64 new tokens in one batch (``--batch-size`` smaller batches, run one after
+another), all in one run.
 
 For the main member alone (Single), ungated DeePEn (``fuse_below=1``) and each gate asked for
 (``--top1`` thresholds, ``--margin`` thresholds): decoding time as a ratio to the main member alone
@@ -10,7 +11,7 @@ alone (rows with the same text; mean share of the main member's tokens of the lo
 are a common prefix). Systems are interleaved within a repeat and the median over ``--repeats`` is
 reported; each fuser is built once (anchors) and warmed up untimed on 4 tokens.
 
-    python bench/bench_deepen_gate.py [--prompts 8] [--max-new-tokens 64] [--repeats 1]
+    python bench/bench_deepen_gate.py [--prompts 8] [--max-new-tokens 64] [--repeats 1] [--batch-size 8]
                                       [--top1 0.9 0.7 0.5] [--margin 0.5 0.2] [--main MEMBER]
 
 Writes bench/results/deepen_gate.json and deepen_gate.md (``--out`` another path) and prints the table. Times are wall-clock
@@ -40,9 +41,11 @@ log = logging.getLogger("bench.deepen_gate")
 RESULTS = REPO / "bench" / "results"
 
 
-def timed(fuser, prompts, params):
+def timed(fuser, prompts, params, batch_size):
+    """Every prompt through ``fuser.generate`` in consecutive batches of ``batch_size``; outputs and
+    the total wall time."""
     t0 = time.perf_counter()
-    outs = fuser.generate(prompts, params)
+    outs = [o for i in range(0, len(prompts), batch_size) for o in fuser.generate(prompts[i:i + batch_size], params)]
     return outs, time.perf_counter() - t0
 
 
@@ -76,6 +79,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default: all)")
     ap.add_argument("--top1", type=float, nargs="*", default=[0.9, 0.7, 0.5])
     ap.add_argument("--margin", type=float, nargs="*", default=[0.5, 0.2])
     ap.add_argument("--main", choices=TRIO, default=TRIO[0], help="DeePEn's main member (and the baseline alone)")
@@ -84,6 +88,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     members = [load_member(n) for n in TRIO]
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
+    batch_size = args.batch_size or len(prompts)
+    if batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {batch_size}")
     params = DecodeParams(max_new_tokens=args.max_new_tokens)
     k = TRIO.index(args.main)
     systems = {"main alone": Single(members[k]), "DeePEn ungated": DeePEn(members, main=k)}
@@ -95,7 +102,7 @@ def main() -> int:
     outs: dict[str, list] = {}
     for rep in range(args.repeats):
         for name, f in systems.items():
-            outs[name], t = timed(f, prompts, params)
+            outs[name], t = timed(f, prompts, params, batch_size)
             times[name].append(t)
             log.info("repeat %d: %s %.1f s", rep, name, t)
     alone_s = statistics.median(times["main alone"])
@@ -106,12 +113,12 @@ def main() -> int:
 
     rows = [summarise(n, outs[n], times[n], alone_s, main, ref("DeePEn ungated"), ref("main alone")) for n in systems]
     result = {"members": TRIO, "main": args.main, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "systems": rows}
+              "batch_size": batch_size, "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "systems": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     md = [f"# Gated DeePEn: {', '.join(TRIO)} (main: {args.main})", "",
-          f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, CPU ({torch.get_num_threads()} torch "
+          f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, batches of {batch_size}, greedy, CPU ({torch.get_num_threads()} torch "
           f"threads), median of {args.repeats} repeat(s). Ratio: time / the main member alone; other forwards: the "
           f"other members' calls past the prefill, summed over them, per generated token (row by row); same "
           f"text: rows of {len(prompts)}.", "",
