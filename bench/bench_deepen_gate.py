@@ -88,7 +88,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     members = [load_member(n) for n in TRIO]
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
-    batch_size = args.batch_size or len(prompts)
+    batch_size = len(prompts) if args.batch_size is None else args.batch_size
     if batch_size < 1:
         ap.error(f"--batch-size must be >= 1, got {batch_size}")
     params = DecodeParams(max_new_tokens=args.max_new_tokens)
