@@ -86,11 +86,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "deepen_gate"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    members = [load_member(n) for n in TRIO]
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
     batch_size = len(prompts) if args.batch_size is None else args.batch_size
     if batch_size < 1:
         ap.error(f"--batch-size must be >= 1, got {batch_size}")
+    members = [load_member(n) for n in TRIO]
     params = DecodeParams(max_new_tokens=args.max_new_tokens)
     k = TRIO.index(args.main)
     systems = {"main alone": Single(members[k]), "DeePEn ungated": DeePEn(members, main=k)}
