@@ -19,7 +19,9 @@ rows once (cached too, with its fused probabilities), and its temperature and ga
 rows. The temperature is fitted on the label probabilities of the system the profile applies (the
 pooled ones for SpecFuse, the fused ones for DeePEn, the member's for a single member), before the
 gate, which is then chosen on the tempered posteriors (a gate of 0 keeps the main member's answer on
-every row: the temperature is then refitted on its posteriors, which changes no label); the summary
+every row: the temperature is then refitted on its posteriors, which changes no label, and the profile
+is reduced to method single over the main member, so the job makes no call whose output no label uses;
+the ensemble it replaces is recorded in ``chosen_on["reduced"]``); the summary
 reports the dev NLL and expected calibration error at temperature 1 and at the fitted one
 (``--no-temperature``: keep 1). The per-member prior correction (ensemble/priors.py) is estimated on
 dev and kept only when its 2-fold cross-fitted dev accuracy beats off (jobs/calibration.py; before
@@ -29,6 +31,7 @@ comes from its own cached dev labels; ``--priors on|off`` forces it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -154,6 +157,18 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                 lambda t: tempered(logs[main], t), golds, grid,
                 f"{main}'s posteriors (the gate keeps them on every row)")
             chosen["temperature"]["ensemble"] = ensemble_fit  # the first fit, on the ensemble's probabilities
+            # the other members' calls would change no label or probability: the profile is the main alone
+            chosen["reduced"] = {"method": final, "members": list(order), "main": main_idx, "weights": weights,
+                                 "label_pool": pool_kind, "gate": gate,
+                                 "priors": None if fitted is None else fitted.to_dict(),
+                                 "why": "gate 0 keeps the main member's answer on every row"}
+            log.info("the gate keeps %s's answer on every dev row: the profile is method single (the other "
+                     "members' calls would change no label)", main)
+            if fitted is not None:
+                fitted = dataclasses.replace(fitted, members=(main,), tables=(fitted.tables[main_idx],), fused=None)
+            dropped = {**dropped, **{m: f"the gate (0) keeps {main}'s answer on every dev row: its calls would change "
+                                        f"no label" for m in order if m != main}}
+            final, order, weights, main_idx, gate, pool_kind = "single", [main], None, 0, None, None
         else:
             chosen["temperature"]["ece_gated"] = label_ece(
                 [m if gate_keeps(m, gate) else e for m, e in zip(main_posts, ens_probs)], gate_rows)
@@ -220,10 +235,15 @@ def summary(p: Profile) -> str:
     if "pool" in p.chosen_on:
         lines.append(f"pool: {p.label_pool} (" + ", ".join(f"{k} {a:.3f}" for k, a in p.chosen_on["pool"].items()) + ")")
     if "gate" in p.chosen_on:
-        lines.append(f"gate: {p.gate} on {p.chosen_on['gate_rows']} dev rows (ensemble alone "
+        gate = p.gate if "reduced" not in p.chosen_on else p.chosen_on["reduced"]["gate"]
+        lines.append(f"gate: {gate} on {p.chosen_on['gate_rows']} dev rows (ensemble alone "
                      f"{p.chosen_on['ensemble_accuracy']:.3f}, gated {p.chosen_on['gated_accuracy']:.3f}, main member "
                      f"alone {p.chosen_on['gate']['0.0']:.3f}; per gate: "
                      + ", ".join(f"{g} {a:.3f}" for g, a in p.chosen_on["gate"].items()) + ")")
+    if "reduced" in p.chosen_on:
+        r = p.chosen_on["reduced"]
+        lines.append(f"reduced to method single over {p.members[0]}: {r['why']} ({r['method']} over "
+                     f"{r['members']} would cost {len(r['members'])} member calls a row for the same labels)")
     return "\n".join(lines)
 
 

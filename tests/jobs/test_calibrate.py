@@ -265,6 +265,13 @@ def _job_rows(cfg, rows):
 def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatch):
     from jobs.calibrate import calibrate
 
+    import jobs.calibrate as jc
+
+    # the tiny dev set's own choice is gate 0, which reduces the profile to the main member alone
+    # (test_gate_zero_reduces_the_profile_to_the_main_member): here the best of the other gates
+    real = jc.choose_gate
+    monkeypatch.setattr(jc, "choose_gate", lambda *a: (real(*a, grid=[g for g in cal.GATE_GRID if g != 0.0])[0],
+                                                       real(*a)[1]))
     path, rows = dev_file
     out = tmp_path / "prof" / "spec.json"
     prof = calibrate(path, tiny_dirs, "specfuse", str(out), gap=None)
@@ -277,11 +284,8 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
     rec = prof.chosen_on["temperature"]
     assert prof.temperature == rec["temperature"] in cal.TEMPERATURE_GRID and rec["rows"] == 8
     assert rec["nll_after"] <= rec["nll_before"] and {"ece_before", "ece_after"} <= set(rec)
-    if prof.gate == 0.0:  # the main member's answer on every row: the temperature is fitted on its posteriors
-        assert rec["fitted_on"].startswith(f"{prof.members[0]}'s posteriors") and "ece_gated" not in rec
-        assert rec["ensemble"]["fitted_on"] == f"the {prof.label_pool} pool of the members' posteriors"
-    else:
-        assert rec["fitted_on"] == f"the {prof.label_pool} pool of the members' posteriors" and "ece_gated" in rec
+    assert prof.gate != 0.0 and "reduced" not in prof.chosen_on
+    assert rec["fitted_on"] == f"the {prof.label_pool} pool of the members' posteriors" and "ece_gated" in rec
     assert list(prof.agreement) == [f"{tiny_dirs[0]}|{tiny_dirs[1]}"]
     cache = sorted(p.name for p in (tmp_path / "prof" / "spec.cache").iterdir())
     assert len(cache) == 2 and all(n.startswith("scores-") for n in cache)
@@ -317,15 +321,18 @@ def test_calibrate_deepen_labels_a_dev_prefix_once(tiny_dirs, dev_file, tmp_path
     path, _ = dev_file
     out = tmp_path / "deep.json"
     prof = calibrate(path, tiny_dirs, "deepen", str(out), gap=None, deepen_dev_limit=3)
-    assert prof.method == "deepen" and prof.members == tuple(tiny_dirs) and prof.chosen_on["gate_rows"] == 3
-    assert prof.members[prof.main] == max(tiny_dirs, key=lambda m: (
+    reduced = prof.chosen_on.get("reduced")  # gate 0: the profile is the main member alone
+    members, main = (reduced["members"], reduced["main"]) if reduced else (prof.members, prof.main)
+    assert prof.method == ("single" if reduced else "deepen") and prof.requested_method == "deepen"
+    assert tuple(members) == tuple(tiny_dirs) and prof.chosen_on["gate_rows"] == 3
+    assert members[main] == max(tiny_dirs, key=lambda m: (
         prof.member_accuracy[m][prof.choice_norm]["accuracy"], -tiny_dirs.index(m)))
     labels = [p for p in (tmp_path / "deep.cache").iterdir() if p.name.startswith("labels-deepen-")]
     assert len(labels) == 1 and pq.read_table(labels[0]).num_rows == 3
     rec = prof.chosen_on["temperature"]  # fitted on the cached fused probabilities of the 3 rows
-    fused = rec["ensemble"] if prof.gate == 0.0 else rec  # gate 0: refitted on the main member's posteriors
+    fused = rec["ensemble"] if reduced else rec  # gate 0: refitted on the main member's posteriors
     assert fused["fitted_on"] == "DeePEn's fused probabilities" and fused["rows"] == 3
-    assert fused["nll_after"] <= fused["nll_before"] and (prof.gate == 0.0) == (rec["rows"] == 8)
+    assert fused["nll_after"] <= fused["nll_before"] and bool(reduced) == (rec["rows"] == 8)
     assert prof.temperature == rec["temperature"] and rec["nll_after"] <= rec["nll_before"]
     fixed = calibrate(path, tiny_dirs, "deepen", str(out), gap=None, deepen_dev_limit=3,
                       fit_temperature=False)  # same cache, temperature kept at 1
@@ -383,3 +390,49 @@ def test_calibrate_through_the_spark_job_and_apply_it(tiny_dirs, dev_file, tmp_p
     assert {r["schema_version"] for r in got} == {SCHEMA_VERSION}
     answers = {r["id"]: r["answer"] for r in rows}
     assert sum(r["label"] == answers[r["id"]] for r in got) / 8 == pytest.approx(on_spark.chosen_on["gated_accuracy"])
+
+
+@pytest.mark.parametrize("method,priors", [("specfuse", "off"), ("specfuse", "on"), ("deepen", "off")])
+def test_gate_zero_reduces_the_profile_to_the_main_member(tiny_dirs, dev_file, tmp_path, monkeypatch, method, priors):
+    """A gate of 0 keeps the main member's answer on every row: the profile is method single over it,
+    and the job's labels and probabilities equal those of the ensemble profile it replaces, which calls
+    every member for them."""
+    import jobs.calibrate as jc
+    from ensemble.priors import ChoicePriors
+
+    real = jc.choose_gate
+    monkeypatch.setattr(jc, "choose_gate", lambda *a: (0.0, real(*a)[1]))  # whatever dev says, gate 0
+    path, rows = dev_file
+    out = tmp_path / "red.json"
+    prof = jc.calibrate(path, tiny_dirs, method, str(out), gap=None, deepen_dev_limit=3, priors=priors)
+    r = prof.chosen_on["reduced"]
+    assert (r["method"], r["gate"], len(r["members"])) == (method, 0.0, 2)
+    assert (prof.method, prof.members, prof.main, prof.weights, prof.gate, prof.label_pool) == (
+        "single", (r["members"][r["main"]],), 0, None, None, None)
+    assert (prof.priors is not None) == (priors == "on") == (r["priors"] is not None)
+    other = next(m for m in tiny_dirs if m != prof.members[0])  # the member the reduction leaves out, and why
+    assert set(prof.dropped) == {other} and "the gate (0) keeps" in prof.dropped[other]
+    if prof.priors is not None:  # the main member's table of the ensemble's priors
+        full = ChoicePriors.from_mapping(r["priors"])
+        assert prof.priors.members == prof.members and prof.priors.tables == (full.tables[r["main"]],)
+    assert "reduced to method single over" in jc.summary(prof)
+    rec = prof.chosen_on["temperature"]  # refitted on the main member's posteriors, the first fit kept
+    assert rec["fitted_on"].startswith(f"{prof.members[0]}'s posteriors") and "ece_gated" not in rec
+    assert prof.temperature == rec["temperature"] and rec["ensemble"]["fitted_on"] == (
+        f"the {r['label_pool']} pool of the members' posteriors" if method == "specfuse"
+        else "DeePEn's fused probabilities")
+    ensemble = dataclasses.replace(prof, method=r["method"], members=tuple(r["members"]), main=r["main"],
+                                   weights=tuple(r["weights"]), label_pool=r["label_pool"], gate=0.0,
+                                   priors=None if r["priors"] is None else ChoicePriors.from_mapping(r["priors"]))
+    ensemble.save(tmp_path / "ens.json")
+    got = {}
+    for name, f in (("single", out), ("ensemble", tmp_path / "ens.json")):
+        cfg = dataclasses.replace(parse_config(["--input", path, "--output", str(tmp_path / name), "--profile", str(f)]),
+                                  max_new_tokens=4)
+        got[name] = _job_rows(cfg, rows)
+        assert [x["status"] for x in got[name]] == ["ok"] * 8
+    assert [x["label"] for x in got["single"]] == [x["label"] for x in got["ensemble"]]
+    for a, b in zip(got["single"], got["ensemble"]):
+        assert a["label_probs"] == pytest.approx(b["label_probs"], abs=1e-6)
+        assert len(a["member_stats"]) == 1 and len(b["member_stats"]) == 2
+        assert all(m["calls"] > 0 for m in b["member_stats"])  # the ensemble calls every member for them
