@@ -20,6 +20,8 @@ term) holds everything the pool needs. This module
   ``OUT/<task>/profile.json`` and, per member, ``OUT/<task>/single-<member>.json`` (the member alone
   with its own dev-chosen normalisation and temperature: the baseline a calibrated ensemble must beat);
   ``--priors auto|on|off`` is calibrate's (the prior correction, which a rule applies from its profile);
+  ``--method deepen`` makes one model call per dev row: DeePEn's fused labels, which its temperature
+  and gate are chosen on (a DeePEn profile is applied by a job run, ``eval_label --profile``);
 - compares systems of an eval_label report pairwise (``compare``: each pair's accuracy and ECE per
   task and the paired-bootstrap difference, e.g. a calibrated system with and without priors).
 
@@ -316,11 +318,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    cal = sub.add_parser("calibrate", help="profiles per task from the members' dev runs (no model calls)")
+    cal = sub.add_parser("calibrate", help="profiles per task from the members' dev runs (no member scoring "
+                                           "call; DeePEn's own dev labels for --method deepen)")
     cal.add_argument("--tasks", nargs="+", required=True, choices=tasks.LABEL_TASKS)
     cal.add_argument("--members", nargs="+", required=True, choices=list(MEMBER_SPECS))
-    cal.add_argument("--method", default="specfuse", choices=("specfuse",),
-                     help="deepen's calibration needs DeePEn's own dev labels: run python -m jobs.calibrate")
+    cal.add_argument("--method", default="specfuse", choices=("specfuse", "deepen"),
+                     help="specfuse: no model call; deepen: DeePEn labels the dev split once (jobs.calibrate "
+                          "--method deepen, in process; cached next to the profile), its member scores still "
+                          "come from the dev runs")
     cal.add_argument("--out", type=Path, required=True, help="OUT/<task>/profile.json, OUT/dev/<task>.jsonl")
     cal.add_argument("--work", type=Path, default=REPO / "output" / "label_eval")
     cal.add_argument("--n-dev", type=int, default=None)
