@@ -1,0 +1,142 @@
+"""Offline experiment (issue 16): does pooling each member's *own* calibrated posterior, with weights
+fitted on dev, beat the best calibrated member on test?
+
+``jobs.calibrate`` gives an ensemble profile one normalisation for every member and weights from dev
+accuracy (DeePEn-Adapt). Here each member keeps the normalisation and temperature of its own single
+profile (``label_offline.py calibrate``'s ``single-<member>.json``, its prior correction too), and the pool (linear or
+log-linear) and the weights (a grid over the simplex in steps of 1/``--steps``, at least two members
+with weight) are chosen by dev accuracy (ties: more weight on the best calibrated member on dev, then
+the grid's order). The choice is applied to the test split and compared with the best calibrated
+member on dev, on the same items, with the paired bootstrap of ``bench/eval_label.py``. No model
+call: the members' scores are their runs' ``member_stats`` (``--choice-norm pmi`` runs hold every
+normalisation's inputs).
+
+    python bench/label_stack.py --profiles output/label_eval/profiles/specfuse-trio \\
+        --members smollm2 qwen gemma --tasks arc_challenge piqa --out bench/results/label_stack_trio
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import eval_label  # noqa: E402
+import label_offline  # noqa: E402
+
+from ensemble.config import POOLS  # noqa: E402
+from ensemble.labeling import LabelParams, best, label_posterior, pool  # noqa: E402
+
+log = logging.getLogger("bench.label_stack")
+
+
+def weight_grid(n: int, steps: int) -> list[tuple[float, ...]]:
+    """Weights of ``n`` members on the simplex in steps of ``1 / steps``, at least two members weighted."""
+    return [tuple(x / steps for x in w) for w in itertools.product(range(steps + 1), repeat=n)
+            if sum(w) == steps and sum(x > 0 for x in w) >= 2]
+
+
+def choose(posts: Sequence[Sequence[Sequence[float]]], golds: Sequence[int], base: int,
+           steps: int) -> tuple[str, tuple[float, ...], float]:
+    """(pool, weights, dev accuracy) with the highest accuracy of ``pool(posts[m][row], weights)``'s
+    pick on ``golds`` (``posts[member][row]``); ties: more weight on member ``base``, then the earlier
+    pool of :data:`POOLS` and the earlier grid point."""
+    best_key, chosen = None, None
+    for kind in POOLS:
+        for w in weight_grid(len(posts), steps):
+            acc = sum(best(pool([p[i] for p in posts], w, kind)) == g for i, g in enumerate(golds)) / len(golds)
+            key = (acc, w[base])
+            if best_key is None or key > best_key:
+                best_key, chosen = key, (kind, w, acc)
+    return chosen
+
+
+def member_posts(split: str, task: str, member: str, params: LabelParams, work: Path) -> tuple[list[dict], list]:
+    """The split's rows of ``task`` and ``member``'s posterior of each under ``params``, from its run."""
+    rows = eval_label.build_rows([task], split, None)
+    systems = eval_label.registry(work / split, {})
+    got = eval_label.read_outcomes(eval_label.output_dirs(systems[member], [task], work / split), rows)
+    if got is None:
+        raise ValueError(f"{member} has no complete {split} run on {task}: run bench/eval_label.py first")
+    posts = []
+    for r in rows:
+        o = got[r["id"]]
+        s = label_offline.choice_scores((o["stats"] or [{}])[0], r["choices"]) if o["error"] is None else None
+        if s is None:
+            raise ValueError(f"{member} has no scores for {r['id']} ({split}): the experiment needs every row")
+        posts.append(label_posterior(s, params, params.prior(r["choices"], 0)))
+    return rows, posts
+
+
+def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work: Path, steps: int) -> dict:
+    from jobs.profiles import load_profile
+
+    out = {}
+    for t in task_names:
+        prof = {m: load_profile(profiles / t / f"single-{m}.json") for m in members}
+        params = {m: LabelParams(norm=p.choice_norm, temperature=p.temperature, priors=p.priors)
+                  for m, p in prof.items()}
+        dev_acc = {m: p.member_accuracy[p.members[0]][p.choice_norm]["accuracy"] for m, p in prof.items()}
+        base = max(range(len(members)), key=lambda i: (dev_acc[members[i]], -i))
+        split_posts = {}
+        for split in ("dev", "test"):
+            got = [member_posts(split, t, m, params[m], work) for m in members]
+            golds = [r["choices"].index(r["gold"]) for r in got[0][0]]
+            split_posts[split] = ([p for _, p in got], golds)
+        kind, w, acc_dev = choose(*split_posts["dev"], base, steps)
+        posts, golds = split_posts["test"]
+        ens = [best(pool([p[i] for p in posts], w, kind)) == g for i, g in enumerate(golds)]
+        alone = [best(posts[base][i]) == g for i, g in enumerate(golds)]
+        d, lo, hi = eval_label.paired_bootstrap(ens, alone)
+        out[t] = {"baseline": f"{members[base]}-cal", "baseline_dev": dev_acc[members[base]], "pool": kind,
+                  "weights": dict(zip(members, w)), "dev_accuracy": acc_dev, "test_items": len(golds),
+                  "baseline_test": sum(alone) / len(golds), "accuracy": sum(ens) / len(golds),
+                  "delta": d, "delta_lo": lo, "delta_hi": hi,
+                  "norms": {m: params[m].norm for m in members},
+                  "temperatures": {m: params[m].temperature for m in members},
+                  "priors": {m: params[m].priors is not None for m in members}}
+        log.info("%s: %s", t, json.dumps(out[t]))
+    return out
+
+
+def markdown(res: dict, members: Sequence[str]) -> str:
+    lines = ["| task | best calibrated member (dev) | its test % | stacked pool, weights (" + ", ".join(members)
+             + ") | dev % (member / stacked) | stacked test % | difference [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for t, r in res.items():
+        w = ", ".join(f"{r['weights'][m]:.1f}" for m in members)
+        lines.append(f"| {t} | {r['baseline']} | {100 * r['baseline_test']:.1f} | {r['pool']}, {w} | "
+                     f"{100 * r['baseline_dev']:.1f} / {100 * r['dev_accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
+                     f"{100 * r['delta']:+.1f} [{100 * r['delta_lo']:+.1f}, {100 * r['delta_hi']:+.1f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tasks
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiles", type=Path, required=True, help="label_offline.py calibrate's --out")
+    ap.add_argument("--members", nargs="+", required=True, choices=list(label_offline.MEMBER_SPECS))
+    ap.add_argument("--tasks", nargs="+", required=True, choices=tasks.LABEL_TASKS)
+    ap.add_argument("--work", type=Path, default=REPO / "output" / "label_eval")
+    ap.add_argument("--steps", type=int, default=10, help="weight grid resolution (default 10: steps of 0.1)")
+    ap.add_argument("--out", type=Path, required=True, help="OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    res = run(args.tasks, args.members, args.profiles, args.work, args.steps)
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(res, args.members))
+    sys.stdout.write(markdown(res, args.members))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
