@@ -14,9 +14,12 @@ for large dev sets; cached as Parquet in ``<output>.cache/``). Everything else i
 those scores by the rules of jobs/calibration.py: each member's accuracy under every normalisation
 with a 95% Wilson interval, the members' pairwise agreement, the normalisation, the main member,
 the dropped members, the DeePEn-Adapt weights, SpecFuse's pool, the posterior temperature and the
-gate. Only DeePEn needs the ensemble itself on dev: DeePEn labels the first ``--deepen-dev-limit`` dev
-rows once (cached too, with its fused probabilities), and its temperature and gate are fitted on those
-rows. The temperature is fitted on the label probabilities of the system the profile applies (the
+gate. The main member, the drop rule and the weights read each member's accuracy as the prior
+correction would leave it (unless ``--priors off``): its 2-fold cross-fitted accuracy with the
+correction where that beats its accuracy without (``selection_reports``), so a member whose labels
+are right once its bias is divided out is not dropped for the bias. Only DeePEn needs the ensemble
+itself on dev: DeePEn labels the first ``--deepen-dev-limit`` dev rows once (cached too, with its
+fused probabilities), and its temperature and gate are fitted on those rows. The temperature is fitted on the label probabilities of the system the profile applies (the
 pooled ones for SpecFuse, the fused ones for DeePEn, the member's for a single member), before the
 gate, which is then chosen on the tempered posteriors (a gate of 0 keeps the main member's answer on
 every row: the temperature is then refitted on its posteriors, which changes no label, and the profile
@@ -41,7 +44,8 @@ from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
 from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
                               choose_pool, corrected_logs, decide_priors, fit_priors, label_ece, member_report,
-                              pairwise_agreement, pooled, posteriors, select_members, temperature_record, tempered)
+                              pairwise_agreement, pooled, posteriors, select_members, temperature_record, tempered,
+                              wilson)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
 from jobs.devset import read_dev
 from jobs.profiles import Profile
@@ -82,20 +86,23 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     scores = {m: [raw[m][r.id] for r in rows] for m in members}
     reports = {m: member_report(scores[m], golds) for m in members}
     norm = choose_norm(reports)
-    main, kept, dropped = select_members(members, reports, norm, chance, gap if gap is not None else float("inf"))
+    logs = {m: [log_scores(s, norm) for s in scores[m]] for m in members}
+    sel, selection = selection_reports(reports, norm, logs, sets, golds, priors if len(members) > 1 else "off")
+    main, kept, dropped = select_members(members, sel, norm, chance, gap if gap is not None else float("inf"))
     if gap is None:
         kept, dropped = list(members), {}
-    if reports[main][norm]["low"] <= chance:
+    if sel[main][norm]["low"] <= chance:
         log.warning("the best member, %s, is at chance on dev (accuracy %.3f, interval lower bound %.3f <= %.3f): "
                     "no configuration is expected to label better than a random pick", main,
-                    reports[main][norm]["accuracy"], reports[main][norm]["low"], chance)
+                    sel[main][norm]["accuracy"], sel[main][norm]["low"], chance)
     posts = {m: posteriors(scores[m], norm) for m in members}
     agreement = pairwise_agreement({m: [best(p) for p in posts[m]] for m in members})
     params = label.with_(norm=norm, gate=None, temperature=1.0)
     grid = TEMPERATURE_GRID if fit_temperature else (1.0,)
-    logs = {m: [log_scores(s, norm) for s in scores[m]] for m in members}
     chosen: dict = {"norm": {n: sum(r[n]["accuracy"] for r in reports.values()) / len(reports) for n in reports[main]},
-                    "main_accuracy": reports[main][norm]["accuracy"]}
+                    "main_accuracy": sel[main][norm]["accuracy"]}
+    if selection:
+        chosen["selection"] = selection
     pool_kind, fitted, fused = None, None, None
 
     def correct_members(order: list[str]) -> None:  # the priors on: every dev row's scores corrected
@@ -116,7 +123,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
         final = method
         order = [main] + [m for m in kept if m != main] if method == "specfuse" else kept
         main_idx = order.index(main)
-        weights = adapt_weights([reports[m][norm]["accuracy"] for m in order])
+        weights = adapt_weights([sel[m][norm]["accuracy"] for m in order])
         if method == "specfuse":
             member_logs = [logs[m] for m in order]
             pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
@@ -188,6 +195,26 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     return profile
 
 
+def selection_reports(reports: dict, norm: str, logs: dict, sets, golds, mode: str) -> tuple[dict, dict]:
+    """(the accuracies the main member, the drop rule and the weights are chosen on, their record).
+    Under ``mode`` off, each member's dev accuracy under ``norm``; otherwise each member's accuracy as
+    the prior correction would leave it: its 2-fold cross-fitted accuracy with the correction (the
+    member alone, ``jobs.calibration.decide_priors``) where that beats its accuracy without (auto) or
+    always (on), with a Wilson interval on the dev rows. The record: {member: {uncorrected,
+    corrected, used}} (empty under off)."""
+    if mode == "off":
+        return reports, {}
+    sel, record = {}, {}
+    for m, rep in reports.items():
+        on, rec = decide_priors([logs[m]], sets, golds, lambda x: [best(p) for p in x[0]])
+        acc = rec["on"] if mode == "on" or on else rep[norm]["accuracy"]
+        lo, hi = wilson(round(acc * len(golds)), len(golds))
+        sel[m] = {**rep, norm: {"accuracy": acc, "low": lo, "high": hi}}
+        record[m] = {"uncorrected": rep[norm]["accuracy"], "corrected": rec.get("on"),
+                     "used": "corrected" if mode == "on" or on else "uncorrected"}
+    return sel, record
+
+
 def _decide(mode: str, chosen: dict, sources, sets, golds, picks_of) -> bool:
     """Whether the prior correction goes on under ``mode`` (auto: ``jobs.calibration.decide_priors``),
     recorded in ``chosen``."""
@@ -207,11 +234,15 @@ def summary(p: Profile) -> str:
              f"chance {p.dev['chance']:.3f}; intervals are 95% Wilson",
              f"choice norm: {p.choice_norm} (mean member accuracy per norm: "
              + ", ".join(f"{n} {a:.3f}" for n, a in p.chosen_on["norm"].items()) + ")"]
+    selection = p.chosen_on.get("selection", {})
     for m, rep in p.member_accuracy.items():
         r = rep[p.choice_norm]
         role = ("main" if p.members[p.main] == m else "member") if m in p.members else "dropped"
+        used = selection.get(m, {})
         lines.append(f"  {m}: {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}] {role}"
-                     + (f" (weight {p.weights[p.members.index(m)]:.3f})" if p.weights and m in p.members else ""))
+                     + (f" (weight {p.weights[p.members.index(m)]:.3f})" if p.weights and m in p.members else "")
+                     + (f"; chosen on {used['corrected']:.3f}, its cross-fitted accuracy with the prior correction"
+                        if used.get("used") == "corrected" else ""))
     lines += [f"  dropped {m}: {why}" for m, why in p.dropped.items()]
     lines += [f"  agreement {pair}: {a:.3f}" for pair, a in p.agreement.items()]
     if "temperature" in p.chosen_on:

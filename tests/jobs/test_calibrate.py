@@ -436,3 +436,30 @@ def test_gate_zero_reduces_the_profile_to_the_main_member(tiny_dirs, dev_file, t
         assert a["label_probs"] == pytest.approx(b["label_probs"], abs=1e-6)
         assert len(a["member_stats"]) == 1 and len(b["member_stats"]) == 2
         assert all(m["calls"] > 0 for m in b["member_stats"])  # the ensemble calls every member for them
+
+
+def test_selection_reads_each_members_accuracy_after_the_prior_correction():
+    """A member biased towards one label is right on every row once the bias is divided out: the drop
+    rule, the main member and the weights read that accuracy (cross-fitted), not its biased one."""
+    from jobs.calibrate import selection_reports
+
+    golds = [0, 1] * 10
+    sets = [["x", "y"]] * 20
+    biased = [[3.0, 0.0] if g == 0 else [2.0, 1.0] for g in golds]  # always picks "x": 50%
+    fair = [[1.0, 0.0] if (g == 0) == (i < 12) else [0.0, 1.0] for i, g in enumerate(golds)]  # right on 12 of 20
+    logs = {"biased": biased, "fair": fair}
+    reports = {m: {"pmi": {"accuracy": cal.accuracy([max((0, 1), key=lambda c: x[c]) for x in logs[m]], golds),
+                           "low": 0.0, "high": 1.0}} for m in logs}
+    assert (reports["biased"]["pmi"]["accuracy"], reports["fair"]["pmi"]["accuracy"]) == (0.5, 0.6)
+    sel, rec = selection_reports(reports, "pmi", logs, sets, golds, "auto")
+    assert sel["biased"]["pmi"]["accuracy"] == 1.0 and rec["biased"] == {"uncorrected": 0.5, "corrected": 1.0,
+                                                                         "used": "corrected"}
+    assert sel["biased"]["pmi"]["low"] == pytest.approx(cal.wilson(20, 20)[0])
+    assert rec["fair"]["used"] == "uncorrected" or rec["fair"]["corrected"] > rec["fair"]["uncorrected"]
+    main, kept, dropped = cal.select_members(["fair", "biased"], sel, "pmi", 0.5, 0.1)
+    assert main == "biased" and "fair" in dropped  # without the correction "biased" would be at chance
+    off, none = selection_reports(reports, "pmi", logs, sets, golds, "off")
+    assert off is reports and none == {}
+    forced, rec_on = selection_reports(reports, "pmi", logs, sets, golds, "on")
+    assert all(r["used"] == "corrected" for r in rec_on.values())
+    assert forced["fair"]["pmi"]["accuracy"] == rec_on["fair"]["corrected"]
