@@ -255,11 +255,21 @@ def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: s
     return profiles
 
 
+def calibrated_dev_accuracy(profile) -> float:
+    """A single member's profile's dev accuracy as calibrated: its 2-fold cross-fitted accuracy with
+    the prior correction when the profile applies it, else its accuracy under its normalisation."""
+    priors = profile.chosen_on.get("priors", {})
+    if priors.get("applied"):
+        return priors["on"]
+    return profile.member_accuracy[profile.members[profile.main]][profile.choice_norm]["accuracy"]
+
+
 def calibrated_baseline(report: dict, profiles: Path, members: Sequence[str], system: str) -> dict[str, dict]:
     """Per task, ``system`` (from an eval_label report that ran ``--offline NAME-cal=profile:.../single-NAME.json``
     for each member) against the best calibrated member on dev: the member whose single profile has the
-    highest dev accuracy (ties: the earlier in ``members``), its ``-cal`` labels on the same items, and
-    the paired-bootstrap difference."""
+    highest dev accuracy (its 2-fold cross-fitted accuracy with the prior correction when the profile
+    applies it; ties: the earlier in ``members``), its ``-cal`` labels on the same items, and the
+    paired-bootstrap difference."""
     import eval_label
     from jobs.profiles import load_profile
 
@@ -269,8 +279,7 @@ def calibrated_baseline(report: dict, profiles: Path, members: Sequence[str], sy
     for t in report["tasks"]:
         dev = {}
         for m in members:
-            p = load_profile(profiles / t / f"single-{m}.json")
-            dev[m] = p.member_accuracy[p.members[0]][p.choice_norm]["accuracy"]
+            dev[m] = calibrated_dev_accuracy(load_profile(profiles / t / f"single-{m}.json"))
         base_m = max(members, key=lambda m: (dev[m], -list(members).index(m)))
         ids = [r["id"] for r in rows if r["task"] == t][:report["n"][t]]
         base = [labels[f"{base_m}-cal"][i] == gold[i] for i in ids]

@@ -7,7 +7,9 @@ profile (``label_offline.py calibrate``'s ``single-<member>.json``, its prior co
 log-linear) and the weights (a grid over the simplex in steps of 1/``--steps``, at least two members
 with weight) are chosen by dev accuracy (ties: more weight on the best calibrated member on dev, then
 the grid's order). The choice is applied to the test split and compared with the best calibrated
-member on dev, on the same items, with the paired bootstrap of ``bench/eval_label.py``. No model
+member on dev (``label_offline.py baseline``'s: ``calibrated_dev_accuracy`` of its single profile),
+on the same items, with the paired bootstrap of
+``bench/eval_label.py``; the dev accuracies reported are in-sample, with every correction. No model
 call: the members' scores are their runs' ``member_stats`` (``--choice-norm pmi`` runs hold every
 normalisation's inputs).
 
@@ -83,7 +85,7 @@ def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work:
         prof = {m: load_profile(profiles / t / f"single-{m}.json") for m in members}
         params = {m: LabelParams(norm=p.choice_norm, temperature=p.temperature, priors=p.priors)
                   for m, p in prof.items()}
-        dev_acc = {m: p.member_accuracy[p.members[0]][p.choice_norm]["accuracy"] for m, p in prof.items()}
+        dev_acc = {m: label_offline.calibrated_dev_accuracy(p) for m, p in prof.items()}
         base = max(range(len(members)), key=lambda i: (dev_acc[members[i]], -i))
         split_posts = {}
         for split in ("dev", "test"):
@@ -91,11 +93,13 @@ def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work:
             golds = [r["choices"].index(r["gold"]) for r in got[0][0]]
             split_posts[split] = ([p for _, p in got], golds)
         kind, w, acc_dev = choose(*split_posts["dev"], base, steps)
+        dev_posts, dev_golds = split_posts["dev"]
+        base_dev = sum(best(p) == g for p, g in zip(dev_posts[base], dev_golds)) / len(dev_golds)
         posts, golds = split_posts["test"]
         ens = [best(pool([p[i] for p in posts], w, kind)) == g for i, g in enumerate(golds)]
         alone = [best(posts[base][i]) == g for i, g in enumerate(golds)]
         d, lo, hi = eval_label.paired_bootstrap(ens, alone)
-        out[t] = {"baseline": f"{members[base]}-cal", "baseline_dev": dev_acc[members[base]], "pool": kind,
+        out[t] = {"baseline": f"{members[base]}-cal", "baseline_dev": base_dev, "pool": kind,
                   "weights": dict(zip(members, w)), "dev_accuracy": acc_dev, "test_items": len(golds),
                   "baseline_test": sum(alone) / len(golds), "accuracy": sum(ens) / len(golds),
                   "delta": d, "delta_lo": lo, "delta_hi": hi,
