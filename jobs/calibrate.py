@@ -19,9 +19,9 @@ correction would leave it (unless ``--priors off``): its 2-fold cross-fitted acc
 correction where that beats its accuracy without (``selection_reports``), so a member whose labels
 are right once its bias is divided out is not dropped for the bias. Only DeePEn needs the ensemble
 itself on dev: DeePEn labels the first ``--deepen-dev-limit`` dev rows once (cached too, with its
-fused probabilities), and its temperature and gate are fitted on those rows. The temperature is fitted on the label probabilities of the system the profile applies (the
-pooled ones for SpecFuse, the fused ones for DeePEn, the member's for a single member), before the
-gate, which is then chosen on the tempered posteriors (a gate of 0 keeps the main member's answer on
+fused probabilities), and its temperature and gate are fitted on those rows. The temperature is
+fitted on the label probabilities of the system the profile applies (the pooled ones for SpecFuse,
+the fused ones for DeePEn, the member's for a single member), before the gate, which is then chosen on the tempered posteriors (a gate of 0 keeps the main member's answer on
 every row: the temperature is then refitted on its posteriors, which changes no label, and the profile
 is reduced to method single over the main member, so the job makes no call whose output no label uses;
 the ensemble it replaces is recorded in ``chosen_on["reduced"]``); the summary
@@ -207,11 +207,12 @@ def selection_reports(reports: dict, norm: str, logs: dict, sets, golds, mode: s
     sel, record = {}, {}
     for m, rep in reports.items():
         on, rec = decide_priors([logs[m]], sets, golds, lambda x: [best(p) for p in x[0]])
-        acc = rec["on"] if mode == "on" or on else rep[norm]["accuracy"]
+        use = "on" in rec and (mode == "on" or on)  # no cross-fit below 2 dev rows: as scored
+        acc = rec["on"] if use else rep[norm]["accuracy"]
         lo, hi = wilson(round(acc * len(golds)), len(golds))
         sel[m] = {**rep, norm: {"accuracy": acc, "low": lo, "high": hi}}
         record[m] = {"uncorrected": rep[norm]["accuracy"], "corrected": rec.get("on"),
-                     "used": "corrected" if mode == "on" or on else "uncorrected"}
+                     "used": "corrected" if use else "uncorrected"}
     return sel, record
 
 

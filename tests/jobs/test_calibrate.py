@@ -463,3 +463,6 @@ def test_selection_reads_each_members_accuracy_after_the_prior_correction():
     forced, rec_on = selection_reports(reports, "pmi", logs, sets, golds, "on")
     assert all(r["used"] == "corrected" for r in rec_on.values())
     assert forced["fair"]["pmi"]["accuracy"] == rec_on["fair"]["corrected"]
+    one, rec_one = selection_reports({"biased": reports["biased"]}, "pmi", {"biased": biased[:1]}, sets[:1],
+                                     golds[:1], "on")  # one dev row: nothing to cross-fit, as scored
+    assert one["biased"]["pmi"]["accuracy"] == 0.5 and rec_one["biased"]["used"] == "uncorrected"
