@@ -9,27 +9,27 @@
 ``choices`` and ``answer`` (the correct choice's text), optionally ``system`` (jobs/devset.py: a bad
 row refuses the file, naming the row and the field).
 
-Each member scores the dev set once (jobs/dev_scores.py: in process, or through the job on Spark
-for large dev sets; cached as Parquet in ``<output>.cache/``). Everything else is decided offline from
+Each member scores the dev set once (jobs/dev_scores.py: in process, or through the job on Spark for
+large dev sets; cached as Parquet in ``<output>.cache/``). Everything else is decided offline from
 those scores by the rules of jobs/calibration.py: each member's accuracy under every normalisation
-with a 95% Wilson interval, the members' pairwise agreement, the normalisation, the main member,
-the dropped members, the DeePEn-Adapt weights, SpecFuse's pool, the posterior temperature and the
-gate. The main member, the drop rule and the weights read each member's accuracy as the prior
-correction would leave it (unless ``--priors off``): its 2-fold cross-fitted accuracy with the
-correction where that beats its accuracy without (``selection_reports``), so a member whose labels
-are right once its bias is divided out is not dropped for the bias. Only DeePEn needs the ensemble
-itself on dev: DeePEn labels the first ``--deepen-dev-limit`` dev rows once (cached too, with its
-fused probabilities), and its temperature and gate are fitted on those rows. The temperature is
-fitted on the label probabilities of the system the profile applies (the pooled ones for SpecFuse,
-the fused ones for DeePEn, the member's for a single member), before the gate, which is then chosen on the tempered posteriors (a gate of 0 keeps the main member's answer on
-every row: the temperature is then refitted on its posteriors, which changes no label, and the profile
-is reduced to method single over the main member, so the job makes no call whose output no label uses;
-the ensemble it replaces is recorded in ``chosen_on["reduced"]``); the summary
-reports the dev NLL and expected calibration error at temperature 1 and at the fitted one
-(``--no-temperature``: keep 1). The per-member prior correction (ensemble/priors.py) is estimated on
-dev and kept only when its 2-fold cross-fitted dev accuracy beats off (jobs/calibration.py; before
-the temperature and the gate, which are then chosen on the corrected posteriors; DeePEn's fused prior
-comes from its own cached dev labels; ``--priors on|off`` forces it).
+with a 95% Wilson interval, the members' pairwise agreement, the normalisation, the main member, the
+dropped members, the DeePEn-Adapt weights, SpecFuse's pool, the posterior temperature and the gate.
+The main member, the drop rule and the weights read each member's accuracy as the prior correction
+would leave it (unless ``--priors off``): its 2-fold cross-fitted accuracy with the correction where
+that beats its accuracy without (``selection_reports``), so a member whose labels are right once its
+bias is divided out is not dropped for the bias. Only DeePEn needs the ensemble itself on dev: DeePEn
+labels the first ``--deepen-dev-limit`` dev rows once (cached too, with its fused probabilities), and
+its temperature and gate are fitted on those rows. The temperature is fitted on the label
+probabilities of the system the profile applies (the pooled ones for SpecFuse, the fused ones for
+DeePEn, the member's for a single member), before the gate, which is then chosen on the tempered
+posteriors (a gate of 0 keeps the main member's answer on every row: the temperature is then refitted
+on its posteriors, which changes no label, and the profile is reduced to method single over the main
+member, so the job makes no call whose output no label uses; the ensemble it replaces is recorded in
+``chosen_on["reduced"]``); the summary reports the dev NLL and expected calibration error at
+temperature 1 and at the fitted one (``--no-temperature``: keep 1). The per-member prior correction
+(ensemble/priors.py) is estimated on dev and kept only when its 2-fold cross-fitted dev accuracy beats
+off (jobs/calibration.py; before the temperature and the gate, which are then chosen on the corrected
+posteriors; DeePEn's fused prior comes from its own cached dev labels; ``--priors on|off`` forces it).
 """
 from __future__ import annotations
 
