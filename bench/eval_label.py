@@ -466,7 +466,8 @@ def parse_systems(extra: Sequence[str], profiles: Sequence[str]) -> dict[str, Sy
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
             raise ValueError(f"--profile must be NAME=PATH (PATH may contain {{task}}), got {item!r}")
-        out[name.strip()] = System(name.strip(), ("--profile", path.strip()))
+        # absolute: the job runs in the --code checkout, which may not be the working directory
+        out[name.strip()] = System(name.strip(), ("--profile", str(Path(path.strip()).absolute())))
     clash = sorted(set(out) & (set(SYSTEMS) | {BEST}))
     if clash:
         raise ValueError(f"extra systems must not reuse the names of built-in systems, got {clash}")
