@@ -3,14 +3,13 @@ fitted on dev, beat the best calibrated member on test?
 
 ``jobs.calibrate`` gives an ensemble profile one normalisation for every member and weights from dev
 accuracy (DeePEn-Adapt). Here each member keeps the normalisation and temperature of its own single
-profile (``label_offline.py calibrate``'s ``single-<member>.json``, its prior correction too), and the pool (linear or
-log-linear) and the weights (a grid over the simplex in steps of 1/``--steps``, at least two members
-with weight) are chosen by dev accuracy (ties: more weight on the best calibrated member on dev, then
-the grid's order). The choice is applied to the test split and compared with the best calibrated
-member on dev (``label_offline.py baseline``'s: ``calibrated_dev_accuracy`` of its single profile),
-on the same items, with the paired bootstrap of
-``bench/eval_label.py``; the dev accuracies reported are in-sample, with every correction. No model
-call: the members' scores are their runs' ``member_stats`` (``--choice-norm pmi`` runs hold every
+profile (``label_offline.py calibrate``'s ``single-<member>.json``, its prior correction too), and
+the pool (linear or log-linear) and the weights (a grid over the simplex in steps of 1/``--steps``, at
+least two members with weight) are chosen by dev accuracy (ties: more weight on the best calibrated
+member on dev, then the grid's order). The choice is applied to the test split and compared with the
+best calibrated member on dev (``label_offline.py baseline``'s: ``calibrated_dev_accuracy`` of its
+single profile), on the same items, with the paired bootstrap of ``bench/eval_label.py``; the dev
+accuracies reported are in-sample, with every correction. No model call: the members' scores are their runs' ``member_stats`` (``--choice-norm pmi`` runs hold every
 normalisation's inputs).
 
     python bench/label_stack.py --profiles output/label_eval/profiles/specfuse-trio \\
@@ -34,7 +33,8 @@ import eval_label  # noqa: E402
 import label_offline  # noqa: E402
 
 from ensemble.config import POOLS  # noqa: E402
-from ensemble.labeling import LabelParams, best, label_posterior, pool  # noqa: E402
+from ensemble.labeling import LabelParams, best, label_posterior  # noqa: E402
+from jobs.calibration import accuracy, pooled  # noqa: E402
 
 log = logging.getLogger("bench.label_stack")
 
@@ -53,18 +53,17 @@ def choose(posts: Sequence[Sequence[Sequence[float]]], golds: Sequence[int], bas
     best_key, chosen = None, None
     for kind in POOLS:
         for w in weight_grid(len(posts), steps):
-            acc = sum(best(pool([p[i] for p in posts], w, kind)) == g for i, g in enumerate(golds)) / len(golds)
+            acc = accuracy([best(p) for p in pooled(posts, w, kind)], golds)
             key = (acc, w[base])
             if best_key is None or key > best_key:
                 best_key, chosen = key, (kind, w, acc)
     return chosen
 
 
-def member_posts(split: str, task: str, member: str, params: LabelParams, work: Path) -> tuple[list[dict], list]:
-    """The split's rows of ``task`` and ``member``'s posterior of each under ``params``, from its run."""
-    rows = eval_label.build_rows([task], split, None)
-    systems = eval_label.registry(work / split, {})
-    got = eval_label.read_outcomes(eval_label.output_dirs(systems[member], [task], work / split), rows)
+def member_posts(rows: list[dict], split_dir: Path, system, params: LabelParams) -> list:
+    """The posterior under ``params`` of each of ``rows`` from ``system``'s run in ``split_dir``."""
+    member, split = system.name, split_dir.name
+    got = eval_label.read_outcomes(eval_label.output_dirs(system, [rows[0]["task"]], split_dir), rows)
     if got is None:
         raise ValueError(f"{member} has no complete {split} run on {task}: run bench/eval_label.py first")
     posts = []
@@ -74,12 +73,13 @@ def member_posts(split: str, task: str, member: str, params: LabelParams, work: 
         if s is None:
             raise ValueError(f"{member} has no scores for {r['id']} ({split}): the experiment needs every row")
         posts.append(label_posterior(s, params, params.prior(r["choices"], 0)))
-    return rows, posts
+    return posts
 
 
 def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work: Path, steps: int) -> dict:
     from jobs.profiles import load_profile
 
+    systems = {split: eval_label.registry(work / split, {}) for split in ("dev", "test")}
     out = {}
     for t in task_names:
         prof = {m: load_profile(profiles / t / f"single-{m}.json") for m in members}
@@ -89,15 +89,15 @@ def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work:
         base = max(range(len(members)), key=lambda i: (dev_acc[members[i]], -i))
         split_posts = {}
         for split in ("dev", "test"):
-            got = [member_posts(split, t, m, params[m], work) for m in members]
-            golds = [r["choices"].index(r["gold"]) for r in got[0][0]]
-            split_posts[split] = ([p for _, p in got], golds)
+            rows = eval_label.build_rows([t], split, None)
+            posts = [member_posts(rows, work / split, systems[split][m], params[m]) for m in members]
+            split_posts[split] = (posts, [r["choices"].index(r["gold"]) for r in rows])
         kind, w, acc_dev = choose(*split_posts["dev"], base, steps)
         dev_posts, dev_golds = split_posts["dev"]
-        base_dev = sum(best(p) == g for p, g in zip(dev_posts[base], dev_golds)) / len(dev_golds)
+        base_dev = accuracy([best(p) for p in dev_posts[base]], dev_golds)
         posts, golds = split_posts["test"]
-        ens = [best(pool([p[i] for p in posts], w, kind)) == g for i, g in enumerate(golds)]
-        alone = [best(posts[base][i]) == g for i, g in enumerate(golds)]
+        ens = [best(p) == g for p, g in zip(pooled(posts, w, kind), golds)]
+        alone = [best(p) == g for p, g in zip(posts[base], golds)]
         d, lo, hi = eval_label.paired_bootstrap(ens, alone)
         out[t] = {"baseline": f"{members[base]}-cal", "baseline_dev": base_dev, "pool": kind,
                   "weights": dict(zip(members, w)), "dev_accuracy": acc_dev, "test_items": len(golds),
