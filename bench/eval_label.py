@@ -8,7 +8,8 @@ would pick without one, and at what cost?
     python bench/eval_label.py --export-dev DIR                   # DIR/<task>.jsonl for jobs.calibrate
 
 Data (``bench/tasks.py``): the seven labeling tasks, fixed dev (200 items) and test (500; OpenBookQA
-300, BANKING77 ``tasks.TEST_CAP``) splits; ``--n-dev``/``--n-test`` take the first N items of each
+300, BANKING77 ``tasks.TEST_CAP``) splits, and ``--split holdout`` (the items after the test split's,
+for checking a rule written after the test split was seen; reported as test is); ``--n-dev``/``--n-test`` take the first N items of each
 task's split (a prefix, so a larger N later resumes the smaller run).
 
 Systems: each packaged member alone (``smollm2``, ``qwen``, ``gemma``); ``deepen`` and ``specfuse``
@@ -584,10 +585,11 @@ def reproduce(args: argparse.Namespace, report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", choices=tasks.SPLITS, default="test")
+    ap.add_argument("--split", choices=tasks.ALL_SPLITS, default="test",
+                    help="holdout: a second test split (bench/tasks.py), reported like test")
     ap.add_argument("--tasks", nargs="+", default=list(tasks.LABEL_TASKS), choices=tasks.LABEL_TASKS)
     ap.add_argument("--n-dev", type=int, default=None, help="first N items of each task's dev split (default: all)")
-    ap.add_argument("--n-test", type=int, default=None, help="first N items of each task's test split (default: all)")
+    ap.add_argument("--n-test", type=int, default=None, help="first N items of each task's test (or holdout) split (default: all)")
     ap.add_argument("--systems", nargs="*", default=[], help=f"built-in systems to run: {list(SYSTEMS)}")
     ap.add_argument("--extra", nargs="*", default=[], help='extra systems to run: NAME="job flags" ({task} allowed)')
     ap.add_argument("--profile", nargs="*", default=[], help="calibrated systems to run: NAME=PROFILE.json ({task} allowed)")
@@ -641,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     report["command"] = reproduce(args, report)
     report["runs"] = [json.loads(x) for x in (split_dir / "runs.jsonl").read_text().splitlines()] \
         if (split_dir / "runs.jsonl").exists() else []
-    out = args.out or REPO / "bench" / "results" / ("label_eval" if args.split == "test" else "label_eval_dev")
+    out = args.out or REPO / "bench" / "results" / {"test": "label_eval", "dev": "label_eval_dev"}.get(
+        args.split, f"label_eval_{args.split}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     md = markdown(report)

@@ -41,7 +41,12 @@ the file's order). :func:`load_split` gives the fixed splits:
   task is smaller: OpenBookQA has 500 items, so dev 200 and test 300; BANKING77 is capped at
   ``TEST_CAP['banking77']`` because each item scores 77 continuations).
 
-Dev and test are disjoint. The layout keeps the earlier subsets of :func:`load` (test = the first
+- ``holdout``: the positions after the test split's, as many as the test split has (``TEST_SIZE``
+  or ``TEST_CAP``; fewer where the task runs out, an error where nothing is left: OpenBookQA). A
+  second test split for checking a rule that was written after the test split had been seen; not
+  one of :data:`SPLITS` (the splits every task has and every evaluation runs).
+
+Dev, test and holdout are disjoint. The layout keeps the earlier subsets of :func:`load` (test = the first
 ``n`` positions, dev = the ``n_dev`` positions after a test subset of 200) inside the same splits, so
 settings tuned on the earlier dev subsets never appear in the test split.
 """
@@ -62,6 +67,8 @@ LABEL_TASKS = ("arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "ope
 GEN_TASKS = ("gsm8k", "halueval_qa", "ifeval")
 TASKS = LABEL_TASKS + GEN_TASKS
 SPLITS = ("dev", "test")
+HOLDOUT = "holdout"
+ALL_SPLITS = SPLITS + (HOLDOUT,)
 DEV_START, DEV_SIZE, TEST_SIZE = 200, 200, 500
 TEST_CAP = {"banking77": 300}
 """Tasks whose test split is capped below TEST_SIZE (the count, and why, in the module docstring)."""
@@ -177,18 +184,24 @@ def _rows(task: str, raw: list[dict]) -> list[dict]:
 
 def split_positions(task_size: int, split: str, test_cap: int = TEST_SIZE) -> list[int]:
     """Positions (in the fixed order) of a split for a task of ``task_size`` items (module docstring)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in ALL_SPLITS:
+        raise ValueError(f"split must be one of {ALL_SPLITS}, got {split!r}")
     if task_size < DEV_START + DEV_SIZE:
         raise ValueError(f"a task needs at least {DEV_START + DEV_SIZE} items for the splits, got {task_size}")
     if split == "dev":
         return list(range(DEV_START, DEV_START + DEV_SIZE))
     rest = list(range(DEV_START)) + list(range(DEV_START + DEV_SIZE, task_size))
-    return rest[:min(test_cap, TEST_SIZE)]
+    n_test = min(test_cap, TEST_SIZE)
+    if split == "test":
+        return rest[:n_test]
+    if len(rest) <= n_test:
+        raise ValueError(f"a task of {task_size} items has no {HOLDOUT} split: its test split takes every item "
+                         f"after dev")
+    return rest[n_test:2 * n_test]
 
 
 def load_split(task: str, split: str, n: int | None = None) -> list[dict]:
-    """The first ``n`` rows (all when None) of a task's fixed ``dev`` or ``test`` split."""
+    """The first ``n`` rows (all when None) of a task's fixed ``dev``, ``test`` or ``holdout`` split."""
     raw = _ordered(task)
     pos = split_positions(len(raw), split, TEST_CAP.get(task, TEST_SIZE))
     if n is not None:
