@@ -6,7 +6,8 @@ accuracy (DeePEn-Adapt). Here each member keeps the normalisation and temperatur
 profile (``label_offline.py calibrate``'s ``single-<member>.json``, its prior correction too), and
 the pool (linear or log-linear) and the weights (a grid over the simplex in steps of 1/``--steps``, at
 least two members with weight) are chosen by dev accuracy (ties: more weight on the best calibrated
-member on dev, then the grid's order). The choice is applied to the test split and compared with the
+member on dev, then the grid's order). The choice is applied to the test split (``--test-split
+holdout``: the holdout split of bench/tasks.py) and compared with the
 best calibrated member on dev (``label_offline.py baseline``'s: ``calibrated_dev_accuracy`` of its
 single profile), on the same items, with the paired bootstrap of ``bench/eval_label.py``; the dev
 accuracies reported are in-sample, with every correction. No model call: the members' scores are their runs' ``member_stats`` (``--choice-norm pmi`` runs hold every
@@ -34,7 +35,7 @@ import label_offline  # noqa: E402
 
 from ensemble.config import POOLS  # noqa: E402
 from ensemble.labeling import LabelParams, best, label_posterior  # noqa: E402
-from jobs.calibration import accuracy, pooled  # noqa: E402
+from jobs.calibration import accuracy, adapt_weights, pooled  # noqa: E402
 
 log = logging.getLogger("bench.label_stack")
 
@@ -76,10 +77,22 @@ def member_posts(rows: list[dict], split_dir: Path, system, params: LabelParams)
     return posts
 
 
-def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work: Path, steps: int) -> dict:
+def adapt_pool(posts: Sequence[Sequence[Sequence[float]]], golds: Sequence[int],
+               accuracies: Sequence[float]) -> tuple[str, tuple[float, ...], float]:
+    """(pool, weights, dev accuracy) with ``jobs.calibrate``'s weights (DeePEn-Adapt, from each member's
+    calibrated dev accuracy) and the pool with the higher dev accuracy (ties: POOLS order): the same
+    members' own calibrations without fitting the weights."""
+    w = tuple(adapt_weights(accuracies))
+    accs = {kind: accuracy([best(p) for p in pooled(posts, w, kind)], golds) for kind in POOLS}
+    kind = max(POOLS, key=lambda k: (accs[k], -POOLS.index(k)))
+    return kind, w, accs[kind]
+
+
+def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work: Path, steps: int,
+        test_split: str = "test") -> dict:
     from jobs.profiles import load_profile
 
-    systems = {split: eval_label.registry(work / split, {}) for split in ("dev", "test")}
+    systems = {split: eval_label.registry(work / split, {}) for split in ("dev", test_split)}
     out = {}
     for t in task_names:
         prof = {m: load_profile(profiles / t / f"single-{m}.json") for m in members}
@@ -88,21 +101,26 @@ def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work:
         dev_acc = {m: label_offline.calibrated_dev_accuracy(p) for m, p in prof.items()}
         base = max(range(len(members)), key=lambda i: (dev_acc[members[i]], -i))
         split_posts = {}
-        for split in ("dev", "test"):
+        for split in ("dev", test_split):
             rows = eval_label.build_rows([t], split, None)
             posts = [member_posts(rows, work / split, systems[split][m], params[m]) for m in members]
             split_posts[split] = (posts, [r["choices"].index(r["gold"]) for r in rows])
         kind, w, acc_dev = choose(*split_posts["dev"], base, steps)
         dev_posts, dev_golds = split_posts["dev"]
         base_dev = accuracy([best(p) for p in dev_posts[base]], dev_golds)
-        posts, golds = split_posts["test"]
+        posts, golds = split_posts[test_split]
         ens = [best(p) == g for p, g in zip(pooled(posts, w, kind), golds)]
         alone = [best(p) == g for p, g in zip(posts[base], golds)]
         d, lo, hi = eval_label.paired_bootstrap(ens, alone)
-        out[t] = {"baseline": f"{members[base]}-cal", "baseline_dev": base_dev, "pool": kind,
+        a_kind, a_w, a_dev = adapt_pool(dev_posts, dev_golds, [dev_acc[m] for m in members])
+        a_ens = [best(p) == g for p, g in zip(pooled(posts, a_w, a_kind), golds)]
+        a_d, a_lo, a_hi = eval_label.paired_bootstrap(a_ens, alone)
+        out[t] = {"test_split": test_split, "baseline": f"{members[base]}-cal", "baseline_dev": base_dev, "pool": kind,
                   "weights": dict(zip(members, w)), "dev_accuracy": acc_dev, "test_items": len(golds),
                   "baseline_test": sum(alone) / len(golds), "accuracy": sum(ens) / len(golds),
                   "delta": d, "delta_lo": lo, "delta_hi": hi,
+                  "adapt": {"pool": a_kind, "weights": dict(zip(members, a_w)), "dev_accuracy": a_dev,
+                            "accuracy": sum(a_ens) / len(golds), "delta": a_d, "delta_lo": a_lo, "delta_hi": a_hi},
                   "norms": {m: params[m].norm for m in members},
                   "temperatures": {m: params[m].temperature for m in members},
                   "priors": {m: params[m].priors is not None for m in members}}
@@ -111,13 +129,22 @@ def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work:
 
 
 def markdown(res: dict, members: Sequence[str]) -> str:
-    lines = ["| task | best calibrated member (dev) | its test % | stacked pool, weights (" + ", ".join(members)
-             + ") | dev % (member / stacked) | stacked test % | difference [95% CI] |", "|---|---|---|---|---|---|---|"]
+    split = next(iter(res.values()), {}).get("test_split", "test")
+
+    def diff(r: dict) -> str:
+        return f"{100 * r['delta']:+.1f} [{100 * r['delta_lo']:+.1f}, {100 * r['delta_hi']:+.1f}]"
+
+    lines = [f"| task | best calibrated member (dev) | its {split} % | stacked pool, weights (" + ", ".join(members)
+             + f") | dev % (member / stacked) | stacked {split} % | difference [95% CI] | adapt-weight pool, "
+             f"weights | dev % | {split} % | difference [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, r in res.items():
         w = ", ".join(f"{r['weights'][m]:.1f}" for m in members)
+        a = r["adapt"]
+        aw = ", ".join(f"{a['weights'][m]:.2f}" for m in members)
         lines.append(f"| {t} | {r['baseline']} | {100 * r['baseline_test']:.1f} | {r['pool']}, {w} | "
                      f"{100 * r['baseline_dev']:.1f} / {100 * r['dev_accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
-                     f"{100 * r['delta']:+.1f} [{100 * r['delta_lo']:+.1f}, {100 * r['delta_hi']:+.1f}] |")
+                     f"{diff(r)} | {a['pool']}, {aw} | {100 * a['dev_accuracy']:.1f} | {100 * a['accuracy']:.1f} | "
+                     f"{diff(a)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,13 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", nargs="+", required=True, choices=list(label_offline.MEMBER_SPECS))
     ap.add_argument("--tasks", nargs="+", required=True, choices=tasks.LABEL_TASKS)
     ap.add_argument("--work", type=Path, default=REPO / "output" / "label_eval")
+    ap.add_argument("--test-split", choices=("test", tasks.HOLDOUT), default="test",
+                    help="the split the dev choice is applied to (holdout: bench/tasks.py)")
     ap.add_argument("--steps", type=int, default=10, help="weight grid resolution (default 10: steps of 0.1)")
     ap.add_argument("--out", type=Path, required=True, help="OUT.json and OUT.md")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    res = run(args.tasks, args.members, args.profiles, args.work, args.steps)
+    res = run(args.tasks, args.members, args.profiles, args.work, args.steps, args.test_split)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     args.out.with_suffix(".md").write_text(markdown(res, args.members))
     sys.stdout.write(markdown(res, args.members))

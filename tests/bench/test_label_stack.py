@@ -30,3 +30,15 @@ def test_choose_picks_the_weights_that_fix_the_main_members_mistakes():
     # when no pool beats the base member, the choice keeps the most weight on it
     kind, w, acc = ls.choose([[[0.9, 0.1]] * 2, [[0.1, 0.9]] * 2], [0, 0], base=0, steps=10)
     assert acc == 1.0 and w == (0.9, 0.1)
+
+
+def test_adapt_pool_keeps_the_calibration_weights_and_chooses_the_pool_on_dev():
+    posts = [[[0.9, 0.1], [0.9, 0.1], [0.45, 0.55]],
+             [[0.4, 0.6], [0.4, 0.6], [0.9, 0.1]]]
+    kind, w, acc = ls.adapt_pool(posts, [0, 0, 0], [0.6, 0.2])
+    assert w == pytest.approx((0.75, 0.25))  # proportional to the dev accuracies, as jobs.calibrate's
+    # linear: row 2 pools to 0.56 for choice 0; log-linear as well; both reach 1.0, POOLS order wins
+    assert (kind, acc) == ("linear", 1.0)
+    # the weights are not fitted: where member 1 alone is right, its weight (0.25) does not carry a row
+    kind, w, acc = ls.adapt_pool(posts, [1, 1, 1], [0.6, 0.2])
+    assert w == pytest.approx((0.75, 0.25)) and acc == 0.0
