@@ -35,7 +35,7 @@ import label_offline  # noqa: E402
 
 from ensemble.config import POOLS  # noqa: E402
 from ensemble.labeling import LabelParams, best, label_posterior  # noqa: E402
-from jobs.calibration import accuracy, adapt_weights, pooled  # noqa: E402
+from jobs.calibration import accuracy, adapt_weights, choose_gate, gated_picks, pooled  # noqa: E402
 
 log = logging.getLogger("bench.label_stack")
 
@@ -115,12 +115,19 @@ def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work:
         a_kind, a_w, a_dev = adapt_pool(dev_posts, dev_golds, [dev_acc[m] for m in members])
         a_ens = [best(p) == g for p, g in zip(pooled(posts, a_w, a_kind), golds)]
         a_d, a_lo, a_hi = eval_label.paired_bootstrap(a_ens, alone)
+        # the adapt pool with jobs.calibrate's gate on the best calibrated member, chosen on dev
+        g, _ = choose_gate(dev_posts[base], [best(p) for p in pooled(dev_posts, a_w, a_kind)], dev_golds)
+        g_ens = [x == y for x, y in zip(gated_picks(posts[base], [best(p) for p in pooled(posts, a_w, a_kind)], g),
+                                        golds)]
+        g_d, g_lo, g_hi = eval_label.paired_bootstrap(g_ens, alone)
         out[t] = {"test_split": test_split, "baseline": f"{members[base]}-cal", "baseline_dev": base_dev, "pool": kind,
                   "weights": dict(zip(members, w)), "dev_accuracy": acc_dev, "test_items": len(golds),
                   "baseline_test": sum(alone) / len(golds), "accuracy": sum(ens) / len(golds),
                   "delta": d, "delta_lo": lo, "delta_hi": hi,
                   "adapt": {"pool": a_kind, "weights": dict(zip(members, a_w)), "dev_accuracy": a_dev,
                             "accuracy": sum(a_ens) / len(golds), "delta": a_d, "delta_lo": a_lo, "delta_hi": a_hi},
+                  "adapt_gated": {"gate": g, "accuracy": sum(g_ens) / len(golds), "delta": g_d, "delta_lo": g_lo,
+                                  "delta_hi": g_hi},
                   "norms": {m: params[m].norm for m in members},
                   "temperatures": {m: params[m].temperature for m in members},
                   "priors": {m: params[m].priors is not None for m in members}}
@@ -136,7 +143,8 @@ def markdown(res: dict, members: Sequence[str]) -> str:
 
     lines = [f"| task | best calibrated member (dev) | its {split} % | stacked pool, weights (" + ", ".join(members)
              + f") | dev % (member / stacked) | stacked {split} % | difference [95% CI] | adapt-weight pool, "
-             f"weights | dev % | {split} % | difference [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"weights | dev % | {split} % | difference [95% CI] | with the dev gate: gate, {split} %, difference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, r in res.items():
         w = ", ".join(f"{r['weights'][m]:.1f}" for m in members)
         a = r["adapt"]
@@ -144,7 +152,8 @@ def markdown(res: dict, members: Sequence[str]) -> str:
         lines.append(f"| {t} | {r['baseline']} | {100 * r['baseline_test']:.1f} | {r['pool']}, {w} | "
                      f"{100 * r['baseline_dev']:.1f} / {100 * r['dev_accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
                      f"{diff(r)} | {a['pool']}, {aw} | {100 * a['dev_accuracy']:.1f} | {100 * a['accuracy']:.1f} | "
-                     f"{diff(a)} |")
+                     f"{diff(a)} | {r['adapt_gated']['gate']}, {100 * r['adapt_gated']['accuracy']:.1f}, "
+                     f"{diff(r['adapt_gated'])} |")
     return "\n".join(lines) + "\n"
 
 
