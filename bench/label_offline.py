@@ -71,8 +71,9 @@ def choice_scores(stats: Mapping, choices: Sequence[str]) -> ChoiceScores | None
 @dataclass(frozen=True)
 class PoolRule:
     """How SpecFuse labels from its members' scores: members in the job's order (the first is the main
-    one, the gate's), their weights, the normalisation, the posterior temperature, the pool, the gate
-    and the prior correction (``LabelParams.priors``, estimated on dev by ``jobs.calibrate``)."""
+    one, the gate's), their weights, the normalisation, the posterior temperature (and each member's,
+    ``LabelParams.member_temperatures``), the pool, the gate and the prior correction
+    (``LabelParams.priors``, estimated on dev by ``jobs.calibrate``)."""
 
     members: tuple[str, ...]
     """Eval member names (``evaluate.SINGLES``)."""
@@ -82,6 +83,7 @@ class PoolRule:
     pool: str
     gate: float | None
     priors: ChoicePriors | None = None
+    member_temperatures: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.members if m not in MEMBER_SPECS]
@@ -90,13 +92,14 @@ class PoolRule:
         normalise_weights(self.weights, len(self.members))
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        self.params()  # the scorer's own checks
+        self.params().check_member_temperatures(len(self.members), "specfuse")  # the scorer's own checks
         if self.priors is not None and len(self.priors.tables) != len(self.members):
             raise ValueError(f"priors must have one table per member ({len(self.members)}), "
                              f"got {len(self.priors.tables)}")
 
     def params(self) -> LabelParams:
-        return LabelParams(norm=self.norm, gate=self.gate, temperature=self.temperature, priors=self.priors)
+        return LabelParams(norm=self.norm, gate=self.gate, temperature=self.temperature, priors=self.priors,
+                           member_temperatures=self.member_temperatures)
 
     @classmethod
     def defaults(cls, members: Sequence[str]) -> "PoolRule":
@@ -121,14 +124,15 @@ class PoolRule:
         members = tuple(SPEC_NAMES[m] for m in p.members)
         weights = p.weights if p.weights is not None else normalise_weights(None, len(members))
         return cls(members, tuple(weights), p.choice_norm, p.temperature, p.label_pool or "linear",
-                   p.gate if p.method == "specfuse" else None, p.priors)
+                   p.gate if p.method == "specfuse" else None, p.priors, p.member_temperatures)
 
     def label(self, scores: Sequence[ChoiceScores], choices: Sequence[str]) -> tuple[int, list[float], bool]:
         """(chosen index, probabilities, gated) from the members' scores of the row's ``choices`` in
         :attr:`members` order, as ``SpecFuse.label`` computes them (``UncoveredChoice`` when the
         priors do not cover a choice)."""
         params = self.params()
-        probs, gated = gated_pool([label_posterior(s, params, params.prior(choices, i)) for i, s in enumerate(scores)],
+        probs, gated = gated_pool([label_posterior(s, params, params.prior(choices, i), i)
+                                   for i, s in enumerate(scores)],
                                   self.weights, self.pool, self.gate)
         return best(probs), probs, gated
 
@@ -219,9 +223,9 @@ def check_run_settings(run_json: Path, params: LabelParams, rt) -> None:
 
 
 def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: str, out: Path, work: Path,
-                    dev_cap: int | None, priors: str = "auto") -> dict[str, Path]:
-    """Per task: dev file, seeded score caches, ``jobs.calibrate`` (``priors``: its ``--priors``);
-    returns {task: profile path}."""
+                    dev_cap: int | None, priors: str = "auto", member_temperatures: bool = True) -> dict[str, Path]:
+    """Per task: dev file, seeded score caches, ``jobs.calibrate`` (``priors``: its ``--priors``;
+    ``member_temperatures`` False: its ``--no-member-temperatures``); returns {task: profile path}."""
     import eval_label
 
     from jobs.calibrate import calibrate
@@ -248,7 +252,7 @@ def calibrate_tasks(task_names: Sequence[str], members: Sequence[str], method: s
                 seed_member_scores(dev, MEMBER_SPECS[m], params, rt, p.with_suffix(".cache"), scored)
         dev_path = str(out / "dev" / f"{t}.jsonl")
         calibrate(dev_path, [MEMBER_SPECS[m] for m in members], method, str(profile), rt=rt, label=params,
-                  priors=priors)
+                  priors=priors, fit_member_temperatures=member_temperatures)
         for m, p in singles.items():  # each member alone with its own dev-chosen norm and temperature
             calibrate(dev_path, [MEMBER_SPECS[m]], method, str(p), rt=rt, label=params, priors=priors)
         profiles[t] = profile
@@ -346,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--out", type=Path, required=True, help="JSON written here")
     cal.add_argument("--priors", choices=("auto", "on", "off"), default="auto",
                      help="jobs.calibrate's --priors (auto: chosen on dev)")
+    cal.add_argument("--no-member-temperatures", action="store_true",
+                     help="jobs.calibrate's --no-member-temperatures (SpecFuse's members share one temperature)")
     pair = sub.add_parser("compare", help="systems of an eval_label report against each other (paired bootstrap)")
     pair.add_argument("--report", type=Path, required=True, help="eval_label's JSON holding both systems of each pair")
     pair.add_argument("--pairs", nargs="+", required=True, metavar="A=B", help="compare system A against system B")
@@ -378,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"[{100 * r['delta_lo']:+.1f}, {100 * r['delta_hi']:+.1f}]\n")
         return 0
     for t, p in calibrate_tasks(args.tasks, args.members, args.method, args.out, args.work, args.n_dev,
-                                args.priors).items():
+                                args.priors, not args.no_member_temperatures).items():
         sys.stdout.write(f"{t}: {p}\n")
     return 0
 

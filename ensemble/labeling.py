@@ -20,7 +20,8 @@ posteriors with :func:`pool` (``linear``: weighted mean; ``loglinear``: normalis
 mean). The gate (:func:`gate`) keeps the main member's posterior for a row when its :func:`margin`
 (top-1 minus top-2 probability) reaches ``LabelParams.gate``. SpecFuse pools the tempered member
 posteriors, so with the ``linear`` pool (not ``loglinear``) its label can change with the temperature,
-and the gate's margins are read after it.
+and the gate's margins are read after it. ``LabelParams.member_temperatures`` (SpecFuse only) gives
+each member its own temperature, a factor on ``temperature`` (:meth:`LabelParams.temperature_of`).
 
 With ``LabelParams.priors`` (a per-member prior correction estimated on a dev set,
 ``ensemble/priors.py``), the posterior a fuser pools, gates and labels with is :func:`label_posterior`:
@@ -73,6 +74,13 @@ class LabelParams:
     """Posterior temperature (> 0): every posterior is softmax(scores / temperature), the members' and
     the fused one, so SpecFuse pools tempered posteriors; > 1 flattens over-confident probabilities.
     ``jobs.calibrate`` fits it on a dev set (docs/jobs.md, "Calibration")."""
+    member_temperatures: tuple[float, ...] | None = knob(None, flag="--member-temperatures", group=LABEL_GROUP,
+                                                         hashed=False)
+    """SpecFuse only: one temperature per member (job order, each > 0) that multiplies ``temperature``
+    for that member's posterior (pooled, gated and in its ``choice_probs``): each member's own scale,
+    so a sharp member does not outvote the others by confidence alone. ``jobs.calibrate`` fits each on
+    the member's own dev posteriors (docs/jobs.md, "Calibration"); None: every member at
+    ``temperature``."""
     priors: ChoicePriors | None = knob(None, flag="--choice-priors", group=LABEL_GROUP, hashed=False)
     """Prior correction (ensemble/priors.py): per member, its mean dev posterior per choice, divided out of
     its posterior (and DeePEn's fused one) before pooling and the gate; a JSON file of priors or a
@@ -91,6 +99,14 @@ class LabelParams:
                 raise ValueError(f"gate must be None or a number in [0, 1], got {g!r}")
             object.__setattr__(self, "gate", float(g))
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        if self.member_temperatures is not None:
+            mt = self.member_temperatures
+            if isinstance(mt, (str, bytes, Mapping)) or not isinstance(mt, Sequence) or not mt:
+                raise ValueError(f"member_temperatures must be None or one temperature per member, got {mt!r}")
+            try:
+                object.__setattr__(self, "member_temperatures", tuple(check_temperature(t) for t in mt))
+            except ValueError as exc:
+                raise ValueError(f"member_temperatures: {exc} (in {list(mt)!r})") from None
         if isinstance(self.priors, Mapping):
             object.__setattr__(self, "priors", ChoicePriors.from_mapping(self.priors))
         elif self.priors is not None and not isinstance(self.priors, ChoicePriors):
@@ -107,6 +123,24 @@ class LabelParams:
         if member is None:
             return None if self.priors.fused is None else self.priors.row_prior(self.priors.fused, choices)
         return self.priors.member_prior(member, choices)
+
+    def temperature_of(self, member: int | None) -> float:
+        """The temperature of member ``member``'s posterior (job order; None: a fused posterior's)."""
+        if member is None or self.member_temperatures is None:
+            return self.temperature
+        return self.temperature * self.member_temperatures[member]
+
+    def check_member_temperatures(self, n_members: int, method: str) -> None:
+        """Refuse member temperatures for a method that does not pool members' posteriors, or for
+        another member count (before any model call); nothing without them."""
+        if self.member_temperatures is None:
+            return
+        if method != "specfuse":
+            raise ValueError(f"member_temperatures are SpecFuse's (it pools the members' posteriors), not "
+                             f"{method}'s: got {list(self.member_temperatures)!r}")
+        if len(self.member_temperatures) != n_members:
+            raise ValueError(f"member_temperatures must have one entry per member ({n_members}), got "
+                             f"{list(self.member_temperatures)!r}")
 
     def check_priors(self, choices: Sequence[Sequence[str]], n_members: int) -> None:
         """With priors: refuse a member count they were not estimated for, or a row they do not cover
@@ -179,12 +213,15 @@ def posterior(s: ChoiceScores, norm: str, temperature: float = 1.0) -> list[floa
     return temper(log_scores(s, norm), temperature)
 
 
-def label_posterior(s: ChoiceScores, params: LabelParams, prior: Sequence[float] | None = None) -> list[float]:
+def label_posterior(s: ChoiceScores, params: LabelParams, prior: Sequence[float] | None = None,
+                    member: int | None = None) -> list[float]:
     """The posterior a label is decided on: :func:`posterior` under ``params``, or with ``prior`` (the
-    row's, from :meth:`LabelParams.prior`) softmax((scores - log prior) / temperature)."""
+    row's, from :meth:`LabelParams.prior`) softmax((scores - log prior) / temperature); the temperature
+    is member ``member``'s (:meth:`LabelParams.temperature_of`; None: ``params.temperature``)."""
+    t = params.temperature_of(member)
     if prior is None:
-        return posterior(s, params.norm, params.temperature)
-    return temper(correct_log(log_scores(s, params.norm), prior), params.temperature)
+        return posterior(s, params.norm, t)
+    return temper(correct_log(log_scores(s, params.norm), prior), t)
 
 
 def temper(scores: Sequence[float], temperature: float) -> list[float]:

@@ -111,10 +111,10 @@ def score_choices(member: Member, prompts: Sequence[str], choices: Sequence[Sequ
     return in_groups([len(e) + max(map(len, cs)) for e, cs in zip(encoded, conts)], max_batch_tokens, run)
 
 
-def choice_stats(scores: ChoiceScores, params: LabelParams) -> dict:
+def choice_stats(scores: ChoiceScores, params: LabelParams, member: int | None = None) -> dict:
     """The ``MemberStats`` label fields of a member's scores (its posterior under ``params.norm`` and
-    ``params.temperature``)."""
-    return {"choice_probs": posterior(scores, params.norm, params.temperature), "choice_logprobs": list(scores.logprob),
+    the member's temperature, ``params.temperature_of(member)``)."""
+    return {"choice_probs": posterior(scores, params.norm, params.temperature_of(member)), "choice_logprobs": list(scores.logprob),
             "choice_tokens": list(scores.tokens),
             "choice_neutral": None if scores.neutral is None else list(scores.neutral)}
 

@@ -25,7 +25,10 @@ DeePEn, the member's for a single member), before the gate, which is then chosen
 posteriors (a gate of 0 keeps the main member's answer on every row: the temperature is then refitted
 on its posteriors, which changes no label, and the profile is reduced to method single over the main
 member, so the job makes no call whose output no label uses; the ensemble it replaces is recorded in
-``chosen_on["reduced"]``); the summary reports the dev NLL and expected calibration error at
+``chosen_on["reduced"]``). SpecFuse's members first get each its own temperature, fitted on its own
+posteriors (after the prior correction when on; ``--no-member-temperatures``: one shared), and the
+shared temperature is then fitted on their pool as a factor on top (``LabelParams.temperature_of``);
+the summary reports the dev NLL and expected calibration error at
 temperature 1 and at the fitted one (``--no-temperature``: keep 1). The per-member prior correction
 (ensemble/priors.py) is estimated on dev and kept only when its 2-fold cross-fitted dev accuracy beats
 off (jobs/calibration.py; before the temperature and the gate, which are then chosen on the corrected
@@ -44,8 +47,8 @@ from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
 from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
                               choose_pool, corrected_logs, decide_priors, fit_priors, label_ece, member_report,
-                              pairwise_agreement, pooled, posteriors, select_members, temperature_record, tempered,
-                              wilson)
+                              member_temperatures, pairwise_agreement, pooled, posteriors, scaled, select_members,
+                              temperature_record, tempered, wilson)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
 from jobs.devset import read_dev
 from jobs.profiles import Profile
@@ -61,9 +64,10 @@ PRIOR_MODES = ("auto", "on", "off")
 def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt: Runtime = Runtime(),
               label: LabelParams = LabelParams(), gap: float | None = DROP_GAP,
               deepen_dev_limit: int | None = DEEPEN_DEV_LIMIT, fit_temperature: bool = True,
-              priors: str = "auto") -> Profile:
+              priors: str = "auto", fit_member_temperatures: bool = True) -> Profile:
     """Score, decide, write ``output`` (the profile) and return it. ``gap`` None keeps every member;
-    ``fit_temperature`` False keeps the posterior temperature at 1; ``priors`` (:data:`PRIOR_MODES`):
+    ``fit_temperature`` False keeps the posterior temperature at 1 (and every member's);
+    ``fit_member_temperatures`` False gives SpecFuse's members one shared temperature; ``priors`` (:data:`PRIOR_MODES`):
     the prior correction chosen on dev ('auto'), always on, or off without trying it."""
     if priors not in PRIOR_MODES:
         raise ValueError(f"priors must be one of {PRIOR_MODES}, got {priors!r}")
@@ -103,7 +107,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                     "main_accuracy": sel[main][norm]["accuracy"]}
     if selection:
         chosen["selection"] = selection
-    pool_kind, fitted, fused = None, None, None
+    pool_kind, fitted, fused, member_t = None, None, None, None
 
     def correct_members(order: list[str]) -> None:  # the priors on: every dev row's scores corrected
         nonlocal fitted
@@ -133,9 +137,14 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                 correct_members(order)
                 member_logs = [logs[m] for m in order]
                 pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
+            if fit_temperature and fit_member_temperatures:  # each member's own scale, then a shared one on the pool
+                member_t, chosen["member_temperatures"] = member_temperatures(member_logs, order, golds, grid)
+                member_logs = [scaled(x, t) for x, t in zip(member_logs, member_t)]
+                chosen["pool_shared_temperature"] = chosen["pool"]
+                pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
             temperature, chosen["temperature"] = records[pool_kind]["temperature"], records[pool_kind]
             ens_probs = pooled([tempered(x, temperature) for x in member_logs], weights, pool_kind)
-            gate_rows, main_posts = golds, tempered(logs[main], temperature)
+            gate_rows, main_posts = golds, tempered(member_logs[0], temperature)  # order[0] is main
         else:
             fuser = DeePEnConfig(main=main_idx, weights=tuple(weights))
             probs = ensemble_labels(dev, "deepen", order, fuser, params, rt, cache_dir, deepen_dev_limit)
@@ -175,7 +184,9 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                 fitted = dataclasses.replace(fitted, members=(main,), tables=(fitted.tables[main_idx],), fused=None)
             dropped = {**dropped, **{m: f"the gate (0) keeps {main}'s answer on every dev row: its calls would change "
                                         f"no label" for m in order if m != main}}
-            final, order, weights, main_idx, gate, pool_kind = "single", [main], None, 0, None, None
+            if member_t is not None:
+                chosen["reduced"]["member_temperatures"] = member_t
+            final, order, weights, main_idx, gate, pool_kind, member_t = "single", [main], None, 0, None, None, None
         else:
             chosen["temperature"]["ece_gated"] = label_ece(
                 [m if gate_keeps(m, gate) else e for m, e in zip(main_posts, ens_probs)], gate_rows)
@@ -184,7 +195,9 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
     profile = Profile(method=final, members=tuple(order), main=main_idx,
                       weights=None if weights is None else tuple(weights), choice_norm=norm,
                       neutral_context=label.neutral_context, target_delimiter=label.target_delimiter, gate=gate,
-                      label_pool=pool_kind, temperature=temperature, priors=fitted, requested_method=method,
+                      label_pool=pool_kind, temperature=temperature,
+                      member_temperatures=None if member_t is None else tuple(member_t), priors=fitted,
+                      requested_method=method,
                       dropped=dropped,
                       dev={"path": dev.path, "sha256": dev.sha256, "rows": len(dev.rows), "scored": len(rows),
                            "chance": chance},
@@ -254,6 +267,11 @@ def summary(p: Profile) -> str:
                      f"{100 * r['ece_before']:.1f}% -> {100 * r['ece_after']:.1f}% ({ECE_BINS} bins of the top "
                      f"probability)" + (f"; ECE of the gated labels {100 * r['ece_gated']:.1f}%"
                                          if "ece_gated" in r else ""))
+    if p.member_temperatures is not None:
+        recs = p.chosen_on["member_temperatures"]
+        lines.append("member temperatures (each fitted on its own dev posteriors; the shared one multiplies them): "
+                     + ", ".join(f"{m} {t:g} (NLL {recs[m]['nll_before']:.3f} -> {recs[m]['nll_after']:.3f})"
+                                 for m, t in zip(p.members, p.member_temperatures)))
     if "priors" in p.chosen_on:
         r = p.chosen_on["priors"]
         if "on" not in r:
@@ -293,6 +311,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--no-drop", action="store_true", help="keep every member (no drop rule)")
     ap.add_argument("--no-temperature", action="store_true",
                     help="keep the posterior temperature at 1 (default: fitted on dev, see jobs/calibration.py)")
+    ap.add_argument("--no-member-temperatures", action="store_true",
+                    help="SpecFuse: one temperature shared by the members (default: each member's own, fitted on "
+                         "dev, times a shared one fitted on the pool)")
     ap.add_argument("--priors", choices=PRIOR_MODES, default="auto",
                     help="per-member prior correction: auto (default) keeps it when its 2-fold cross-fitted dev "
                          "accuracy beats off (jobs/calibration.py); on: always; off: never")
@@ -320,7 +341,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         label = LabelParams(neutral_context=args.neutral_context, target_delimiter=args.target_delimiter)
         calibrate(args.dev, args.members, args.method, args.output, rt=rt, label=label,
                   gap=None if args.no_drop else args.drop_gap, deepen_dev_limit=args.deepen_dev_limit or None,
-                  fit_temperature=not args.no_temperature, priors=args.priors)
+                  fit_temperature=not args.no_temperature, priors=args.priors,
+                  fit_member_temperatures=not args.no_member_temperatures)
     except ValueError as exc:  # DevSetError included
         log.error("calibration refused: %s", exc)
         return 2

@@ -150,6 +150,23 @@ def tempered(logs: Sequence[Sequence[float]], t: float) -> list[list[float]]:
     return [temper(x, t) for x in logs]
 
 
+def scaled(logs: Sequence[Sequence[float]], t: float) -> list[list[float]]:
+    """Each row's log-domain scores divided by ``t``: tempering them at T is tempering ``logs`` at t*T
+    (how a member temperature composes with the shared one, ``LabelParams.temperature_of``)."""
+    return [[v / t for v in x] for x in logs]
+
+
+def member_temperatures(logs: Sequence[Sequence[Sequence[float]]], names: Sequence[str], golds: Sequence[int],
+                        grid: Sequence[float] = TEMPERATURE_GRID) -> tuple[list[float], dict[str, dict]]:
+    """Each member's own temperature: :func:`temperature_record` on its posteriors alone (``logs[member]
+    [row]``); (the temperatures in member order, {member: record})."""
+    temps, records = [], {}
+    for m, x in zip(names, logs):
+        t, records[m] = temperature_record(lambda t, x=x: tempered(x, t), golds, grid, f"{m}'s posteriors")
+        temps.append(t)
+    return temps, records
+
+
 def ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float:
     """Expected calibration error: ``bins`` equal-width bins of ``confidence`` over [0, 1] (the last
     one includes 1.0); the sum over bins of (rows in bin / rows) * |accuracy - mean confidence|."""

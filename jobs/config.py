@@ -6,8 +6,8 @@ The chosen method's settings are nested in ``fuser`` (``ensemble.config.DeePEnCo
 scored and labels decided in ``label`` (``ensemble.labeling.LabelParams``). Every field has a
 docstring, which is its flag's help text (jobs/cli.py generates the flags), and metadata naming
 its help group and whether it changes outputs. ``config_hash`` covers every field that changes
-outputs, the whole resolved fuser config, every LabelParams field (the priors only when set, so that a
-run without them keeps the hash it had before they existed), and the versions of the output schema and
+outputs, the whole resolved fuser config, every LabelParams field (the priors and the member temperatures only when set, so
+that a run without them keeps the hash it had before they existed), and the versions of the output schema and
 of the code (``ensemble.config.OUTPUTS_VERSION``). No torch imports here: the driver and the CLI import this.
 """
 from __future__ import annotations
@@ -144,6 +144,7 @@ class JobConfig:
             raise bad("label", "a LabelParams or a mapping of its fields")
         if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
             raise bad("profile", "None or a path")
+        self.label.check_member_temperatures(len(self.members), self.method)
         priors = self.label.priors
         if priors is not None and priors.members != self.members:
             raise ValueError(f"label priors were estimated for members {list(priors.members)}, "
@@ -176,6 +177,8 @@ class JobConfig:
         d["label"] = hashed_fields(self.label)
         if self.label.priors is not None:  # only when set: a run without priors keeps its hash
             d["label"]["priors"] = self.label.priors.to_dict()
+        if self.label.member_temperatures is not None:  # the same: a run without them keeps its hash
+            d["label"]["member_temperatures"] = list(self.label.member_temperatures)
         d["schema_version"] = SCHEMA_VERSION
         d["outputs_version"] = OUTPUTS_VERSION
         return d

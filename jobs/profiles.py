@@ -3,7 +3,8 @@ and ``python -m jobs.fuse --profile PROFILE.json`` applies.
 
 The file is JSON, versioned (:data:`PROFILE_VERSION`). The job applies its method, members (in
 order), main member, weights, choice normalisation and scorer texts, SpecFuse's pool, the posterior
-temperature (``--label-temperature``; 1 in a profile written before it existed), the gate and the
+temperature (``--label-temperature``; 1 in a profile written before it existed), SpecFuse's member
+temperatures (``--member-temperatures``; none in a profile written before they existed), the gate and the
 prior correction (``--choice-priors``; none in a profile written before it existed);
 everything else in it (the dev file's sha256 and size, each member's dev accuracy with its interval,
 the members' agreement, the dropped members and why, the accuracies the choices were made on) is the
@@ -44,6 +45,10 @@ class Profile:
     temperature: float = 1.0
     """Posterior temperature fitted on dev (``LabelParams.temperature``); its record, with the dev NLL
     and expected calibration error before and after, is ``chosen_on["temperature"]``."""
+    member_temperatures: tuple[float, ...] | None = None
+    """SpecFuse: each member's own posterior temperature fitted on dev, a factor on ``temperature``
+    (``LabelParams.member_temperatures``); None: every member at ``temperature`` (or a profile written
+    before they existed). Their records are ``chosen_on["member_temperatures"]``."""
     priors: ChoicePriors | None = None
     """Per-member prior correction estimated on dev (``LabelParams.priors``, ensemble/priors.py), or None
     when calibration left it off (or the profile predates it); the decision and its cross-fitted dev
@@ -92,6 +97,12 @@ class Profile:
             raise bad("label_pool", f"one of {POOLS} for specfuse and None otherwise")
         if self.label_pool is not None and self.label_pool not in POOLS:
             raise bad("label_pool", f"one of {POOLS}")
+        if isinstance(self.member_temperatures, (list, tuple)):
+            object.__setattr__(self, "member_temperatures", tuple(self.member_temperatures))
+        if self.member_temperatures is not None and self.method != "specfuse":
+            raise bad("member_temperatures", "None for a method other than specfuse")
+        if self.member_temperatures is not None and len(self.member_temperatures) != len(self.members):
+            raise bad("member_temperatures", "one per member")
         if isinstance(self.priors, dict):
             object.__setattr__(self, "priors", ChoicePriors.from_mapping(self.priors))
         elif self.priors is not None and not isinstance(self.priors, ChoicePriors):
@@ -103,7 +114,7 @@ class Profile:
     def label_params(self) -> LabelParams:
         return LabelParams(norm=self.choice_norm, neutral_context=self.neutral_context,
                            target_delimiter=self.target_delimiter, gate=self.gate, temperature=self.temperature,
-                           priors=self.priors)
+                           member_temperatures=self.member_temperatures, priors=self.priors)
 
     def job_settings(self) -> dict[str, Any]:
         """The JobConfig settings this profile applies (``fuser`` and ``label`` nested, as a config file's)."""

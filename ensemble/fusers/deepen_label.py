@@ -36,6 +36,7 @@ class DeePEnLabeling:
         params = params or LabelParams()
         check_choices(choices, len(prompts))
         params.check_priors(choices, len(self.members))
+        params.check_member_temperatures(len(self.members), "deepen")
         conts = [choice_ids(m, choices, params) for m in self.members]  # [member][row][choice]
         neutral = [neutral_sums(m, c, params, max_batch_tokens=self.max_batch_tokens)
                    for m, c in zip(self.members, conts)]

@@ -96,6 +96,7 @@ class Single:
               systems: Sequence[str | None] | None = None, params: LabelParams | None = None) -> list[LabelOutput]:
         params = params or LabelParams()
         params.check_priors(choices, 1)
+        params.check_member_temperatures(1, "single")
         m = self.member
         results = []
         for scored, cs in zip(score_choices(m, prompts, choices, systems, params,

@@ -48,7 +48,8 @@ every member scores them with the one choice scorer (``ensemble/scoring.py``, no
 with one member this is exactly ``Single``'s label. The first member is the main one for the gate
 (``LabelParams.gate``): when its posterior margin reaches the gate, the row keeps its label and
 posterior (``LabelOutput.gated``). With ``LabelParams.priors`` each member's dev prior is divided
-out of its posterior before the pool and the gate (``ensemble.labeling.label_posterior``). Every
+out of its posterior before the pool and the gate (``ensemble.labeling.label_posterior``), and
+``LabelParams.member_temperatures`` tempers each member's posterior at its own temperature. Every
 member's own (uncorrected) posterior and scores are in its statistics.
 
 generate and label take the prompts in consecutive groups within ``max_batch_tokens``
@@ -404,14 +405,15 @@ class SpecFuse(ConfiguredFuser):
         the first member's (see the module docstring)."""
         params = params or LabelParams()
         params.check_priors(choices, len(self._members))
+        params.check_member_temperatures(len(self._members), "specfuse")
         scored = [score_choices(m, prompts, choices, systems, params, max_batch_tokens=self.max_batch_tokens)
                   for m in self._members]  # [member][row]
         results = []
         for b, cs in enumerate(choices):
             stats = [MemberStats(name=m.name, role="main" if i == 0 else "member", weight=self.weights[i], calls=1,
                                  tokens_in=scored[i][b].tokens_in, rounds_active=1,
-                                 **choice_stats(scored[i][b].scores, params)) for i, m in enumerate(self._members)]
-            posts = [label_posterior(scored[i][b].scores, params, params.prior(cs, i)) for i in range(len(stats))]
+                                 **choice_stats(scored[i][b].scores, params, i)) for i, m in enumerate(self._members)]
+            posts = [label_posterior(scored[i][b].scores, params, params.prior(cs, i), i) for i in range(len(stats))]
             probs, gated = gated_pool(posts, self.weights, self.config.label_pool, params.gate)
             results.append(label_output(cs, probs, stats, gated=gated))
         return results

@@ -28,14 +28,16 @@ def _outcomes(member, params):
                       "error": None, "stats": [dataclasses.asdict(o.member_stats[0])]} for r, o in zip(ROWS, outs)}
 
 
-@pytest.mark.parametrize("kind, gate_at, weights", [("linear", None, (0.5, 0.5)), ("loglinear", None, (0.7, 0.3)),
-                                                    ("linear", 0.2, (0.6, 0.4))])
-def test_offline_pool_equals_specfuse_label(bpe_member, sp_member, kind, gate_at, weights):
-    params = LabelParams(gate=gate_at, temperature=1.7)
+@pytest.mark.parametrize("kind, gate_at, weights, member_t", [
+    ("linear", None, (0.5, 0.5), None), ("loglinear", None, (0.7, 0.3), None), ("linear", 0.2, (0.6, 0.4), None),
+    ("linear", 0.05, (0.6, 0.4), (0.5, 3.0)), ("loglinear", None, (0.5, 0.5), (2.0, 0.25))])
+def test_offline_pool_equals_specfuse_label(bpe_member, sp_member, kind, gate_at, weights, member_t):
+    params = LabelParams(gate=gate_at, temperature=1.7, member_temperatures=member_t)
     want = SpecFuse([bpe_member, sp_member], weights=weights, label_pool=kind).label(PROMPTS, CHOICES, params=params)
-    per_row = {"smollm2": _outcomes(bpe_member, params.with_(gate=None)),
-               "gemma": _outcomes(sp_member, params.with_(gate=None))}
-    rule = lo.PoolRule(("smollm2", "gemma"), weights, params.norm, params.temperature, kind, gate_at)
+    alone = params.with_(gate=None, member_temperatures=None)
+    per_row = {"smollm2": _outcomes(bpe_member, alone), "gemma": _outcomes(sp_member, alone)}
+    rule = lo.PoolRule(("smollm2", "gemma"), weights, params.norm, params.temperature, kind, gate_at,
+                       member_temperatures=member_t)
     got = lo.pooled_outcomes(rule, per_row, ROWS)
     for r, w in zip(ROWS, want):
         g = got[r["id"]]

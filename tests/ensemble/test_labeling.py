@@ -127,6 +127,10 @@ def test_label_params_defaults_validation_and_flags():
         ({"temperature": -2}, "temperature must be a finite number > 0, got -2"),
         ({"temperature": math.inf}, "temperature must be a finite number > 0, got inf"),
         ({"temperature": None}, "temperature must be a finite number > 0, got None"),
+        ({"member_temperatures": ()}, "member_temperatures must be None or one temperature per member, got ()"),
+        ({"member_temperatures": "2"}, "member_temperatures must be None or one temperature per member, got '2'"),
+        ({"member_temperatures": (1.0, 0)},
+         "member_temperatures: temperature must be a finite number > 0, got 0 (in [1.0, 0])"),
     ]:
         with pytest.raises(ValueError, match=None) as e:
             LabelParams(**kwargs)
@@ -134,7 +138,8 @@ def test_label_params_defaults_validation_and_flags():
     flags = {f.name: f.metadata["flag"] for f in fields(LabelParams)}
     assert flags == {"norm": "--choice-norm", "neutral_context": "--neutral-context",
                      "target_delimiter": "--target-delimiter", "gate": "--label-gate",
-                     "temperature": "--label-temperature", "priors": "--choice-priors"}
+                     "temperature": "--label-temperature", "member_temperatures": "--member-temperatures",
+                     "priors": "--choice-priors"}
     assert dict(fields(LabelParams)[0].metadata)["choices"] == CHOICE_NORMS
 
 

@@ -172,6 +172,31 @@ def test_temperature_tempers_every_posterior_and_keeps_single_and_deepen_labels(
             assert max(w.probs) <= max(c.probs) + 1e-12
 
 
+def test_member_temperatures_temper_each_members_posterior_before_the_pool(bpe_member, sp_member):
+    """LabelParams.member_temperatures (SpecFuse): member i's posterior (pooled, gated, in its
+    choice_probs) is at temperature * member_temperatures[i]; equal member temperatures of 1 are the
+    shared temperature; Single and DeePEn refuse them before any model call."""
+    members, shared = [sp_member, bpe_member], 2.0
+    params = LabelParams(norm="token", temperature=shared, member_temperatures=(0.5, 3.0))
+    scored = [score_choices(m, PROMPTS, CHOICES, params=params) for m in members]
+    for kind in POOLS:
+        fuser = SpecFuse(members, label_pool=kind)
+        got = fuser.label(PROMPTS, CHOICES, params=params)
+        for b, out in enumerate(got):
+            posts = [posterior(scored[i][b].scores, "token", shared * t) for i, t in enumerate((0.5, 3.0))]
+            assert [s.choice_probs for s in out.member_stats] == [pytest.approx(p, abs=1e-9) for p in posts]
+            assert out.probs == pytest.approx(pool(posts, fuser.weights, kind), abs=1e-12)
+        ones = fuser.label(PROMPTS, CHOICES, params=params.with_(member_temperatures=(1.0, 1.0)))
+        plain = fuser.label(PROMPTS, CHOICES, params=params.with_(member_temperatures=None))
+        assert [o.probs for o in ones] == [p.probs for p in plain]
+    with pytest.raises(ValueError, match=r"member_temperatures must have one entry per member \(1\)"):
+        SpecFuse([sp_member]).label(PROMPTS, CHOICES, params=params)
+    with pytest.raises(ValueError, match=r"member_temperatures are SpecFuse's .* not deepen's"):
+        DeePEn(members).label(PROMPTS, CHOICES, params=params)
+    with pytest.raises(ValueError, match=r"member_temperatures are SpecFuse's .* not single's"):
+        Single(sp_member).label(PROMPTS, CHOICES, params=params)
+
+
 @pytest.mark.parametrize("norm", ["token", "pmi"])
 def test_invariants_hold_under_a_temperature(member, norm):
     params = LabelParams(norm=norm, temperature=0.5)

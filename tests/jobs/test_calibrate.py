@@ -287,6 +287,11 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
     assert prof.gate != 0.0 and "reduced" not in prof.chosen_on
     assert rec["fitted_on"] == f"the {prof.label_pool} pool of the members' posteriors" and "ece_gated" in rec
     assert list(prof.agreement) == [f"{tiny_dirs[0]}|{tiny_dirs[1]}"]
+    # each member's own temperature, fitted on its own dev posteriors; the shared one multiplies them
+    mt = prof.chosen_on["member_temperatures"]
+    assert list(mt) == list(prof.members) and prof.member_temperatures == tuple(mt[m]["temperature"] for m in prof.members)
+    assert all(t in cal.TEMPERATURE_GRID and mt[m]["fitted_on"] == f"{m}'s posteriors" and
+               mt[m]["nll_after"] <= mt[m]["nll_before"] for m, t in zip(prof.members, prof.member_temperatures))
     cache = sorted(p.name for p in (tmp_path / "prof" / "spec.cache").iterdir())
     assert len(cache) == 2 and all(n.startswith("scores-") for n in cache)
     # a rerun makes no model call: every member's scores come from the cache
@@ -295,12 +300,16 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
     monkeypatch.setattr(ensemble.models, "load_member", lambda *a, **k: pytest.fail("a model was loaded"))
     assert calibrate(path, tiny_dirs, "specfuse", str(out), gap=None) == prof
     monkeypatch.undo()
+    shared = calibrate(path, tiny_dirs, "specfuse", str(tmp_path / "shared.json"), gap=None,
+                       fit_member_temperatures=False)
+    assert shared.member_temperatures is None and "member_temperatures" not in shared.chosen_on
     # the job applies the profile, and its labels on dev are what calibration predicted offline
     cfg = dataclasses.replace(parse_config(["--input", path, "--output", str(tmp_path / "o"), "--profile", str(out)]),
                               max_new_tokens=4)
     assert (cfg.method, cfg.members, cfg.fuser.weights, cfg.fuser.label_pool) == (
         "specfuse", prof.members, prof.weights, prof.label_pool)
-    assert (cfg.label.norm, cfg.label.gate, cfg.label.temperature) == (prof.choice_norm, prof.gate, prof.temperature)
+    assert (cfg.label.norm, cfg.label.gate, cfg.label.temperature, cfg.label.member_temperatures) == (
+        prof.choice_norm, prof.gate, prof.temperature, prof.member_temperatures)
     got = _job_rows(cfg, rows)
     assert all(r["status"] == "ok" for r in got)
     answers = {r["id"]: r["answer"] for r in rows}

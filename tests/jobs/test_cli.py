@@ -122,10 +122,20 @@ def test_console_script_and_subcommands(capsys):
 def test_every_label_param_is_hashed_and_set_by_flag_or_file(tmp_path):
     base = JobConfig(input="i", output="o")
     for f in dataclasses.fields(LabelParams):
+        if f.name == "member_temperatures":
+            continue  # SpecFuse's only: below
         value = {"norm": "token", "neutral_context": "Q:", "target_delimiter": "", "gate": 0.25,
                  "temperature": 2.0, "priors": {"keyed_by": "position", "norm": "pmi", "members": [DEFAULT_MEMBERS[0]],
                                                 "tables": [[0.6, 0.4]]}}[f.name]
         assert JobConfig(input="i", output="o", label={f.name: value}).config_hash != base.config_hash, f.name
+    pair = ["--method", "specfuse", "--members", *DEFAULT_MEMBERS[:2]]
+    spec = parse_config(BASE + pair)
+    tempered = parse_config(BASE + pair + ["--member-temperatures", "1.5", "0.5"])
+    assert tempered.label.member_temperatures == (1.5, 0.5) and tempered.config_hash != spec.config_hash
+    with pytest.raises(ValueError, match=r"member_temperatures must have one entry per member \(2\), got \[1.5\]"):
+        parse_config(BASE + pair + ["--member-temperatures", "1.5"])
+    with pytest.raises(ValueError, match=r"member_temperatures are SpecFuse's .* not deepen's"):
+        parse_config(BASE + ["--method", "deepen", "--members", *DEFAULT_MEMBERS[:2], "--member-temperatures", "1", "1"])
     cfg = parse_config(BASE + ["--choice-norm", "char", "--label-gate", "0.4", "--target-delimiter", "",
                                "--label-temperature", "2.5"])
     assert cfg.label == LabelParams(norm="char", gate=0.4, target_delimiter="", temperature=2.5)
