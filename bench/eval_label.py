@@ -8,8 +8,8 @@ would pick without one, and at what cost?
     python bench/eval_label.py --export-dev DIR                   # DIR/<task>.jsonl for jobs.calibrate
 
 Data (``bench/tasks.py``): the seven labeling tasks, fixed dev (200 items) and test (500; OpenBookQA
-300, BANKING77 ``tasks.TEST_CAP``) splits, and ``--split holdout`` (the items after the test split's,
-for checking a rule written after the test split was seen; reported as test is); ``--n-dev``/``--n-test`` take the first N items of each
+300, BANKING77 ``tasks.TEST_CAP``) splits, and ``--split holdout|holdout2`` (blocks of items after the
+test split's, for checking a rule written after the earlier splits were seen; reported as test is); ``--n-dev``/``--n-test`` take the first N items of each
 task's split (a prefix, so a larger N later resumes the smaller run).
 
 Systems: each packaged member alone (``smollm2``, ``qwen``, ``gemma``); ``deepen`` and ``specfuse``
@@ -586,7 +586,7 @@ def reproduce(args: argparse.Namespace, report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", choices=tasks.ALL_SPLITS, default="test",
-                    help="holdout: a second test split (bench/tasks.py), reported like test")
+                    help="holdout, holdout2: further test splits (bench/tasks.py), reported like test")
     ap.add_argument("--tasks", nargs="+", default=list(tasks.LABEL_TASKS), choices=tasks.LABEL_TASKS)
     ap.add_argument("--n-dev", type=int, default=None, help="first N items of each task's dev split (default: all)")
     ap.add_argument("--n-test", type=int, default=None, help="first N items of each task's test (or holdout) split (default: all)")

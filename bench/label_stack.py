@@ -7,7 +7,7 @@ profile (``label_offline.py calibrate``'s ``single-<member>.json``, its prior co
 the pool (linear or log-linear) and the weights (a grid over the simplex in steps of 1/``--steps``, at
 least two members with weight) are chosen by dev accuracy (ties: more weight on the best calibrated
 member on dev, then the grid's order). The choice is applied to the test split (``--test-split
-holdout``: the holdout split of bench/tasks.py) and compared with the
+holdout|holdout2``: bench/tasks.py's further test splits) and compared with the
 best calibrated member on dev (``label_offline.py baseline``'s: ``calibrated_dev_accuracy`` of its
 single profile), on the same items, with the paired bootstrap of ``bench/eval_label.py``; the dev
 accuracies reported are in-sample, with every correction. No model call: the members' scores are their runs' ``member_stats`` (``--choice-norm pmi`` runs hold every
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", nargs="+", required=True, choices=list(label_offline.MEMBER_SPECS))
     ap.add_argument("--tasks", nargs="+", required=True, choices=tasks.LABEL_TASKS)
     ap.add_argument("--work", type=Path, default=REPO / "output" / "label_eval")
-    ap.add_argument("--test-split", choices=("test", tasks.HOLDOUT), default="test",
+    ap.add_argument("--test-split", choices=("test", *tasks.HOLDOUTS), default="test",
                     help="the split the dev choice is applied to (holdout: bench/tasks.py)")
     ap.add_argument("--steps", type=int, default=10, help="weight grid resolution (default 10: steps of 0.1)")
     ap.add_argument("--out", type=Path, required=True, help="OUT.json and OUT.md")

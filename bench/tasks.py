@@ -41,10 +41,11 @@ the file's order). :func:`load_split` gives the fixed splits:
   task is smaller: OpenBookQA has 500 items, so dev 200 and test 300; BANKING77 is capped at
   ``TEST_CAP['banking77']`` because each item scores 77 continuations).
 
-- ``holdout``: the positions after the test split's, as many as the test split has (``TEST_SIZE``
-  or ``TEST_CAP``; fewer where the task runs out, an error where nothing is left: OpenBookQA). A
-  second test split for checking a rule that was written after the test split had been seen; not
-  one of :data:`SPLITS` (the splits every task has and every evaluation runs).
+- ``holdout`` and ``holdout2``: the positions after the test split's, in blocks as large as the test
+  split (``TEST_SIZE`` or ``TEST_CAP``; fewer where the task runs out, an error where nothing is
+  left: OpenBookQA has no holdout). Further test splits, each for checking a rule that was written
+  after the earlier splits had been seen; not in :data:`SPLITS` (the splits every task has and every
+  evaluation runs).
 
 Dev, test and holdout are disjoint. The layout keeps the earlier subsets of :func:`load` (test = the first
 ``n`` positions, dev = the ``n_dev`` positions after a test subset of 200) inside the same splits, so
@@ -67,8 +68,8 @@ LABEL_TASKS = ("arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "ope
 GEN_TASKS = ("gsm8k", "halueval_qa", "ifeval")
 TASKS = LABEL_TASKS + GEN_TASKS
 SPLITS = ("dev", "test")
-HOLDOUT = "holdout"
-ALL_SPLITS = SPLITS + (HOLDOUT,)
+HOLDOUTS = ("holdout", "holdout2")
+ALL_SPLITS = SPLITS + HOLDOUTS
 DEV_START, DEV_SIZE, TEST_SIZE = 200, 200, 500
 TEST_CAP = {"banking77": 300}
 """Tasks whose test split is capped below TEST_SIZE (the count, and why, in the module docstring)."""
@@ -194,14 +195,15 @@ def split_positions(task_size: int, split: str, test_cap: int = TEST_SIZE) -> li
     n_test = min(test_cap, TEST_SIZE)
     if split == "test":
         return rest[:n_test]
-    if len(rest) <= n_test:
-        raise ValueError(f"a task of {task_size} items has no {HOLDOUT} split: its test split takes every item "
+    k = HOLDOUTS.index(split) + 1
+    if len(rest) <= k * n_test:
+        raise ValueError(f"a task of {task_size} items has no {split} split: the splits before it take every item "
                          f"after dev")
-    return rest[n_test:2 * n_test]
+    return rest[k * n_test:(k + 1) * n_test]
 
 
 def load_split(task: str, split: str, n: int | None = None) -> list[dict]:
-    """The first ``n`` rows (all when None) of a task's fixed ``dev``, ``test`` or ``holdout`` split."""
+    """The first ``n`` rows (all when None) of a task's fixed ``dev``, ``test`` or holdout split."""
     raw = _ordered(task)
     pos = split_positions(len(raw), split, TEST_CAP.get(task, TEST_SIZE))
     if n is not None:

@@ -25,9 +25,11 @@ DeePEn, the member's for a single member), before the gate, which is then chosen
 posteriors (a gate of 0 keeps the main member's answer on every row: the temperature is then refitted
 on its posteriors, which changes no label, and the profile is reduced to method single over the main
 member, so the job makes no call whose output no label uses; the ensemble it replaces is recorded in
-``chosen_on["reduced"]``). SpecFuse's members first get each its own temperature, fitted on its own
-posteriors (after the prior correction when on; ``--no-member-temperatures``: one shared), and the
-shared temperature is then fitted on their pool as a factor on top (``LabelParams.temperature_of``);
+``chosen_on["reduced"]``). SpecFuse's members may each get their own temperature, fitted on their own
+posteriors (after the prior correction when on), with the shared temperature then fitted on their
+pool as a factor on top (``LabelParams.temperature_of``): kept when its 2-fold cross-fitted dev
+accuracy beats one shared temperature's (``chosen_on["member_temperatures_decision"]``;
+``--no-member-temperatures``: never tried);
 the summary reports the dev NLL and expected calibration error at
 temperature 1 and at the fitted one (``--no-temperature``: keep 1). The per-member prior correction
 (ensemble/priors.py) is estimated on dev and kept only when its 2-fold cross-fitted dev accuracy beats
@@ -47,7 +49,8 @@ from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
 from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
                               choose_pool, corrected_logs, decide_priors, fit_priors, label_ece, member_report,
-                              member_temperatures, pairwise_agreement, pooled, posteriors, scaled, select_members,
+                              cross_fit_member_temperatures, member_temperatures, pairwise_agreement, pooled,
+                              posteriors, scaled, select_members,
                               temperature_record, tempered, wilson)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
 from jobs.devset import read_dev
@@ -137,11 +140,15 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                 correct_members(order)
                 member_logs = [logs[m] for m in order]
                 pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
-            if fit_temperature and fit_member_temperatures:  # each member's own scale, then a shared one on the pool
-                member_t, chosen["member_temperatures"] = member_temperatures(member_logs, order, golds, grid)
-                member_logs = [scaled(x, t) for x, t in zip(member_logs, member_t)]
-                chosen["pool_shared_temperature"] = chosen["pool"]
-                pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
+            if fit_temperature and fit_member_temperatures and len(golds) >= 2:  # each member's own scale?
+                rec = cross_fit_member_temperatures(member_logs, order, weights, golds, grid)
+                rec["applied"] = rec["on"] > rec["off"]
+                chosen["member_temperatures_decision"] = rec
+                if rec["applied"]:
+                    member_t, chosen["member_temperatures"] = member_temperatures(member_logs, order, golds, grid)
+                    member_logs = [scaled(x, t) for x, t in zip(member_logs, member_t)]
+                    chosen["pool_shared_temperature"] = chosen["pool"]
+                    pool_kind, chosen["pool"], records = choose_pool(member_logs, weights, golds, grid)
             temperature, chosen["temperature"] = records[pool_kind]["temperature"], records[pool_kind]
             ens_probs = pooled([tempered(x, temperature) for x in member_logs], weights, pool_kind)
             gate_rows, main_posts = golds, tempered(member_logs[0], temperature)  # order[0] is main
@@ -267,6 +274,10 @@ def summary(p: Profile) -> str:
                      f"{100 * r['ece_before']:.1f}% -> {100 * r['ece_after']:.1f}% ({ECE_BINS} bins of the top "
                      f"probability)" + (f"; ECE of the gated labels {100 * r['ece_gated']:.1f}%"
                                          if "ece_gated" in r else ""))
+    if "member_temperatures_decision" in p.chosen_on:
+        r = p.chosen_on["member_temperatures_decision"]
+        lines.append(f"member temperatures: {'on' if r['applied'] else 'off'}: 2-fold cross-fitted dev accuracy "
+                     f"{r['on']:.3f} with, {r['off']:.3f} with one shared temperature")
     if p.member_temperatures is not None:
         recs = p.chosen_on["member_temperatures"]
         lines.append("member temperatures (each fitted on its own dev posteriors; the shared one multiplies them): "
@@ -312,8 +323,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--no-temperature", action="store_true",
                     help="keep the posterior temperature at 1 (default: fitted on dev, see jobs/calibration.py)")
     ap.add_argument("--no-member-temperatures", action="store_true",
-                    help="SpecFuse: one temperature shared by the members (default: each member's own, fitted on "
-                         "dev, times a shared one fitted on the pool)")
+                    help="SpecFuse: one temperature shared by the members, without trying each member's own "
+                         "(default: tried, kept when its 2-fold cross-fitted dev accuracy beats the shared one's)")
     ap.add_argument("--priors", choices=PRIOR_MODES, default="auto",
                     help="per-member prior correction: auto (default) keeps it when its 2-fold cross-fitted dev "
                          "accuracy beats off (jobs/calibration.py); on: always; off: never")

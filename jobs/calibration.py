@@ -32,7 +32,12 @@ The rules (each documented where it is applied):
   with them, both ways (a held-out row a half's priors do not cover counts as wrong); the labels are
   the ungated system's (the member's, SpecFuse's pool at its chosen kind and temperature, DeePEn's
   fused ones), everything else fixed as chosen without priors. When on, the priors are estimated on
-  every dev row and the pool, temperature and gate are chosen again on the corrected posteriors.
+  every dev row and the pool, temperature and gate are chosen again on the corrected posteriors;
+- SpecFuse's member temperatures (:func:`member_temperatures`): each member's own temperature fitted
+  on its own dev posteriors (the rule above), the pool and the shared temperature then chosen on the
+  members' tempered posteriors; kept only when their 2-fold cross-fitted dev accuracy (the halves as
+  for the priors, :func:`cross_fit_member_temperatures`) beats one shared temperature's, strictly,
+  on the ungated pool.
 
 Expected calibration error (:func:`ece`) is the one ``bench/eval_label.py`` reports: confidence = the
 top label probability, :data:`ECE_BINS` equal-width bins.
@@ -165,6 +170,37 @@ def member_temperatures(logs: Sequence[Sequence[Sequence[float]]], names: Sequen
         t, records[m] = temperature_record(lambda t, x=x: tempered(x, t), golds, grid, f"{m}'s posteriors")
         temps.append(t)
     return temps, records
+
+
+def cross_fit_member_temperatures(logs: Sequence[Sequence[Sequence[float]]], names: Sequence[str],
+                                  weights: Sequence[float], golds: Sequence[int],
+                                  grid: Sequence[float] = TEMPERATURE_GRID) -> dict[str, Any]:
+    """The 2-fold cross-fitted dev accuracy of SpecFuse's ungated pool with each member's own
+    temperature ("on") and with one shared temperature ("off"): on each half of the dev rows (even and
+    odd positions) the member temperatures (:func:`member_temperatures`), then the pool and the shared
+    temperature (:func:`choose_pool`) are chosen, and the other half is labeled with them, both ways.
+    {on, off, folds: [{fit, rows, on, off, temperatures}]}."""
+    n = len(golds)
+    halves = {"even": list(range(0, n, 2)), "odd": list(range(1, n, 2))}
+    right = {"on": 0, "off": 0}
+    folds = []
+    for fit, held in (("even", "odd"), ("odd", "even")):
+        f_rows, h_rows = halves[fit], halves[held]
+        f_logs = [[x[i] for i in f_rows] for x in logs]
+        h_logs = [[x[i] for i in h_rows] for x in logs]
+        f_golds, h_golds = [golds[i] for i in f_rows], [golds[i] for i in h_rows]
+        temps, _ = member_temperatures(f_logs, names, f_golds, grid)
+        fold = {"fit": fit, "rows": len(h_rows), "temperatures": temps}
+        for key, ts in (("on", temps), ("off", [1.0] * len(temps))):
+            kind, _, records = choose_pool([scaled(x, t) for x, t in zip(f_logs, ts)], weights, f_golds, grid)
+            shared = records[kind]["temperature"]
+            picks = [best(p) for p in pooled([tempered(scaled(x, t), shared) for x, t in zip(h_logs, ts)],
+                                             weights, kind)]
+            hits = sum(p == g for p, g in zip(picks, h_golds))
+            right[key] += hits
+            fold[key] = hits / len(h_rows)
+        folds.append(fold)
+    return {"on": right["on"] / n, "off": right["off"] / n, "folds": folds}
 
 
 def ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float:

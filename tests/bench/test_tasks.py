@@ -38,8 +38,8 @@ def test_the_earlier_subsets_lie_inside_the_same_splits():
 
 def test_holdout_is_disjoint_from_dev_and_test():
     ids = {s: {r["id"] for r in tasks.load_split("banking77", s)} for s in tasks.ALL_SPLITS}
-    assert len(ids["holdout"]) == tasks.TEST_CAP["banking77"]
-    assert not ids["holdout"] & (ids["dev"] | ids["test"])
+    assert len(ids["holdout"]) == len(ids["holdout2"]) == tasks.TEST_CAP["banking77"]
+    assert not ids["holdout"] & (ids["dev"] | ids["test"]) and not ids["holdout2"] & (ids["dev"] | ids["test"] | ids["holdout"])
 
 
 def test_split_positions_and_errors():
@@ -48,8 +48,11 @@ def test_split_positions_and_errors():
     assert tasks.split_positions(2000, "dev") == list(range(200, 400))
     assert tasks.split_positions(3080, "holdout", 300) == list(range(500, 800))  # BANKING77's
     assert tasks.split_positions(1000, "holdout") == list(range(700, 1000))  # fewer where the task runs out
+    assert tasks.split_positions(3080, "holdout2", 300) == list(range(800, 1100))
     with pytest.raises(ValueError, match="no holdout split"):
         tasks.split_positions(500, "holdout")  # OpenBookQA: test takes every item after dev
+    with pytest.raises(ValueError, match="no holdout2 split"):
+        tasks.split_positions(1000, "holdout2")
     with pytest.raises(ValueError, match="split must be one of"):
         tasks.split_positions(2000, "train")
     with pytest.raises(ValueError, match="at least 400 items"):

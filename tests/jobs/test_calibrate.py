@@ -156,6 +156,26 @@ def test_temperature_fit():
     assert cal.fit_temperature(lambda t: cal.tempered([[0.0, 0.0]], t), [0])[0] == 1.0
 
 
+def test_member_temperatures_are_kept_when_they_win_out_of_sample():
+    # member a: sharp (logit gap 10) and right on 60% of the rows; member b: mild (gap 1) and right on
+    # 90%. Under one shared temperature a outvotes b wherever they disagree; each at its own
+    # temperature, b's calibrated confidence carries those rows.
+    n = 40
+    a = [[10.0, 0.0] if i % 5 not in (0, 1) else [0.0, 10.0] for i in range(n)]
+    b = [[1.0, 0.0] if i % 10 != 0 else [0.0, 1.0] for i in range(n)]
+    golds = [0] * n
+    temps, recs = cal.member_temperatures([a, b], ["a", "b"], golds)
+    assert temps[0] == 16.0 and temps[1] < 1.0  # a flattened to the grid's top, b sharpened
+    assert recs["a"]["fitted_on"] == "a's posteriors" and recs["b"]["nll_after"] < recs["b"]["nll_before"]
+    rec = cal.cross_fit_member_temperatures([a, b], ["a", "b"], [0.5, 0.5], golds)
+    assert rec["on"] == pytest.approx(0.9) and rec["off"] == pytest.approx(0.6) and len(rec["folds"]) == 2
+    assert all(f["rows"] == 20 and f["temperatures"][0] == 16.0 for f in rec["folds"])
+    # two copies of one member: their own temperatures are the shared one, no gain (not kept: strictly)
+    same = cal.cross_fit_member_temperatures([b, b], ["b", "b2"], [0.5, 0.5], golds)
+    assert same["on"] == same["off"]
+    assert cal.scaled([[2.0, -math.inf]], 4.0) == [[0.5, -math.inf]]
+
+
 # ---- the profile applied by the job ---------------------------------------------------------------
 def _profile(tmp_path, name="p.json", **kw):
     fields = dict(method="deepen", members=("a", "b", "c"), main=1, weights=(0.3, 0.4, 0.3), choice_norm="pmi",
@@ -287,11 +307,13 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
     assert prof.gate != 0.0 and "reduced" not in prof.chosen_on
     assert rec["fitted_on"] == f"the {prof.label_pool} pool of the members' posteriors" and "ece_gated" in rec
     assert list(prof.agreement) == [f"{tiny_dirs[0]}|{tiny_dirs[1]}"]
-    # each member's own temperature, fitted on its own dev posteriors; the shared one multiplies them
-    mt = prof.chosen_on["member_temperatures"]
-    assert list(mt) == list(prof.members) and prof.member_temperatures == tuple(mt[m]["temperature"] for m in prof.members)
-    assert all(t in cal.TEMPERATURE_GRID and mt[m]["fitted_on"] == f"{m}'s posteriors" and
-               mt[m]["nll_after"] <= mt[m]["nll_before"] for m, t in zip(prof.members, prof.member_temperatures))
+    # each member's own temperature is tried and kept only when it wins out of sample (2-fold)
+    decision = prof.chosen_on["member_temperatures_decision"]
+    assert {"on", "off", "folds", "applied"} <= set(decision) and decision["applied"] is (decision["on"] > decision["off"])
+    assert (prof.member_temperatures is not None) is decision["applied"]
+    if decision["applied"]:
+        mt = prof.chosen_on["member_temperatures"]
+        assert prof.member_temperatures == tuple(mt[m]["temperature"] for m in prof.members)
     cache = sorted(p.name for p in (tmp_path / "prof" / "spec.cache").iterdir())
     assert len(cache) == 2 and all(n.startswith("scores-") for n in cache)
     # a rerun makes no model call: every member's scores come from the cache
@@ -322,6 +344,14 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
     other.save(tmp_path / "other.json")
     assert parse_config(BASE + ["--profile", str(tmp_path / "other.json")]).config_hash != \
         parse_config(BASE + ["--profile", str(out)]).config_hash
+    # a profile with member temperatures: the job applies them (another hash), and a contradicting flag is refused
+    tempered = dataclasses.replace(prof, member_temperatures=(2.0, 0.5))
+    tempered.save(tmp_path / "tempered.json")
+    cfg_t = parse_config(BASE + ["--profile", str(tmp_path / "tempered.json")])
+    assert cfg_t.label.member_temperatures == (2.0, 0.5)
+    assert cfg_t.config_hash != dataclasses.replace(cfg_t, label=cfg_t.label.with_(member_temperatures=None)).config_hash
+    with pytest.raises(ValueError, match="member-temperatures"):
+        parse_config(BASE + ["--profile", str(tmp_path / "tempered.json"), "--member-temperatures", "1", "1"])
 
 
 def test_calibrate_deepen_labels_a_dev_prefix_once(tiny_dirs, dev_file, tmp_path, caplog):
