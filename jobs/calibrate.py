@@ -48,7 +48,7 @@ from pathlib import Path
 from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
 from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
-                              choose_pool, corrected_logs, decide_priors, fit_priors, label_ece, member_report,
+                              choose_pool, corrected_logs, gate_changes, decide_priors, fit_priors, label_ece, member_report,
                               cross_fit_member_temperatures, member_temperatures, pairwise_agreement, pooled,
                               posteriors, scaled, select_members,
                               temperature_record, tempered, wilson)
@@ -170,7 +170,10 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
                                                                     grid, "DeePEn's fused probabilities")
             ens_probs = tempered(fused_logs, temperature)
             main_posts = tempered([logs[main][i] for i in idx], temperature)
-        gate, chosen["gate"] = choose_gate(main_posts, [best(p) for p in ens_probs], gate_rows)
+        ens_picks = [best(p) for p in ens_probs]
+        saves = (lambda g: g == 0.0) if method == "specfuse" else (lambda g: True)  # SpecFuse scores every member anyway
+        gate, chosen["gate"] = choose_gate(main_posts, ens_picks, gate_rows, saves=saves)
+        chosen["gate_changes"] = gate_changes(main_posts, ens_picks, gate_rows)
         chosen["gate_rows"] = len(gate_rows)
         chosen["ensemble_accuracy"] = chosen["gate"]["None"]
         chosen["gated_accuracy"] = chosen["gate"][str(gate)]

@@ -25,7 +25,13 @@ The rules (each documented where it is applied):
 - the gate (:func:`choose_gate`): theta from :data:`GATE_GRID` (None: never keep the main member's
   answer, 0.0: always), the highest gated dev accuracy; ties go to the theta that keeps the main
   member's answer on more dev rows (cheaper: DeePEn skips the fused pass on those rows), then to the
-  smaller theta. The margins are read from the tempered posteriors, as the job reads them;
+  smaller theta. A gate that saves model calls (every gate for DeePEn; 0 for SpecFuse, whose profile
+  is then the main member alone) competes when its dev accuracy is at least never's; one that saves
+  none (SpecFuse's 0 < theta: every member is scored on every row anyway) only changes labels, so it
+  competes only when its gain over never is significant on dev: a one-sided exact sign test
+  (:func:`sign_test`) of the rows it makes right against those it makes wrong, p < :data:`GATE_ALPHA`
+  (200 dev rows cannot tell a 3-row gain from noise, and such gates lost on test: docs/results.md).
+  The margins are read from the tempered posteriors, as the job reads them;
 - the prior correction (:func:`decide_priors`, ensemble/priors.py): on only when its 2-fold
   cross-fitted dev accuracy beats the accuracy without it: the dev rows at even positions and those at
   odd positions are the two halves, the priors are estimated on one half and the other half labeled
@@ -55,6 +61,8 @@ NORM_PREFERENCE = ("token", "char", "sum", "pmi")
 """Tie order of the normalisations: pmi last (it costs a second pass after the neutral context)."""
 GATE_GRID: tuple[float | None, ...] = (None, 0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Candidate gates: None (never), 0.0 (always the main member), and margins in between."""
+GATE_ALPHA = 0.05
+"""Level of the sign test a gate that saves no model call must pass on dev (:func:`choose_gate`)."""
 DROP_GAP = 0.10
 """Default of ``gap`` in :func:`select_members`: 10 accuracy points below the main member."""
 Z95 = 1.959963984540054
@@ -272,14 +280,39 @@ def gated_picks(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[
     return [best(m) if gate(m, gate_at) else e for m, e in zip(main_posts, ensemble_picks)]
 
 
+def sign_test(better: int, worse: int) -> float:
+    """One-sided exact sign test: P(X >= better) for X ~ Binomial(better + worse, 1/2) (1.0 when no row
+    changed)."""
+    n = better + worse
+    return sum(math.comb(n, k) for k in range(better, n + 1)) / 2 ** n if n else 1.0
+
+
+def gate_changes(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[int], golds: Sequence[int],
+                 grid: Sequence[float | None] = GATE_GRID) -> dict[str, dict[str, float]]:
+    """{str(theta): {better, worse, p}}: the dev rows each gate makes right / wrong that the ungated
+    ensemble got wrong / right, and :func:`sign_test`'s p of ``better`` against ``worse``."""
+    out = {}
+    for g in grid:
+        picks = gated_picks(main_posts, ensemble_picks, g)
+        better = sum(p == y != e for p, e, y in zip(picks, ensemble_picks, golds))
+        worse = sum(e == y != p for p, e, y in zip(picks, ensemble_picks, golds))
+        out[str(g)] = {"better": better, "worse": worse, "p": sign_test(better, worse)}
+    return out
+
+
 def choose_gate(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[int], golds: Sequence[int],
-                grid: Sequence[float | None] = GATE_GRID) -> tuple[float | None, dict[str, float]]:
-    """(theta, {str(theta): gated dev accuracy}) by the rule above."""
+                grid: Sequence[float | None] = GATE_GRID,
+                saves: Callable[[float], bool] = lambda g: True) -> tuple[float | None, dict[str, float]]:
+    """(theta, {str(theta): gated dev accuracy}) by the rule above; ``saves(theta)``: whether the gate
+    saves model calls (every gate for DeePEn, only 0 for SpecFuse), else it must pass :func:`sign_test`."""
     def kept(g: float | None) -> int:
         return sum(gate(m, g) for m in main_posts)
 
     accs = {g: accuracy(gated_picks(main_posts, ensemble_picks, g), golds) for g in grid}
-    chosen = max(grid, key=lambda g: (accs[g], kept(g), -(math.inf if g is None else g)))
+    changes = gate_changes(main_posts, ensemble_picks, golds, grid)
+    eligible = [g for g in grid if g is None or (saves(g) and accs[g] >= accs.get(None, -1.0))
+                or changes[str(g)]["p"] < GATE_ALPHA]
+    chosen = max(eligible, key=lambda g: (accs[g], kept(g), -(math.inf if g is None else g)))
     return chosen, {str(g): a for g, a in accs.items()}
 
 
