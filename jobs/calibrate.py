@@ -47,7 +47,7 @@ from pathlib import Path
 
 from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
-from jobs.calibration import (DROP_GAP, ECE_BINS, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
+from jobs.calibration import (DROP_GAP, ECE_BINS, GATE_ALPHA, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
                               choose_pool, corrected_logs, gate_changes, decide_priors, fit_priors, label_ece, member_report,
                               cross_fit_member_temperatures, member_temperatures, pairwise_agreement, pooled,
                               posteriors, scaled, select_members,
@@ -304,6 +304,12 @@ def summary(p: Profile) -> str:
                      f"{p.chosen_on['ensemble_accuracy']:.3f}, gated {p.chosen_on['gated_accuracy']:.3f}, main member "
                      f"alone {p.chosen_on['gate']['0.0']:.3f}; per gate: "
                      + ", ".join(f"{g} {a:.3f}" for g, a in p.chosen_on["gate"].items()) + ")")
+        accs, changes = p.chosen_on["gate"], p.chosen_on.get("gate_changes", {})
+        top = max(accs, key=accs.get)
+        if accs[top] > p.chosen_on["gated_accuracy"] and top in changes:  # a better dev gate the rule passed over
+            c = changes[top]
+            lines.append(f"  gate {top} scored higher on dev but saves no model call: it makes {c['better']} dev rows "
+                         f"right and {c['worse']} wrong against never (sign test p = {c['p']:.3f}, needs < {GATE_ALPHA})")
     if "reduced" in p.chosen_on:
         r = p.chosen_on["reduced"]
         lines.append(f"reduced to method single over {p.members[0]}: {r['why']} ({r['method']} over "
