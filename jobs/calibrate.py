@@ -22,7 +22,8 @@ labels the first ``--deepen-dev-limit`` dev rows once (cached too, with its fuse
 its temperature and gate are fitted on those rows. The temperature is fitted on the label
 probabilities of the system the profile applies (the pooled ones for SpecFuse, the fused ones for
 DeePEn, the member's for a single member), before the gate, which is then chosen on the tempered
-posteriors (a gate of 0 keeps the main member's answer on every row: the temperature is then refitted
+posteriors (SpecFuse's gates between 0 and 1 save no model call, so they must pass a sign test on dev,
+``jobs.calibration.choose_gate``; a gate of 0 keeps the main member's answer on every row: the temperature is then refitted
 on its posteriors, which changes no label, and the profile is reduced to method single over the main
 member, so the job makes no call whose output no label uses; the ensemble it replaces is recorded in
 ``chosen_on["reduced"]``). SpecFuse's members may each get their own temperature, fitted on their own
