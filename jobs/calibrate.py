@@ -22,11 +22,11 @@ labels the first ``--deepen-dev-limit`` dev rows once (cached too, with its fuse
 its temperature and gate are fitted on those rows. The temperature is fitted on the label
 probabilities of the system the profile applies (the pooled ones for SpecFuse, the fused ones for
 DeePEn, the member's for a single member), before the gate, which is then chosen on the tempered
-posteriors (SpecFuse's gates between 0 and 1 save no model call, so they must pass a sign test on dev,
-``jobs.calibration.choose_gate``; a gate of 0 keeps the main member's answer on every row: the temperature is then refitted
-on its posteriors, which changes no label, and the profile is reduced to method single over the main
-member, so the job makes no call whose output no label uses; the ensemble it replaces is recorded in
-``chosen_on["reduced"]``). SpecFuse's members may each get their own temperature, fitted on their own
+posteriors (SpecFuse's gates between 0 and 1 save no model call, so they must pass a sign test on
+dev, ``jobs.calibration.choose_gate``; a gate of 0 keeps the main member's answer on every row: the
+temperature is then refitted on its posteriors, which changes no label, and the profile is reduced
+to method single over the main member, so the job makes no call whose output no label uses; the
+ensemble it replaces is recorded in ``chosen_on["reduced"]``). SpecFuse's members may each get their own temperature, fitted on their own
 posteriors (after the prior correction when on), with the shared temperature then fitted on their
 pool as a factor on top (``LabelParams.temperature_of``): kept when its 2-fold cross-fitted dev
 accuracy beats one shared temperature's (``chosen_on["member_temperatures_decision"]``;
@@ -48,10 +48,10 @@ from pathlib import Path
 
 from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
-from jobs.calibration import (DROP_GAP, ECE_BINS, GATE_ALPHA, TEMPERATURE_GRID, adapt_weights, choose_gate, choose_norm,
-                              choose_pool, corrected_logs, gate_changes, decide_priors, fit_priors, label_ece, member_report,
-                              cross_fit_member_temperatures, member_temperatures, pairwise_agreement, pooled,
-                              posteriors, scaled, select_members,
+from jobs.calibration import (DROP_GAP, ECE_BINS, GATE_ALPHA, TEMPERATURE_GRID, adapt_weights, choose_gate,
+                              choose_norm, choose_pool, corrected_logs, cross_fit_member_temperatures,
+                              decide_priors, fit_priors, gate_changes, label_ece, member_report,
+                              member_temperatures, pairwise_agreement, pooled, posteriors, scaled, select_members,
                               temperature_record, tempered, wilson)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
 from jobs.devset import read_dev
@@ -172,7 +172,8 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
             ens_probs = tempered(fused_logs, temperature)
             main_posts = tempered([logs[main][i] for i in idx], temperature)
         ens_picks = [best(p) for p in ens_probs]
-        saves = (lambda g: g == 0.0) if method == "specfuse" else (lambda g: True)  # SpecFuse scores every member anyway
+        # SpecFuse scores every member on every row anyway: only its gate 0 (the main member alone) saves calls
+        saves = (lambda g: g == 0.0) if method == "specfuse" else (lambda g: True)
         gate, chosen["gate"] = choose_gate(main_posts, ens_picks, gate_rows, saves=saves)
         chosen["gate_changes"] = gate_changes(main_posts, ens_picks, gate_rows)
         chosen["gate_rows"] = len(gate_rows)
