@@ -180,6 +180,13 @@ def member_temperatures(logs: Sequence[Sequence[Sequence[float]]], names: Sequen
     return temps, records
 
 
+def two_folds(n: int) -> list[tuple[str, list[int], list[int]]]:
+    """The 2-fold cross-fit of ``n`` dev rows: (fit half's name, its rows, the held-out rows), the rows at
+    even positions and those at odd positions, both ways."""
+    halves = {"even": list(range(0, n, 2)), "odd": list(range(1, n, 2))}
+    return [(fit, halves[fit], halves[held]) for fit, held in (("even", "odd"), ("odd", "even"))]
+
+
 def cross_fit_member_temperatures(logs: Sequence[Sequence[Sequence[float]]], names: Sequence[str],
                                   weights: Sequence[float], golds: Sequence[int],
                                   grid: Sequence[float] = TEMPERATURE_GRID) -> dict[str, Any]:
@@ -189,11 +196,9 @@ def cross_fit_member_temperatures(logs: Sequence[Sequence[Sequence[float]]], nam
     temperature (:func:`choose_pool`) are chosen, and the other half is labeled with them, both ways.
     {on, off, folds: [{fit, rows, on, off, temperatures}]}."""
     n = len(golds)
-    halves = {"even": list(range(0, n, 2)), "odd": list(range(1, n, 2))}
     right = {"on": 0, "off": 0}
     folds = []
-    for fit, held in (("even", "odd"), ("odd", "even")):
-        f_rows, h_rows = halves[fit], halves[held]
+    for fit, f_rows, h_rows in two_folds(n):
         f_logs = [[x[i] for i in f_rows] for x in logs]
         h_logs = [[x[i] for i in h_rows] for x in logs]
         f_golds, h_golds = [golds[i] for i in f_rows], [golds[i] for i in h_rows]
@@ -337,10 +342,8 @@ def cross_fit_priors(sources: Sequence[Sequence[Sequence[float]]], choice_sets: 
     keyed_by, keys = keying(choice_sets)
     n = len(golds)
     off_picks = picks_of([list(src) for src in sources])
-    halves = {"even": list(range(0, n, 2)), "odd": list(range(1, n, 2))}
     folds, right, uncovered = [], 0, 0
-    for fit, held in (("even", "odd"), ("odd", "even")):
-        fit_rows, held_rows = halves[fit], halves[held]
+    for fit, fit_rows, held_rows in two_folds(n):
         tables = [prior_table([src[i] for i in fit_rows], [choice_sets[i] for i in fit_rows], keys) for src in sources]
         ok = []
         for i in held_rows:
