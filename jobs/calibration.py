@@ -292,31 +292,35 @@ def sign_test(better: int, worse: int) -> float:
     return sum(math.comb(n, k) for k in range(better, n + 1)) / 2 ** n if n else 1.0
 
 
+def _changes(picks: Sequence[int], ensemble_picks: Sequence[int], golds: Sequence[int]) -> dict[str, float]:
+    better = sum(p == y != e for p, e, y in zip(picks, ensemble_picks, golds))
+    worse = sum(e == y != p for p, e, y in zip(picks, ensemble_picks, golds))
+    return {"better": better, "worse": worse, "p": sign_test(better, worse)}
+
+
 def gate_changes(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[int], golds: Sequence[int],
                  grid: Sequence[float | None] = GATE_GRID) -> dict[str, dict[str, float]]:
     """{str(theta): {better, worse, p}}: the dev rows each gate makes right / wrong that the ungated
     ensemble got wrong / right, and :func:`sign_test`'s p of ``better`` against ``worse``."""
-    out = {}
-    for g in grid:
-        picks = gated_picks(main_posts, ensemble_picks, g)
-        better = sum(p == y != e for p, e, y in zip(picks, ensemble_picks, golds))
-        worse = sum(e == y != p for p, e, y in zip(picks, ensemble_picks, golds))
-        out[str(g)] = {"better": better, "worse": worse, "p": sign_test(better, worse)}
-    return out
+    return {str(g): _changes(gated_picks(main_posts, ensemble_picks, g), ensemble_picks, golds) for g in grid}
 
 
 def choose_gate(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[int], golds: Sequence[int],
                 grid: Sequence[float | None] = GATE_GRID,
                 saves: Callable[[float], bool] = lambda g: True) -> tuple[float | None, dict[str, float]]:
     """(theta, {str(theta): gated dev accuracy}) by the rule above; ``saves(theta)``: whether the gate
-    saves model calls (every gate for DeePEn, only 0 for SpecFuse), else it must pass :func:`sign_test`."""
+    saves model calls (every gate for DeePEn, only 0 for SpecFuse), else it must pass :func:`sign_test`.
+    ``grid`` must hold None (never), the baseline the other gates are measured against."""
+    if None not in grid:
+        raise ValueError(f"the gate grid must include None (never), got {list(grid)!r}")
+
     def kept(g: float | None) -> int:
         return sum(gate(m, g) for m in main_posts)
 
-    accs = {g: accuracy(gated_picks(main_posts, ensemble_picks, g), golds) for g in grid}
-    changes = gate_changes(main_posts, ensemble_picks, golds, grid)
-    eligible = [g for g in grid if g is None or (saves(g) and accs[g] >= accs.get(None, -1.0))
-                or changes[str(g)]["p"] < GATE_ALPHA]
+    picks = {g: gated_picks(main_posts, ensemble_picks, g) for g in grid}
+    accs = {g: accuracy(p, golds) for g, p in picks.items()}
+    eligible = [g for g in grid if g is None or (saves(g) and accs[g] >= accs[None])
+                or _changes(picks[g], ensemble_picks, golds)["p"] < GATE_ALPHA]
     chosen = max(eligible, key=lambda g: (accs[g], kept(g), -(math.inf if g is None else g)))
     return chosen, {str(g): a for g, a in accs.items()}
 
