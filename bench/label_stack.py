@@ -116,7 +116,7 @@ def run(task_names: Sequence[str], members: Sequence[str], profiles: Path, work:
         a_ens = [best(p) == g for p, g in zip(pooled(posts, a_w, a_kind), golds)]
         a_d, a_lo, a_hi = eval_label.paired_bootstrap(a_ens, alone)
         # the adapt pool with jobs.calibrate's gate on the best calibrated member, chosen on dev
-        g, _ = choose_gate(dev_posts[base], [best(p) for p in pooled(dev_posts, a_w, a_kind)], dev_golds)
+        g, _, _ = choose_gate(dev_posts[base], [best(p) for p in pooled(dev_posts, a_w, a_kind)], dev_golds)
         g_ens = [x == y for x, y in zip(gated_picks(posts[base], [best(p) for p in pooled(posts, a_w, a_kind)], g),
                                         golds)]
         g_d, g_lo, g_hi = eval_label.paired_bootstrap(g_ens, alone)

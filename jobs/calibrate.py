@@ -50,7 +50,7 @@ from ensemble.config import DeePEnConfig, SpecFuseConfig
 from ensemble.labeling import LabelParams, best, gate as gate_keeps, log_scores
 from jobs.calibration import (DROP_GAP, ECE_BINS, GATE_ALPHA, TEMPERATURE_GRID, adapt_weights, choose_gate,
                               choose_norm, choose_pool, corrected_logs, cross_fit_member_temperatures,
-                              decide_priors, fit_priors, gate_changes, label_ece, member_report,
+                              decide_priors, fit_priors, label_ece, member_report,
                               member_temperatures, pairwise_agreement, pooled, posteriors, scaled, select_members,
                               temperature_record, tempered, wilson)
 from jobs.dev_scores import RUNNERS, SPARK_ROWS, Runtime, ensemble_labels, member_scores
@@ -174,8 +174,7 @@ def calibrate(dev_path: str, members: list[str], method: str, output: str, *, rt
         ens_picks = [best(p) for p in ens_probs]
         # SpecFuse scores every member on every row anyway: only its gate 0 (the main member alone) saves calls
         saves = (lambda g: g == 0.0) if method == "specfuse" else (lambda g: True)
-        gate, chosen["gate"] = choose_gate(main_posts, ens_picks, gate_rows, saves=saves)
-        chosen["gate_changes"] = gate_changes(main_posts, ens_picks, gate_rows)
+        gate, chosen["gate"], chosen["gate_changes"] = choose_gate(main_posts, ens_picks, gate_rows, saves=saves)
         chosen["gate_rows"] = len(gate_rows)
         chosen["ensemble_accuracy"] = chosen["gate"]["None"]
         chosen["gated_accuracy"] = chosen["gate"][str(gate)]

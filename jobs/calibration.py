@@ -298,19 +298,15 @@ def _changes(picks: Sequence[int], ensemble_picks: Sequence[int], golds: Sequenc
     return {"better": better, "worse": worse, "p": sign_test(better, worse)}
 
 
-def gate_changes(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[int], golds: Sequence[int],
-                 grid: Sequence[float | None] = GATE_GRID) -> dict[str, dict[str, float]]:
-    """{str(theta): {better, worse, p}}: the dev rows each gate makes right / wrong that the ungated
-    ensemble got wrong / right, and :func:`sign_test`'s p of ``better`` against ``worse``."""
-    return {str(g): _changes(gated_picks(main_posts, ensemble_picks, g), ensemble_picks, golds) for g in grid}
-
-
 def choose_gate(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[int], golds: Sequence[int],
-                grid: Sequence[float | None] = GATE_GRID,
-                saves: Callable[[float], bool] = lambda g: True) -> tuple[float | None, dict[str, float]]:
-    """(theta, {str(theta): gated dev accuracy}) by the rule above; ``saves(theta)``: whether the gate
-    saves model calls (every gate for DeePEn, only 0 for SpecFuse), else it must pass :func:`sign_test`.
-    ``grid`` must hold None (never), the baseline the other gates are measured against."""
+                grid: Sequence[float | None] = GATE_GRID, saves: Callable[[float], bool] = lambda g: True
+                ) -> tuple[float | None, dict[str, float], dict[str, dict[str, float]]]:
+    """(theta, {str(theta): gated dev accuracy}, {str(theta): {better, worse, p}}) by the rule above;
+    ``saves(theta)``: whether the gate saves model calls (every gate for DeePEn, only 0 for SpecFuse),
+    else it must pass :func:`sign_test`. The third map holds, per gate, the dev rows it makes right /
+    wrong that the ungated ensemble got wrong / right, and the sign test's p of ``better`` against
+    ``worse`` (the profile's ``chosen_on["gate_changes"]``). ``grid`` must hold None (never), the
+    baseline the other gates are measured against."""
     if None not in grid:
         raise ValueError(f"the gate grid must include None (never), got {list(grid)!r}")
 
@@ -319,10 +315,10 @@ def choose_gate(main_posts: Sequence[Sequence[float]], ensemble_picks: Sequence[
 
     picks = {g: gated_picks(main_posts, ensemble_picks, g) for g in grid}
     accs = {g: accuracy(p, golds) for g, p in picks.items()}
-    eligible = [g for g in grid if g is None or (saves(g) and accs[g] >= accs[None])
-                or _changes(picks[g], ensemble_picks, golds)["p"] < GATE_ALPHA]
+    changes = {g: _changes(p, ensemble_picks, golds) for g, p in picks.items()}
+    eligible = [g for g in grid if g is None or (saves(g) and accs[g] >= accs[None]) or changes[g]["p"] < GATE_ALPHA]
     chosen = max(eligible, key=lambda g: (accs[g], kept(g), -(math.inf if g is None else g)))
-    return chosen, {str(g): a for g, a in accs.items()}
+    return chosen, {str(g): a for g, a in accs.items()}, {str(g): c for g, c in changes.items()}
 
 
 # ---- prior correction -------------------------------------------------------------------------------

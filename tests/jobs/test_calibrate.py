@@ -105,11 +105,11 @@ def test_gate_and_pool_rules():
     main_posts = [[0.9, 0.1], [0.55, 0.45], [0.5, 0.5]]
     golds = [0, 1, 1]
     # the ensemble right where the main member is unsure: the gate keeps only the confident row
-    gate, accs = cal.choose_gate(main_posts, [1, 1, 1], golds)
+    gate, accs, _ = cal.choose_gate(main_posts, [1, 1, 1], golds)
     assert accs["None"] == pytest.approx(2 / 3) and accs["0.0"] == pytest.approx(1 / 3) and gate == 0.2
     assert accs["0.2"] == 1.0
     # a tie between "never" and "always": the main member (cheaper) wins
-    gate, _ = cal.choose_gate([[0.9, 0.1]], [0], [0])
+    gate, _, _ = cal.choose_gate([[0.9, 0.1]], [0], [0])
     assert gate == 0.0
     # SpecFuse (only gate 0 saves calls): the one-row gain of 0.2 above is no evidence, so never;
     # gate 0 still competes when it is no worse (the profile is then the main member alone)
@@ -119,9 +119,9 @@ def test_gate_and_pool_rules():
     # six rows the gate makes right and none it makes wrong: p = 1/64 < 0.05, so it competes
     sure, unsure = [0.9, 0.1], [0.55, 0.45]
     posts, picks, ys = [sure] * 6 + [unsure] * 4, [1] * 10, [0] * 6 + [1] * 4
-    changes = cal.gate_changes(posts, picks, ys)
+    gate, _, changes = cal.choose_gate(posts, picks, ys, saves=spec)
     assert changes["0.2"] == {"better": 6, "worse": 0, "p": 1 / 64} and changes["None"]["p"] == 1.0
-    assert cal.choose_gate(posts, picks, ys, saves=spec)[0] == 0.2
+    assert gate == 0.2
     assert cal.sign_test(3, 0) == 1 / 8 and cal.sign_test(8, 3) == pytest.approx(0.1133, abs=1e-4)
     # one member sure and right, two fairly sure and wrong: at temperature 1 the linear pool follows the
     # two (0.47 on the gold choice); hotter, the sure member's larger score difference wins (log-linear: always)
@@ -303,7 +303,7 @@ def test_calibrate_specfuse_end_to_end(tiny_dirs, dev_file, tmp_path, monkeypatc
     # (test_gate_zero_reduces_the_profile_to_the_main_member): here the best of the other gates
     real = jc.choose_gate
     monkeypatch.setattr(jc, "choose_gate", lambda *a, **k: (
-        real(*a, grid=[g for g in cal.GATE_GRID if g != 0.0], **k)[0], real(*a, **k)[1]))
+        real(*a, grid=[g for g in cal.GATE_GRID if g != 0.0], **k)[0], *real(*a, **k)[1:]))
     path, rows = dev_file
     out = tmp_path / "prof" / "spec.json"
     prof = calibrate(path, tiny_dirs, "specfuse", str(out), gap=None)
@@ -452,7 +452,7 @@ def test_gate_zero_reduces_the_profile_to_the_main_member(tiny_dirs, dev_file, t
     from ensemble.priors import ChoicePriors
 
     real = jc.choose_gate
-    monkeypatch.setattr(jc, "choose_gate", lambda *a, **k: (0.0, real(*a, **k)[1]))  # whatever dev says, gate 0
+    monkeypatch.setattr(jc, "choose_gate", lambda *a, **k: (0.0, *real(*a, **k)[1:]))  # whatever dev says, gate 0
     path, rows = dev_file
     out = tmp_path / "red.json"
     prof = jc.calibrate(path, tiny_dirs, method, str(out), gap=None, deepen_dev_limit=3, priors=priors)
