@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -35,9 +36,12 @@ import label_offline  # noqa: E402
 
 from ensemble.config import POOLS  # noqa: E402
 from ensemble.labeling import LabelParams, best, label_posterior  # noqa: E402
-from jobs.calibration import accuracy, adapt_weights, choose_gate, gated_picks, pooled  # noqa: E402
+from jobs.calibration import accuracy, adapt_weights, choose_gate, choose_pool, gated_picks, pooled  # noqa: E402
 
 log = logging.getLogger("bench.label_stack")
+
+TINY = 1e-300
+"""Floor of a posterior before its log (a probability that underflowed to 0)."""
 
 
 def weight_grid(n: int, steps: int) -> list[tuple[float, ...]]:
@@ -81,10 +85,12 @@ def adapt_pool(posts: Sequence[Sequence[Sequence[float]]], golds: Sequence[int],
                accuracies: Sequence[float]) -> tuple[str, tuple[float, ...], float]:
     """(pool, weights, dev accuracy) with ``jobs.calibrate``'s weights (DeePEn-Adapt, from each member's
     calibrated dev accuracy) and the pool with the higher dev accuracy (ties: POOLS order): the same
-    members' own calibrations without fitting the weights."""
+    members' own calibrations without fitting the weights. This is ``jobs.calibration.choose_pool`` at
+    temperature 1 only (the posteriors are already each member's calibrated ones; tempering their logs
+    at 1 gives them back)."""
     w = tuple(adapt_weights(accuracies))
-    accs = {kind: accuracy([best(p) for p in pooled(posts, w, kind)], golds) for kind in POOLS}
-    kind = max(POOLS, key=lambda k: (accs[k], -POOLS.index(k)))
+    logs = [[[math.log(max(q, TINY)) for q in p] for p in member] for member in posts]
+    kind, accs, _ = choose_pool(logs, w, golds, grid=(1.0,))
     return kind, w, accs[kind]
 
 
