@@ -158,7 +158,7 @@ def main() -> int:
     if args.breakdown:
         for i, m in enumerate(members):
             clock.wrap(m, "feed", "main forwards" if i == k else "other forwards")
-        for name, f in systems.items():
+        for f in systems.values():
             if isinstance(f, DeePEn):
                 clock.wrap(f.engine, "fuse", "fusion")
     times: dict[str, list[float]] = {k: [] for k in systems}
